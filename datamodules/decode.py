@@ -1,0 +1,235 @@
+"""Sample decoding: clip sampling, decord (PyAV fallback) from memory, resize/crop/flip, metadata.
+
+Runs inside DataLoader workers.  Never ``torchvision.io``, never ``wds.torch_video``, never unpickling: shard
+members are parsed as video/image bytes, UTF-8 text and JSON only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .tario import IMAGE_EXTS, VIDEO_EXTS
+
+try:  # decord wheels exist for x86-64 only; PyAV is the fallback
+    import decord
+
+    decord.bridge.set_bridge("native")
+    HAVE_DECORD = True
+except Exception:  # pragma: no cover - depends on the platform
+    HAVE_DECORD = False
+
+SHORT_POLICIES = ("loop", "pad", "skip")
+CROPS = ("center", "random")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """How to turn one sample into a clip tensor."""
+
+    num_frames: int = 16
+    frame_stride: int = 1
+    fps: float | None = None  # target fps; overrides frame_stride when the source fps is known
+    height: int = 128
+    width: int = 128
+    crop: str = "center"  # train crop; eval is always center
+    flip: bool = False  # random horizontal flip (train only)
+    short_policy: str = "loop"  # videos shorter than the clip: loop | pad (repeat last frame) | skip
+    image_frames: str = "single"  # images: single (T=1) | repeat (T=num_frames)
+    require_text: bool = False
+    backend: str = "auto"  # auto | decord | pyav
+
+
+def sample_kind(sample: dict[str, bytes]) -> tuple[str, str] | None:
+    """('video'|'image', ext) of the media member of a raw sample, or None."""
+    for ext in VIDEO_EXTS:
+        if ext in sample:
+            return "video", ext
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return "image", ext
+    return None
+
+
+def clip_indices(n: int, num_frames: int, step: float, offset_u: float | None, policy: str) -> np.ndarray:
+    """Frame indices of a clip of ``num_frames`` taken every ``step`` source frames.
+
+    ``offset_u`` in [0,1) picks the start uniformly among valid starts (train); None takes the middle clip (eval)."""
+    span = (num_frames - 1) * step + 1
+    if n >= span:
+        max_start = n - span
+        start = int(math.floor(offset_u * (max_start + 1))) if offset_u is not None else max_start // 2
+        start = min(start, int(max_start))
+        idx = np.floor(start + np.arange(num_frames) * step + 1e-6).astype(np.int64)
+        return np.minimum(idx, n - 1)
+    if policy == "skip":
+        raise SkipSample("too_short", f"{n} frames < clip span {span:.0f}")
+    idx = np.floor(np.arange(num_frames) * step + 1e-6).astype(np.int64)
+    if policy == "loop":
+        return idx % n
+    return np.minimum(idx, n - 1)  # pad: repeat the last frame
+
+
+def _decode_decord(data: bytes):
+    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    n = len(vr)
+    if n <= 0:
+        raise SkipSample("corrupt", "video has no frames")
+    return vr, n, float(vr.get_avg_fps() or 0.0)
+
+
+def _read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
+    """-> (uint8 frames [T,H,W,C], source fps, step)."""
+    backend = spec.backend
+    if backend == "auto":
+        backend = "decord" if HAVE_DECORD else "pyav"
+    if backend == "decord":
+        vr, n, fps = _decode_decord(data)
+        fps = fps or (meta_fps or 0.0)
+        step = _step(spec, fps)
+        idx = clip_indices(n, spec.num_frames, step, offset_u, spec.short_policy)
+        uniq, inv = np.unique(idx, return_inverse=True)
+        frames = vr.get_batch(uniq.tolist()).asnumpy()
+        return frames[inv], fps, step
+    return _read_video_pyav(data, spec, offset_u, meta_fps)
+
+
+def _read_video_pyav(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 0) or (meta_fps or 0.0)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    if not frames:
+        raise SkipSample("corrupt", "video has no frames")
+    step = _step(spec, fps)
+    idx = clip_indices(len(frames), spec.num_frames, step, offset_u, spec.short_policy)
+    return np.stack([frames[i] for i in idx]), fps, step
+
+
+def _step(spec: ClipSpec, src_fps: float) -> float:
+    if spec.fps and src_fps > 0:
+        return max(src_fps / spec.fps, 1e-3)
+    return float(spec.frame_stride)
+
+
+def _read_image(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"))[None]
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int, crop: str, u: tuple[float, float] | None) -> torch.Tensor:
+    """uint8 [T,H,W,C] -> uint8 [C,T,height,width]: crop the largest region of the target aspect, then resize.
+
+    Cropping first resizes only the pixels that are kept (the same result as resize-then-crop up to the filter's
+    border). ``u`` gives the random crop position in [0,1)^2 (None: center)."""
+    t, h, w, _ = frames.shape
+    scale = max(height / h, width / w)
+    ch, cw = min(h, round(height / scale)), min(w, round(width / scale))
+    if crop == "random" and u is not None:
+        y0, x0 = int(u[0] * (h - ch + 1)), int(u[1] * (w - cw + 1))
+    else:
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0 : y0 + ch, x0 : x0 + cw]))
+    x = rearrange(x, "t h w c -> t c h w")
+    if (ch, cw) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return rearrange(x, "t c h w -> c t h w")
+
+
+def parse_meta(sample: dict[str, bytes]) -> dict:
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SkipSample("bad_json", str(e)) from e
+    return meta if isinstance(meta, dict) else {}
+
+
+def parse_text(sample: dict[str, bytes], meta: dict) -> str | None:
+    for ext in ("txt", "caption", "text"):
+        if ext in sample:
+            try:
+                return sample[ext].decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise SkipSample("bad_text", str(e)) from e
+    for k in ("caption", "text", "txt"):
+        if isinstance(meta.get(k), str):
+            return meta[k].strip()
+    return None
+
+
+def parse_label(sample: dict[str, bytes], meta: dict) -> int:
+    if "cls" in sample:
+        try:
+            return int(sample["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SkipSample("bad_label", str(e)) from e
+    for k in ("label", "cls", "class"):
+        if isinstance(meta.get(k), (int, float)) and not isinstance(meta.get(k), bool):
+            return int(meta[k])
+    return -1
+
+
+def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.random.Generator | None) -> dict:
+    """Raw members -> {video uint8 [C,T,H,W], text, label, fps, key}. ``rng`` None means eval (deterministic)."""
+    kind = sample_kind(sample)
+    if kind is None:
+        raise SkipSample("no_media", f"members {sorted(sample)} hold no video or image")
+    meta = parse_meta(sample)
+    text = parse_text(sample, meta)
+    if text is None:
+        if spec.require_text:
+            raise SkipSample("missing_text", "no caption (txt member or json 'caption')")
+        text = ""
+    label = parse_label(sample, meta)
+    u = rng.random(4) if rng is not None else None
+    media = sample[kind[1]]
+    try:
+        if kind[0] == "video":
+            meta_fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) else None
+            frames, src_fps, step = _read_video(media, spec, None if u is None else float(u[0]), meta_fps)
+            fps = src_fps / step if src_fps > 0 else float(spec.fps or 0.0)
+        else:
+            frames = _read_image(media)
+            fps = 0.0
+    except SkipSample:
+        raise
+    except Exception as e:  # decoder errors: corrupt, truncated, unsupported
+        raise SkipSample("corrupt", f"{type(e).__name__}: {e}") from e
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] < 2 or frames.shape[2] < 2:
+        raise SkipSample("corrupt", f"decoded array has shape {frames.shape}")
+    crop = spec.crop if rng is not None else "center"
+    video = resize_crop(frames, spec.height, spec.width, crop, None if u is None else (float(u[1]), float(u[2])))
+    if rng is not None and spec.flip and u[3] < 0.5:
+        video = video.flip(-1)
+    if kind[0] == "image" and spec.image_frames == "repeat":
+        video = video.expand(-1, spec.num_frames, -1, -1).contiguous()
+    return {"video": video, "text": text, "label": label, "fps": fps, "key": key, "kind": kind[0]}
+
+
+def to_float(video_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0,255] -> float32 [-1,1]."""
+    return video_u8.float().div_(127.5).sub_(1.0)

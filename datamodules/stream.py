@@ -1,0 +1,405 @@
+"""The deterministic sample stream behind ``VideoDataModule``.
+
+Order.  Every rank runs ``N`` DataLoader workers; each is a *logical* stream ``slot = rank * N + l``.  For each source,
+pass ``p`` orders the shards with a permutation seeded by ``(seed, source, p)``.  With at least ``world * N`` shards,
+slot ``s`` takes shards ``s, s + S, ...`` (``S = world * N``); with fewer, every slot reads every shard and keeps
+sample positions ``j ≡ s (mod S)``.  Inside a shard the samples are permuted by ``(seed, source, p, shard)``.
+Resampled mode draws shards with replacement instead.  A sample's augmentation RNG is keyed by its identity, so a
+sample decodes to the same tensor whenever it is read.
+
+Batches.  Batch ``g`` of a rank (counted over the whole run) comes from logical worker ``g mod N``; the DataLoader's
+round-robin over workers delivers them in that order.  Its source is drawn from the mixture weights of the stage in
+force at ``g`` (a shared-memory table, so a curriculum can change weights or clip shape without rebuilding workers).
+Samples are grouped by (source, stage, shape) and a batch is emitted when its bucket is full, so a mixed image/video
+stream never breaks collation.
+
+State.  Every batch carries a snapshot of its worker's state *after* that batch: each source's cursor
+``(pass, shard position, sample position)``, the positions of samples held in buckets, the batch counter and the
+bad-sample counters.  The datamodule records the snapshot of the batch the model consumed; resuming restarts each
+logical worker from it: whole shards are skipped by position, samples by header-only tar offsets, and held samples
+are re-read by position.  Nothing before the cursor is decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import tario
+from .decode import ClipSpec, SkipSample, decode_sample, to_float
+
+MAX_STAGES = 32
+MAX_SOURCES = 16
+_BAD_EXAMPLES = 8
+
+
+class BadDataError(RuntimeError):
+    """Too large a fraction of samples could not be used."""
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    urls: list[str]
+    counts: dict[str, int]
+    weight: float = 1.0
+    batch_size: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.counts.values()))
+
+
+class StageTable:
+    """Shared-memory schedule: rows ``[start_batch, num_frames, height, width, w_0 .. w_{K-1}]`` sorted by start.
+
+    Forked workers read it at every batch, so a change made in the main process reaches running workers; rows start at
+    a rank-local batch index, so the stream stays a pure function of the table."""
+
+    def __init__(self, num_sources: int, num_frames: int, height: int, width: int, weights: list[float]):
+        self.k = num_sources
+        self.table = torch.full((MAX_STAGES, 4 + MAX_SOURCES), -1.0, dtype=torch.float64).share_memory_()
+        self.set_rows([(0, num_frames, height, width, weights)])
+
+    def set_rows(self, rows: list[tuple]):
+        if len(rows) > MAX_STAGES:
+            raise ValueError(f"at most {MAX_STAGES} curriculum stages are supported")
+        t = torch.full_like(self.table, -1.0)
+        for i, (start, nf, h, w, wts) in enumerate(sorted(rows, key=lambda r: r[0])):
+            if len(wts) != self.k:
+                raise ValueError(f"mixture weights {list(wts)} must have one entry per source ({self.k})")
+            if any(x < 0 for x in wts) or sum(wts) <= 0:
+                raise ValueError(f"mixture weights {list(wts)} must be >= 0 with a positive sum")
+            t[i, :4] = torch.tensor([start, nf, h, w], dtype=torch.float64)
+            t[i, 4 : 4 + self.k] = torch.tensor(list(wts), dtype=torch.float64)
+        self.table.copy_(t)
+
+    def rows(self) -> list[tuple]:
+        out = []
+        for r in self.table.tolist():
+            if r[0] < 0:
+                break
+            out.append((int(r[0]), int(r[1]), int(r[2]), int(r[3]), r[4 : 4 + self.k]))
+        return out
+
+    def at(self, g: int) -> tuple[int, tuple]:
+        """(stage id, row) in force at batch ``g``."""
+        rows = self.rows()
+        sid = 0
+        for i, r in enumerate(rows):
+            if r[0] <= g:
+                sid = i
+        return sid, rows[sid]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+_SALT_PASS, _SALT_PERM, _SALT_DRAW, _SALT_AUG, _SALT_MIX = 11, 13, 17, 19, 23
+
+
+class SourceStream:
+    """One source as seen by one logical slot; ``cursor = [pass, shard_pos, sample_pos]``."""
+
+    def __init__(self, src: Source, src_idx: int, slot: int, nslots: int, seed: int, shuffle: bool, resampled: bool,
+                 cycle: bool, cursor=None, counters=None, split_by: str = "auto"):
+        self.src, self.si, self.slot, self.S = src, src_idx, slot, nslots
+        self.seed, self.shuffle, self.resampled, self.cycle = seed, shuffle, resampled, cycle
+        self.cursor = list(cursor) if cursor is not None else [0, 0, 0]
+        self.sample_split = not resampled and use_sample_split(len(src.urls), nslots, split_by)
+        self.counters = counters if counters is not None else {}
+        self._listings: OrderedDict[str, tario.ShardListing] = OrderedDict()
+        self._fh = None
+        self._fh_url = None
+        self._stream = None  # (url, iterator, next position) for remote shards
+        self._empty_passes = 0
+
+    # -- plan ------------------------------------------------------------------------------------------------
+    def shard_plan(self, p: int) -> list[int]:
+        n = len(self.src.urls)
+        order = _rng(self.seed, _SALT_PASS, self.si, p).permutation(n) if self.shuffle else np.arange(n)
+        if self.sample_split:
+            return order.tolist()
+        return order[self.slot :: self.S].tolist()
+
+    def shard_at(self, p: int, i: int) -> int | None:
+        if self.resampled:
+            return int(_rng(self.seed, _SALT_DRAW, self.si, self.slot, p, i).integers(len(self.src.urls)))
+        plan = self.shard_plan(p)
+        return plan[i] if i < len(plan) else None
+
+    def listing(self, url: str) -> tario.ShardListing:
+        if url not in self._listings:
+            lst = tario.scan_local(url)
+            if lst.truncated:
+                self.counters["truncated_shards"] = self.counters.get("truncated_shards", 0) + 1
+            self._listings[url] = lst
+            while len(self._listings) > 4:
+                self._listings.popitem(last=False)
+        return self._listings[url]
+
+    def positions(self, p: int, i: int, ui: int) -> list[int]:
+        """Sample indices (tar order) this slot reads from shard ``ui`` at plan position ``(p, i)``, in read order."""
+        url = self.src.urls[ui]
+        n = len(self.listing(url).samples)
+        perm = _rng(self.seed, _SALT_PERM, self.si, p, ui, i if self.resampled else 0).permutation(n) if self.shuffle else np.arange(n)
+        if self.sample_split:
+            perm = perm[self.slot :: self.S]
+        return perm.tolist()
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _read_local(self, url: str, ref: tario.SampleRef) -> dict[str, bytes]:
+        if self._fh_url != url:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh, self._fh_url = open(url, "rb"), url
+        return tario.read_sample(url, ref, self._fh)
+
+    def _read_remote(self, url: str, j: int):
+        """Sequential read of a remote shard; position ``j`` counts this slot's samples."""
+        if self._stream is None or self._stream[0] != url or self._stream[2] > j:
+            self._stream = [url, tario.iter_stream(url), 0, 0]  # url, iterator, my next position, raw position
+        st = self._stream
+        for key, sample in st[1]:
+            raw = st[3]
+            st[3] += 1
+            if self.sample_split and raw % self.S != self.slot:
+                continue
+            pos = st[2]
+            st[2] += 1
+            if pos == j:
+                return key, sample
+        return None
+
+    def read_at(self, p: int, i: int, j: int):
+        """(key, sample, url, identity) at cursor position, or None when the shard holds no such position."""
+        ui = self.shard_at(p, i)
+        url = self.src.urls[ui]
+        if tario.is_remote(url):
+            got = self._read_remote(url, j)
+            if got is None:
+                return None
+            return got[0], got[1], url, (ui, j)
+        pos = self.positions(p, i, ui)
+        if j >= len(pos):
+            return None
+        ref = self.listing(url).samples[pos[j]]
+        return ref.key, self._read_local(url, ref), url, (ui, pos[j])
+
+    def next(self):
+        """The next raw item and its position ``(p, i, j)``; cycles passes. Returns None only when not cycling."""
+        while True:
+            p, i, j = self.cursor
+            if not self.resampled and i >= len(self.shard_plan(p)):
+                if not self.cycle:
+                    return None
+                self.cursor = [p + 1, 0, 0]
+                continue
+            try:
+                item = self.read_at(p, i, j)
+            except (OSError, EOFError) as e:
+                self.counters["unreadable_shards"] = self.counters.get("unreadable_shards", 0) + 1
+                _note_bad(self.counters, f"{self.src.urls[self.shard_at(p, i)]}: {e}")
+                item = None
+            if item is None:  # shard done
+                self.cursor = [p, i + 1, 0]
+                if j == 0:
+                    self._empty_passes += 1
+                    if self._empty_passes > 4 * max(1, len(self.src.urls)):
+                        raise BadDataError(
+                            f"source {self.src.name!r}: no readable samples for slot {self.slot} in "
+                            f"{len(self.src.urls)} shard(s); the shards are empty or unreadable"
+                        )
+                continue
+            self._empty_passes = 0
+            self.cursor = [p, i, j + 1]
+            return item, (p, i, j)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def use_sample_split(num_shards: int, nslots: int, split_by: str) -> bool:
+    """Shard-level split unless it would be unbalanced: fewer shards than slots, or a remainder that is large
+    relative to the shards each slot gets (then every slot reads every shard and keeps every S-th sample)."""
+    if split_by != "auto":
+        return split_by == "sample"
+    return num_shards < nslots or (num_shards % nslots != 0 and num_shards < 8 * nslots)
+
+
+def _note_bad(counters: dict, example: str):
+    ex = counters.setdefault("examples", [])
+    if len(ex) < _BAD_EXAMPLES:
+        ex.append(example)
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    seed: int
+    batch_size: int
+    spec: ClipSpec
+    train: bool = True
+    shuffle: bool = True
+    resampled: bool = False
+    max_bad_fraction: float = 0.2
+    bad_min_samples: int = 32
+    float_output: bool = True
+    split_by: str = "auto"  # auto | shard | sample
+
+
+class VideoStream(IterableDataset):
+    """Worker-side stream. The main process sets ``rank``, ``world``, ``rotate``, ``quotas`` and ``start_states``
+    before each iteration (see ``VideoDataModule``)."""
+
+    def __init__(self, sources: list[Source], cfg: StreamConfig, stages: StageTable):
+        super().__init__()
+        self.sources, self.cfg, self.stages = sources, cfg, stages
+        self.rank, self.world = 0, 1
+        self.rotate = 0
+        self.quotas: dict[int, int] | None = None  # logical worker -> batches to emit (None: infinite)
+        self.start_states: dict[int, dict] = {}
+
+    def spec_for(self, row: tuple) -> ClipSpec:
+        _, nf, h, w, _ = row
+        return dataclasses.replace(self.cfg.spec, num_frames=nf, height=h, width=w)
+
+    def __iter__(self):
+        info = get_worker_info()
+        pid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        lw = (pid + self.rotate) % n
+        quota = None if self.quotas is None else self.quotas.get(lw, 0)
+        state = self.start_states.get(lw)
+        yield from self._run(lw, n, quota, state)
+
+    def _run(self, lw: int, n: int, quota: int | None, state: dict | None):
+        cfg = self.cfg
+        slot, nslots = self.rank * n + lw, self.world * n
+        counters = dict(state["counters"]) if state else {"seen": 0, "ok": 0}
+        counters["examples"] = list(counters.get("examples", []))
+        cursors = state["cursors"] if state else [None] * len(self.sources)
+        streams = [
+            SourceStream(s, si, slot, nslots, cfg.seed, cfg.shuffle, cfg.resampled, cycle=True, cursor=cursors[si],
+                         counters=counters, split_by=cfg.split_by)
+            for si, s in enumerate(self.sources)
+        ]
+        emitted = state["emitted"] if state else 0
+        buckets: OrderedDict[tuple, list] = OrderedDict()
+        if state:  # re-read the samples that were held in buckets, by position
+            for bkey, refs in state["pending"]:
+                bkey = tuple(bkey)
+                for ref in refs:
+                    si, pos = ref[0], ref[1:]
+                    got = streams[si].read_at(*pos)
+                    sample = self._decode(streams[si], got, pos, self.spec_for(self.stages.rows()[bkey[1]]), counters, recount=False)
+                    buckets.setdefault(bkey, []).append((sample, [si, *pos]))
+        produced = 0
+        try:
+            while quota is None or produced < quota:
+                g = emitted * n + lw
+                sid, row = self.stages.at(g)
+                spec = self.spec_for(row)
+                for k in [k for k in buckets if k[1] != sid]:  # a stage changed the clip shape: drop stale samples
+                    counters["dropped_stage_change"] = counters.get("dropped_stage_change", 0) + len(buckets.pop(k))
+                si = self._choose_source(g, row[4])
+                bs = self.sources[si].batch_size or cfg.batch_size
+                batch = None
+                while batch is None:
+                    item = streams[si].next()
+                    if item is None:  # pragma: no cover - streams cycle
+                        return
+                    (key, raw, url, ident), pos = item
+                    sample = self._decode(streams[si], (key, raw, url, ident), pos, spec, counters)
+                    if sample is None:
+                        continue
+                    bkey = (si, sid, tuple(sample["video"].shape))
+                    bucket = buckets.setdefault(bkey, [])
+                    bucket.append((sample, [si, *pos]))
+                    if len(bucket) >= bs:
+                        batch = buckets.pop(bkey)
+                emitted += 1
+                produced += 1
+                snap = {
+                    "g": g,
+                    "worker": lw,
+                    "emitted": emitted,
+                    "cursors": [list(s.cursor) for s in streams],
+                    "pending": [[list(k), [r for _, r in v]] for k, v in buckets.items()],
+                    "counters": {k: (list(v) if isinstance(v, list) else v) for k, v in counters.items()},
+                    "source": self.sources[si].name,
+                    "stage": sid,
+                }
+                yield self._collate([s for s, _ in batch], snap)
+        finally:
+            for s in streams:
+                s.close()
+
+    def _choose_source(self, g: int, weights) -> int:
+        w = np.asarray(weights, dtype=np.float64)
+        if len(w) == 1:
+            return 0
+        u = _rng(self.cfg.seed, _SALT_MIX, self.rank, g).random()
+        return int(min(np.searchsorted(np.cumsum(w / w.sum()), u, side="right"), len(w) - 1))
+
+    def _decode(self, stream: SourceStream, got, pos, spec: ClipSpec, counters: dict, recount: bool = True):
+        key, raw, url, (ui, tar_pos) = got
+        p = pos[0]
+        rng = _rng(self.cfg.seed, _SALT_AUG, stream.si, p, ui, tar_pos) if self.cfg.train else None
+        if recount:
+            counters["seen"] = counters.get("seen", 0) + 1
+        try:
+            sample = decode_sample(key, raw, spec, rng)
+        except SkipSample as e:
+            if not recount:
+                raise BadDataError(f"sample {url}:{key} held at checkpoint time no longer decodes ({e})") from e
+            counters[e.reason] = counters.get(e.reason, 0) + 1
+            _note_bad(counters, f"{os.path.basename(url)}:{key} ({e.reason}: {e.detail[:80]})")
+            self._check_bad(counters)
+            return None
+        if recount:
+            counters["ok"] = counters.get("ok", 0) + 1
+        sample["key"] = f"{os.path.basename(url)}/{key}"  # shard/key: unique across shards, traceable
+        return sample
+
+    def _check_bad(self, counters: dict):
+        seen, ok = counters.get("seen", 0), counters.get("ok", 0)
+        bad = seen - ok
+        if seen >= self.cfg.bad_min_samples and bad / seen > self.cfg.max_bad_fraction:
+            examples = "; ".join(counters.get("examples", [])[:5])
+            raise BadDataError(
+                f"{bad} of {seen} samples ({bad / seen:.0%}) could not be used, above max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}. Examples: {examples}. Fix or re-shard the data (`vidgen shards`), "
+                "or raise data.max_bad_fraction if this is expected."
+            )
+
+    def _collate(self, samples: list[dict], snap: dict) -> dict:
+        video = torch.stack([s["video"] for s in samples])
+        if self.cfg.float_output:
+            video = to_float(video)
+        return {
+            "video": video,
+            "text": [s["text"] for s in samples],
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+            "key": [s["key"] for s in samples],
+            "_state": snap,
+        }
+
+
+def split_quota(remaining: int, offset: int, n: int) -> dict[int, int]:
+    """Batches each logical worker emits when ``remaining`` batches are left and the next comes from ``offset``."""
+    base, extra = divmod(remaining, n)
+    return {l: base + (1 if (l - offset) % n < extra else 0) for l in range(n)}
+
+
+def epoch_batches(num_samples: int, world: int, batch_size: int, drop_last: bool = True) -> int:
+    per = num_samples / (world * batch_size)
+    return int(math.floor(per) if drop_last else math.ceil(per))

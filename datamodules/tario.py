@@ -1,0 +1,228 @@
+"""Shard discovery, shard indexes and header-only tar access.
+
+A shard is a WebDataset tar: members ``<key>.<ext>`` grouped into samples by key (the path up to the first dot of the
+basename).  Local shards are read with random access: one pass over the tar headers (no payload is read) gives every
+member's offset and size, so a sample can be read, or skipped, without touching the others.  Remote shards
+(``pipe:``, ``http://`` ...) are read as a stream through ``webdataset.gopen``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from typing import Iterator, Sequence
+
+import braceexpand
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "vidgen-shards/1"
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class ShardError(ValueError):
+    """Shard patterns that match nothing or unreadable indexes."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str | Sequence[str], *, what: str = "shards") -> list[str]:
+    """Brace patterns, globs, directories (every ``*.tar`` inside) or lists of these -> sorted unique shard urls."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for pattern in braceexpand.braceexpand(str(item)):
+            if is_remote(pattern):
+                urls.append(pattern)
+            elif os.path.isdir(pattern):
+                found = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+                if not found:
+                    raise ShardError(f"{what}: directory {pattern!r} holds no *.tar shards; build some with `vidgen shards`")
+                urls.extend(found)
+            elif any(c in pattern for c in "*?["):
+                urls.extend(sorted(glob.glob(pattern)))
+            else:
+                urls.append(pattern)
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        raise ShardError(
+            f"{what}: {len(missing)} shard(s) do not exist, e.g. {missing[0]!r}. "
+            "Check the path/brace pattern, or run `vidgen demo-data` for the demo shards."
+        )
+    if not urls:
+        raise ShardError(f"{what}: pattern {spec!r} matches no files; give a brace pattern, a directory or a list of .tar files")
+    return list(OrderedDict.fromkeys(urls))
+
+
+def read_index(url: str) -> dict | None:
+    """The ``index.json`` beside a local shard, or None."""
+    if is_remote(url):
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"shard index {path} is unreadable ({e}); rebuild it with `vidgen shards --reindex`") from e
+    if "shards" not in index:
+        raise ShardError(f"shard index {path} has no 'shards' table (format {INDEX_FORMAT} expected)")
+    return index
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``dir/0001.mp4`` -> (``dir/0001``, ``mp4``); WebDataset's rule: the extension starts at the basename's first dot."""
+    dirname, base = os.path.split(name)
+    if base.startswith(".") or base.startswith("__") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (os.path.join(dirname, stem) if dirname else stem), ext.lower()
+
+
+@dataclasses.dataclass
+class SampleRef:
+    """Where one sample's members live inside a local tar: ext -> (offset, size)."""
+
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+@dataclasses.dataclass
+class ShardListing:
+    url: str
+    samples: list[SampleRef]
+    truncated: bool = False  # the tar ended early; samples listed are the complete ones before the cut
+
+
+def scan_local(url: str) -> ShardListing:
+    """Read only the tar headers of a local shard and group members into samples (tar order)."""
+    size = os.path.getsize(url)
+    groups: "OrderedDict[str, dict[str, tuple[int, int]]]" = OrderedDict()
+    truncated = False
+    with open(url, "rb") as f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError:
+            return ShardListing(url, [], truncated=True)
+        while True:
+            try:
+                m = tf.next()
+            except (tarfile.TarError, EOFError, OSError):
+                truncated = True
+                break
+            if m is None:
+                # a complete tar ends with two zero blocks; less than that left means it was cut between members
+                if size - tf.offset < 2 * tarfile.BLOCKSIZE:
+                    truncated = True
+                break
+            if not m.isfile():
+                continue
+            if m.offset_data + m.size > size:
+                truncated = True
+                break
+            parts = split_member(m.name)
+            if parts is None:
+                continue
+            key, ext = parts
+            groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            tf.members = []  # keep memory flat on big shards
+    if truncated and groups:
+        groups.popitem(last=True)  # the sample at the cut may have lost members (caption, metadata)
+    return ShardListing(url, [SampleRef(k, v) for k, v in groups.items()], truncated)
+
+
+def read_sample(url: str, ref: SampleRef, fh=None) -> dict[str, bytes]:
+    own = fh is None
+    f = open(url, "rb") if own else fh
+    try:
+        out = {}
+        for ext, (off, size) in ref.members.items():
+            f.seek(off)
+            out[ext] = f.read(size)
+        return out
+    finally:
+        if own:
+            f.close()
+
+
+def iter_stream(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Sequential reading of any url WebDataset can open (pipe:, http, local); yields (key, {ext: bytes}).
+
+    A truncated stream ends the shard early (the caller counts it)."""
+    import webdataset as wds
+
+    stream = wds.gopen(url, "rb")
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|*")
+        cur_key, cur = None, {}
+        for m in tf:
+            if not m.isfile():
+                continue
+            parts = split_member(m.name)
+            if parts is None:
+                continue
+            key, ext = parts
+            data = tf.extractfile(m).read()
+            if cur_key is not None and key != cur_key:
+                yield cur_key, cur
+                cur = {}
+            cur_key = key
+            cur[ext] = data
+        if cur_key is not None:
+            yield cur_key, cur
+    finally:
+        stream.close()
+
+
+def count_samples(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """Sample count per shard: from ``index.json`` where present, else by a header scan. Returns (counts, scanned)."""
+    counts: dict[str, int] = {}
+    scanned: list[str] = []
+    indexes: dict[str, dict | None] = {}
+    for url in urls:
+        d = os.path.dirname(os.path.abspath(url)) if not is_remote(url) else None
+        if d not in indexes:
+            indexes[d] = read_index(url) if d else None
+        idx = indexes[d]
+        entry = idx["shards"].get(os.path.basename(url)) if idx else None
+        if entry is not None:
+            counts[url] = int(entry["num_samples"])
+        elif not is_remote(url):
+            counts[url] = len(scan_local(url).samples)
+            scanned.append(url)
+        else:
+            counts[url] = sum(1 for _ in iter_stream(url))
+            scanned.append(url)
+    return counts, scanned
+
+
+def write_index(shard_dir: str, counts: dict[str, int], extra: dict | None = None) -> str:
+    """Write ``index.json`` for the shards of one directory (atomic)."""
+    index = {
+        "format": INDEX_FORMAT,
+        "num_samples": int(sum(counts.values())),
+        "shards": {
+            os.path.basename(u): {"num_samples": int(n), "bytes": os.path.getsize(u) if os.path.exists(u) else None}
+            for u, n in sorted(counts.items())
+        },
+    }
+    if extra:
+        index.update(extra)
+    path = os.path.join(shard_dir, INDEX_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def bytes_io(b: bytes) -> io.BytesIO:
+    return io.BytesIO(b)

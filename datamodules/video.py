@@ -1,0 +1,399 @@
+"""``VideoDataModule``: WebDataset video/image shards -> ``{"video": [B,C,T,H,W] in [-1,1], "text", "label", "fps", "key"}``.
+
+Works under Lightning and in a plain PyTorch loop::
+
+    dm = VideoDataModule(train_shards="data/demo/train", seed=0, num_frames=16, resolution=64, batch_size=4)
+    dm.setup("fit")
+    for step, batch in enumerate(dm.train_dataloader()):
+        ...
+        if step % 1000 == 0:
+            torch.save({"data": dm.state_dict(), ...}, "ckpt.pt")   # resume with dm.load_state_dict(...)
+
+The state records what the model *consumed*.  In a plain loop a batch counts as consumed once the loader has yielded
+it; under Lightning (which prefetches one batch) it counts when it reaches the model, in ``on_before_batch_transfer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from . import tario
+from .decode import CROPS, SHORT_POLICIES, ClipSpec
+from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, split_quota)
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 1
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the key and the fix."""
+
+
+def _hw(resolution) -> tuple[int, int]:
+    if isinstance(resolution, int):
+        return resolution, resolution
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
+        return int(resolution[0]), int(resolution[1])
+    raise DataConfigError(f"data.resolution must be an int or [height, width], got {resolution!r}")
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Sharded video/image streaming with exact mid-epoch resume, mixtures, bucketing and bad-sample accounting.
+
+    Args:
+        train_shards: brace pattern, directory, glob or list of shards for training (a single source).
+        sources: a weighted mixture instead of ``train_shards``: ``[{"shards": ..., "weight": 0.9, "name": "images",
+            "batch_size": null}, ...]``. Each batch comes from one source drawn by weight; weights (and clip shape) can
+            change between curriculum stages through :meth:`set_stages` without rebuilding the loader.
+        val_shards / test_shards / predict_shards: evaluation shards (deterministic clips, center crop, no flip).
+        seed: required; fixes shard order, in-shard order, clip offsets, crops and flips.
+        num_frames, frame_stride, fps: clip length and spacing (``fps`` resamples to a target rate and overrides the
+            stride when the source fps is known).
+        resolution: int (square) or [H, W]; the shorter side is resized, then cropped (``crop``: random|center).
+        short_video_policy: loop | pad | skip for videos shorter than the clip.
+        image_frames: single (images give T=1) | repeat (T=num_frames).
+        split_by: how shards are divided over ranks x workers: shard (whole shards), sample (every slot reads every
+            shard and keeps every S-th sample; balanced for few shards) or auto (shard when that is balanced).
+        resampled: draw shards with replacement forever (no epochs; use ``max_steps``); else finite epochs of
+            ``samples_per_epoch`` (default: all samples) per pass, equal in length on every rank.
+        max_bad_fraction: above this fraction of unusable samples (after ``bad_min_samples``) the run stops with an
+            error naming example keys; below it they are skipped and counted.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        *,
+        seed: int,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        predict_shards: str | list[str] | None = None,
+        sources: list[dict] | None = None,
+        num_frames: int = 16,
+        frame_stride: int = 1,
+        fps: float | None = None,
+        resolution: int | list[int] = 128,
+        crop: str = "random",
+        flip: bool = False,
+        short_video_policy: str = "loop",
+        image_frames: str = "single",
+        require_text: bool = False,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        shuffle: bool = True,
+        split_by: str = "auto",
+        max_bad_fraction: float = 0.2,
+        bad_min_samples: int = 32,
+        decoder: str = "auto",
+        float_output: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if seed is None:
+            raise DataConfigError("data.seed is required (it fixes the sample order that exact resume depends on)")
+        _check_choice("data.crop", crop, CROPS)
+        _check_choice("data.short_video_policy", short_video_policy, SHORT_POLICIES)
+        _check_choice("data.image_frames", image_frames, ("single", "repeat"))
+        _check_choice("data.split_by", split_by, ("auto", "shard", "sample"))
+        _check_choice("data.decoder", decoder, ("auto", "decord", "pyav"))
+        for k, v, lo in (("num_frames", num_frames, 1), ("frame_stride", frame_stride, 1), ("batch_size", batch_size, 1),
+                         ("num_workers", num_workers, 0)):
+            if not isinstance(v, int) or v < lo:
+                raise DataConfigError(f"data.{k} must be an integer >= {lo}, got {v!r}")
+        if fps is not None and fps <= 0:
+            raise DataConfigError(f"data.fps must be positive or null, got {fps!r}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise DataConfigError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+        self.height, self.width = _hw(resolution)
+        if train_shards is not None and sources is not None:
+            raise DataConfigError("give either data.train_shards or data.sources (a mixture), not both")
+        if sources is not None:
+            if not sources or len(sources) > MAX_SOURCES:
+                raise DataConfigError(f"data.sources must list 1..{MAX_SOURCES} sources")
+            for i, s in enumerate(sources):
+                if not isinstance(s, dict) or "shards" not in s:
+                    raise DataConfigError(f"data.sources[{i}] must be a mapping with a 'shards' key, got {s!r}")
+                unknown = set(s) - {"shards", "weight", "name", "batch_size"}
+                if unknown:
+                    raise DataConfigError(f"data.sources[{i}] has unknown keys {sorted(unknown)}; allowed: shards, weight, name, batch_size")
+        self._source_specs = (
+            [dict(s) for s in sources] if sources is not None
+            else ([{"shards": train_shards, "name": "train"}] if train_shards is not None else [])
+        )
+        # Resolve patterns now: a pattern that matches nothing is a config error, reported before any work.
+        self._urls: dict[str, list[str]] = {}
+        for i, s in enumerate(self._source_specs):
+            s.setdefault("name", f"source{i}")
+            s.setdefault("weight", 1.0)
+            key = "data.train_shards" if sources is None else f"data.sources[{i}].shards"
+            self._urls[s["name"]] = _expand(s["shards"], key)
+        for split, spec in (("val", val_shards), ("test", test_shards), ("predict", predict_shards)):
+            if spec is not None:
+                self._urls[f"__{split}"] = _expand(spec, f"data.{split}_shards")
+        self.spec = ClipSpec(num_frames=num_frames, frame_stride=frame_stride, fps=fps, height=self.height,
+                             width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
+                             image_frames=image_frames, require_text=require_text, backend=decoder)
+        self._sources: list[Source] | None = None
+        self._stages: StageTable | None = None
+        self._stage_rows: list[tuple] | None = None
+        self._train_state = _fresh_state()
+        self._loaded_ranks: list[dict] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def num_frames(self) -> int:
+        return self.hparams.num_frames
+
+    def _rank_world(self) -> tuple[int, int]:
+        hp = self.hparams
+        if hp.rank is not None and hp.world_size is not None:
+            return hp.rank, hp.world_size
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _make_sources(self, names: list[str], weights=None) -> list[Source]:
+        out = []
+        for i, name in enumerate(names):
+            urls = self._urls[name]
+            counts, scanned = tario.count_samples(urls)
+            if scanned:
+                self._warn_once(f"scan:{name}", f"{len(scanned)} shard(s) of {name!r} have no index.json entry; counted "
+                                "samples by reading tar headers. `vidgen shards --reindex DIR` writes the index.")
+            spec = self._source_specs[i] if weights is None else {}
+            out.append(Source(name=name.strip("_"), urls=urls, counts=counts, weight=float(spec.get("weight", 1.0)),
+                              batch_size=spec.get("batch_size")))
+        return out
+
+    def setup(self, stage: str | None = None):
+        if self._sources is None and self._source_specs:
+            self._sources = self._make_sources([s["name"] for s in self._source_specs])
+            total = sum(s.num_samples for s in self._sources)
+            if total == 0:
+                raise DataConfigError("the training shards hold no samples")
+            self._stages = StageTable(len(self._sources), self.spec.num_frames, self.height, self.width,
+                                      [s.weight for s in self._sources])
+            if self._stage_rows is not None:
+                self._stages.set_rows(self._stage_rows)
+
+    # ------------------------------------------------------------------ curriculum hooks
+    def set_stages(self, stages: list[dict]):
+        """Install a schedule: ``[{"start_batch": 0, "weights": [...], "num_frames": 16, "resolution": 128}, ...]``.
+
+        ``start_batch`` counts batches consumed on this rank since the start of training.  Missing fields inherit
+        from the previous stage (the first from the constructor).  Running workers see the change at once."""
+        rows, prev = [], (0, self.spec.num_frames, self.height, self.width,
+                          [float(s.get("weight", 1.0)) for s in self._source_specs])
+        for st in sorted(stages, key=lambda s: s.get("start_batch", 0)):
+            h, w = _hw(st["resolution"]) if st.get("resolution") is not None else (prev[2], prev[3])
+            row = (int(st.get("start_batch", 0)), int(st.get("num_frames") or prev[1]), h, w,
+                   [float(x) for x in st["weights"]] if st.get("weights") is not None else prev[4])
+            rows.append(row)
+            prev = row
+        if not rows or rows[0][0] != 0:
+            rows.insert(0, (0, self.spec.num_frames, self.height, self.width, [float(s.get("weight", 1.0)) for s in self._source_specs]))
+        self._stage_rows = rows
+        if self._stages is not None:
+            self._stages.set_rows(rows)
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._train_state["consumed"]
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str) -> "_StreamLoader":
+        rank, world = self._rank_world()
+        hp = self.hparams
+        if split == "train":
+            self.setup("fit")
+            if not self._sources:
+                raise DataConfigError("no training data: set data.train_shards or data.sources")
+            sources, stages, train = self._sources, self._stages, True
+            bs = hp.batch_size
+            if hp.resampled:
+                length = None
+            else:
+                n = hp.samples_per_epoch or sum(s.num_samples for s in sources)
+                length = epoch_batches(n, world, bs)
+                if length == 0:
+                    raise DataConfigError(f"an epoch of {n} samples is smaller than one batch on every rank "
+                                          f"(world_size={world} x batch_size={bs}); lower data.batch_size")
+        else:
+            name = f"__{split}"
+            if name not in self._urls:
+                return None
+            sources = self._make_sources([name], weights=[1.0])
+            stages = StageTable(1, self.spec.num_frames, self.height, self.width, [1.0])
+            bs = hp.val_batch_size or hp.batch_size
+            length = max(1, epoch_batches(sources[0].num_samples, world, bs, drop_last=False))
+            train = False
+        cfg = StreamConfig(seed=hp.seed, batch_size=bs, spec=self.spec, train=train, shuffle=train and hp.shuffle,
+                           resampled=train and hp.resampled, max_bad_fraction=hp.max_bad_fraction,
+                           bad_min_samples=hp.bad_min_samples, float_output=hp.float_output,
+                           split_by=hp.split_by)
+        ds = VideoStream(sources, cfg, stages)
+        ds.rank, ds.world = rank, world
+        return _StreamLoader(self, ds, length, track=(split == "train"))
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val") or []
+
+    def test_dataloader(self):
+        return self._loader("test") or []
+
+    def predict_dataloader(self):
+        return self._loader("predict") or []
+
+    # ------------------------------------------------------------------ consumption tracking
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this right before a batch reaches the model (after its one-batch prefetch)."""
+        if isinstance(batch, dict) and "_state" in batch:
+            snap = batch.pop("_state")
+            if self.trainer is not None and self.trainer.training:
+                self._consume(snap)
+                self._maybe_log()
+        return batch
+
+    def _consume(self, snap: dict):
+        st = self._train_state
+        if snap["g"] != st["consumed"]:
+            self._warn_once("order", f"data order check: got batch {snap['g']}, expected {st['consumed']} "
+                            "(the resume position may be inexact)")
+        st["workers"][int(snap["worker"])] = snap
+        st["consumed"] += 1
+        st["in_epoch"] += 1
+
+    def data_counters(self) -> dict[str, int]:
+        """Samples seen / used / skipped by reason on this rank (latest snapshot of every worker)."""
+        total: dict[str, int] = {}
+        for snap in self._train_state["workers"].values():
+            for k, v in snap["counters"].items():
+                if isinstance(v, int):
+                    total[k] = total.get(k, 0) + v
+        total["bad"] = total.get("seen", 0) - total.get("ok", 0)
+        return total
+
+    def _maybe_log(self):
+        tr = self.trainer
+        every = max(1, getattr(tr, "log_every_n_steps", 50))
+        if tr.logger is None or tr.global_rank != 0 or self._train_state["consumed"] % every:
+            return
+        c = self.data_counters()
+        metrics = {f"data/{k}": float(v) for k, v in c.items()}
+        metrics["data/epoch"] = float(self._train_state["epoch"])
+        tr.logger.log_metrics(metrics, step=tr.global_step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        local = dict(self._train_state)
+        local["workers"] = {int(k): v for k, v in local["workers"].items()}
+        rank, world = self._rank_world()
+        ranks = [local]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * world
+            dist.all_gather_object(ranks, local)
+        return {"format": STATE_FORMAT, "world_size": world, "num_workers": self.hparams.num_workers,
+                "seed": self.hparams.seed, "ranks": ranks, "stages": self._stage_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or state.get("format") != STATE_FORMAT:
+            self._warn_once("fmt", "datamodule state has an unknown format; starting the data stream fresh")
+            return
+        rank, world = self._rank_world()
+        if state.get("stages") is not None:
+            self.set_stages([{"start_batch": r[0], "num_frames": r[1], "resolution": [r[2], r[3]], "weights": r[4]}
+                             for r in state["stages"]])
+        mismatch = []
+        if state["world_size"] != world:
+            mismatch.append(f"world_size {state['world_size']} -> {world}")
+        if state["num_workers"] != self.hparams.num_workers:
+            mismatch.append(f"num_workers {state['num_workers']} -> {self.hparams.num_workers}")
+        if state["seed"] != self.hparams.seed:
+            mismatch.append(f"seed {state['seed']} -> {self.hparams.seed}")
+        mine = state["ranks"][rank] if rank < len(state["ranks"]) else state["ranks"][0]
+        if mismatch:
+            warnings.warn("exact data resume needs the same world size, workers and seed (" + ", ".join(mismatch) +
+                          "); continuing from the next epoch with a fresh stream instead")
+            self._train_state = _fresh_state()
+            self._train_state["epoch"] = mine["epoch"] + 1
+            return
+        self._train_state = {**mine, "workers": {int(k): v for k, v in mine["workers"].items()}}
+
+    def _warn_once(self, key: str, msg: str):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg)
+
+
+class _StreamLoader:
+    """Iterable over one split; builds a fresh DataLoader per iteration with the workers' resume positions."""
+
+    def __init__(self, dm: VideoDataModule, ds: VideoStream, length: int | None, track: bool):
+        self.dm, self.dataset, self.length, self.track = dm, ds, length, track
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("a resampled stream has no length")
+        return self.length
+
+    def __iter__(self):
+        dm, ds, hp = self.dm, self.dataset, self.dm.hparams
+        n = max(1, hp.num_workers)
+        if self.track:
+            st = dm._train_state
+            if self.length is not None and st["in_epoch"] >= self.length:
+                st["epoch"] += 1
+                st["in_epoch"] = 0
+            remaining = None if self.length is None else self.length - st["in_epoch"]
+            offset = st["consumed"] % n
+            ds.rotate = offset
+            ds.quotas = None if remaining is None else split_quota(remaining, offset, n)
+            ds.start_states = {int(k): v for k, v in st["workers"].items()}
+        else:
+            ds.rotate, ds.quotas, ds.start_states = 0, split_quota(self.length, 0, n), {}
+        loader = DataLoader(ds, batch_size=None, num_workers=hp.num_workers, pin_memory=hp.pin_memory,
+                            prefetch_factor=hp.prefetch_factor if hp.num_workers else None, persistent_workers=False)
+        plain = dm.trainer is None
+        for batch in loader:
+            if not self.track:
+                batch.pop("_state", None)
+            elif plain:
+                dm._consume(batch.pop("_state"))
+            yield batch
+
+
+def _fresh_state() -> dict:
+    return {"consumed": 0, "epoch": 0, "in_epoch": 0, "workers": {}}
+
+
+def _check_choice(key: str, value, allowed):
+    if value not in allowed:
+        raise DataConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _expand(spec, key: str) -> list[str]:
+    try:
+        return tario.expand_shards(spec, what=key)
+    except tario.ShardError as e:
+        raise DataConfigError(str(e)) from e
