@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def probe_config(path, shards, *, steps, workers=0, batch=2, devices=1, keys_log=None, extra_trainer=None, callbacks=None,
+                 seed=0, strategy=None):
+    cfg = {
+        "model": {"class_path": "lightning_modules.stream_probe.StreamProbe",
+                  "init_args": {"channels": 4, "keys_log": keys_log}},
+        "data": {"class_path": "datamodules.VideoDataModule",
+                 "init_args": {"train_shards": shards, "seed": seed, "num_frames": 4, "resolution": 16,
+                               "batch_size": batch, "num_workers": workers}},
+        "trainer": {"accelerator": "cpu", "devices": devices, "max_steps": steps, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks or []},
+    }
+    if strategy:
+        cfg["trainer"]["strategy"] = strategy
+    cfg["trainer"].update(extra_trainer or {})
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def run_cli(args, cwd, script="vidgen", timeout=300, check=True):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests") + os.pathsep + ROOT, OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    p = subprocess.run([os.path.join(BIN, script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p

@@ -1,0 +1,140 @@
+"""`vidgen demo-data`: splits, counts, labels and captions that match what the decoded pixels do."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from vidgen import demo_data
+from vidgen.demo_data import DEMO_CLASSES, DEMO_COLOURS, IMAGE_LABEL, REAL_FOOTAGE_LABEL
+
+
+def _samples(split_dir):
+    out = {}
+    for name in sorted(os.listdir(split_dir)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(split_dir, name)) as tf:
+                for m in tf.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def _decode(b: bytes) -> np.ndarray:
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(b))
+    frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+    assert frames.ndim == 4 and frames.shape[-1] == 3
+    return frames
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    manifest = demo_data.build_demo_data(str(out), seed=0, fast=True)
+    return out, manifest
+
+
+def test_layout_counts_and_manifest(demo):
+    out, manifest = demo
+    assert set(manifest["splits"]) == {"train", "val", "test", "images"}
+    with open(out / "manifest.json") as f:
+        assert json.load(f) == manifest
+    assert manifest["classes"] == list(DEMO_CLASSES) and len(DEMO_CLASSES) == 14
+    assert DEMO_CLASSES[REAL_FOOTAGE_LABEL] == "real footage" and DEMO_CLASSES[IMAGE_LABEL] == "still image"
+    for split, info in manifest["splits"].items():
+        with open(out / split / "index.json") as f:
+            index = json.load(f)
+        samples = _samples(out / split)
+        assert index["format"] == "vidgen-shards/1"
+        assert index["num_samples"] == len(samples) == info["num_samples"] > 0
+        assert sum(v["num_samples"] for v in index["shards"].values()) == len(samples)
+        assert all(v["bytes"] == os.path.getsize(out / split / k) for k, v in index["shards"].items())
+    s = manifest["splits"]
+    assert (s["train"]["procedural"], s["val"]["procedural"], s["test"]["procedural"]) == (48, 12, 12)
+    assert min(s[k]["real"] for k in ("train", "val", "test")) >= 1
+    # every caption word is in the vocabulary
+    for split in ("val", "images"):
+        for m in _samples(out / split).values():
+            assert set(m["txt"].decode().replace(":", " ").split()) <= set(manifest["caption_vocab"])
+
+
+def test_captions_labels_and_motion_agree(demo):
+    out, _ = demo
+    procedural = 0
+    for key, m in _samples(out / "val").items():
+        meta = json.loads(m["json"])
+        caption = m["txt"].decode()
+        label = int(m["cls"])
+        frames = _decode(m["mp4"])
+        assert label == meta["label"] and caption == meta["caption"]
+        if meta["source"] != "procedural":
+            assert label == REAL_FOOTAGE_LABEL and caption.startswith("real footage: ")
+            assert frames.shape[0] == 17 and min(frames.shape[1:3]) == 64
+            continue
+        procedural += 1
+        assert frames.shape == (17, 64, 64, 3)
+        words = caption.split()  # "a <colour> <shape> moving <direction>"
+        assert words[0] == "a" and words[3] == "moving" and len(words) == 5
+        colour, shape, direction = words[1], words[2], words[4]
+        assert DEMO_CLASSES[label] == f"{shape} moving {direction}"
+        # the named colour is on screen in every frame, and its centroid moves the named way
+        dist = np.abs(frames.astype(np.int32) - np.array(DEMO_COLOURS[colour])).sum(-1)
+        mask = dist < 90
+        assert mask.sum(axis=(1, 2)).min() > 40
+        ys, xs = np.mgrid[0:64, 0:64]
+        cx = (mask * xs).sum(axis=(1, 2)) / mask.sum(axis=(1, 2))
+        cy = (mask * ys).sum(axis=(1, 2)) / mask.sum(axis=(1, 2))
+        dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+        expect = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        along = dx * expect[0] + dy * expect[1]
+        across = abs(dx * expect[1]) + abs(dy * expect[0])
+        assert along > 20 and across < 2, (key, caption, dx, dy)
+        assert np.all(np.diff(cx * expect[0] + cy * expect[1]) > 0), (key, caption)  # steady motion
+    assert procedural == 12
+    labels = {int(m["cls"]) for m in _samples(out / "val").values()}
+    assert set(range(12)) <= labels  # every procedural class is in val
+
+
+def test_real_footage_and_stills(demo):
+    out, manifest = demo
+    train = _samples(out / "train")
+    real = [m for m in train.values() if int(m["cls"]) == REAL_FOOTAGE_LABEL]
+    assert len(real) == manifest["splits"]["train"]["real"]
+    names = {m["txt"].decode() for m in real}
+    assert names <= {"real footage: bikes", "real footage: carphone", "real footage: big buck bunny"} and len(names) == 3
+    for m in real[:3]:
+        meta = json.loads(m["json"])
+        frames = _decode(m["mp4"])
+        assert frames.shape == (17, meta["height"], meta["width"], 3) and min(frames.shape[1:3]) == 64
+        assert frames.std() > 10  # real content, not a blank clip
+
+    from PIL import Image
+
+    stills = _samples(out / "images")
+    assert len(stills) == manifest["splits"]["images"]["num_samples"] >= 8
+    for key, m in stills.items():
+        ext = "png" if "png" in m else "jpg"
+        with Image.open(io.BytesIO(m[ext])) as im:
+            assert im.mode == "RGB" and min(im.size) == 64
+        assert int(m["cls"]) == IMAGE_LABEL and m["txt"].decode().startswith("a photo of ")
+        assert json.loads(m["json"])["num_frames"] == 1
+
+
+def test_deterministic_and_cli(demo, tmp_path):
+    out, manifest = demo
+    assert demo_data.main(["--out", str(tmp_path / "again"), "--fast"]) == 0
+    for split in ("train", "val", "test", "images"):
+        names = sorted(n for n in os.listdir(out / split) if n.endswith(".tar"))
+        assert names == sorted(n for n in os.listdir(tmp_path / "again" / split) if n.endswith(".tar"))
+        for n in names:
+            a = hashlib.sha256((out / split / n).read_bytes()).hexdigest()
+            assert a == hashlib.sha256((tmp_path / "again" / split / n).read_bytes()).hexdigest(), (split, n)
+    assert manifest["build_seconds"] < 20
