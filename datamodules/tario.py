@@ -204,24 +204,33 @@ def count_samples(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
     return counts, scanned
 
 
-def write_index(shard_dir: str, counts: dict[str, int], extra: dict | None = None) -> str:
-    """Write ``index.json`` for the shards of one directory (atomic)."""
+def make_index(shards: dict[str, dict], skipped: list[dict] | None = None, **extra) -> dict:
+    """The ``index.json`` document: ``shards`` maps a tar basename to ``{"num_samples": n, "bytes": b}``."""
     index = {
         "format": INDEX_FORMAT,
-        "num_samples": int(sum(counts.values())),
-        "shards": {
-            os.path.basename(u): {"num_samples": int(n), "bytes": os.path.getsize(u) if os.path.exists(u) else None}
-            for u, n in sorted(counts.items())
-        },
+        "num_samples": int(sum(int(s["num_samples"]) for s in shards.values())),
+        "shards": dict(sorted(shards.items())),
     }
-    if extra:
-        index.update(extra)
+    if skipped is not None:
+        index["skipped"] = skipped
+    index.update(extra)
+    return index
+
+
+def write_index(shard_dir: str, index: dict) -> str:
+    """Write ``index.json`` into ``shard_dir`` atomically (temp file + rename)."""
     path = os.path.join(shard_dir, INDEX_NAME)
-    tmp = path + ".tmp"
+    tmp = os.path.join(shard_dir, f".{INDEX_NAME}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)
+        f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def index_entry(url: str) -> dict:
+    """Index entry of one local shard by a header scan."""
+    return {"num_samples": len(scan_local(url).samples), "bytes": os.path.getsize(url)}
 
 
 def bytes_io(b: bytes) -> io.BytesIO:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from . import tario
-from .decode import CROPS, SHORT_POLICIES, ClipSpec
+from .decode import CROPS, SHORT_POLICIES, ClipSpec, to_float
 from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, split_quota)
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class VideoDataModule(L.LightningDataModule):
         num_frames, frame_stride, fps: clip length and spacing (``fps`` resamples to a target rate and overrides the
             stride when the source fps is known).
         resolution: int (square) or [H, W]; the shorter side is resized, then cropped (``crop``: random|center).
+        flip: random horizontal flip in training; leave it off when captions or labels name a horizontal direction
+            ("moving left").
         short_video_policy: loop | pad | skip for videos shorter than the clip.
         image_frames: single (images give T=1) | repeat (T=num_frames).
         split_by: how shards are divided over ranks x workers: shard (whole shards), sample (every slot reads every
@@ -96,7 +98,7 @@ class VideoDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.2,
         bad_min_samples: int = 32,
         decoder: str = "auto",
-        float_output: bool = True,
+        float_output: bool = True,  # False: video stays uint8 [0, 255] (convert it yourself, e.g. on the GPU)
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         rank: int | None = None,
@@ -247,8 +249,7 @@ class VideoDataModule(L.LightningDataModule):
             train = False
         cfg = StreamConfig(seed=hp.seed, batch_size=bs, spec=self.spec, train=train, shuffle=train and hp.shuffle,
                            resampled=train and hp.resampled, max_bad_fraction=hp.max_bad_fraction,
-                           bad_min_samples=hp.bad_min_samples, float_output=hp.float_output,
-                           split_by=hp.split_by)
+                           bad_min_samples=hp.bad_min_samples, split_by=hp.split_by)
         ds = VideoStream(sources, cfg, stages)
         ds.rank, ds.world = rank, world
         return _StreamLoader(self, ds, length, track=(split == "train"))
@@ -274,6 +275,22 @@ class VideoDataModule(L.LightningDataModule):
                 self._consume(snap)
                 self._maybe_log()
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 clips become float [-1, 1] on the device they were moved to (see ``_convert_on_device``)."""
+        return self.finish_batch(batch)
+
+    def finish_batch(self, batch: Any) -> Any:
+        """Idempotent: uint8 ``video`` -> float32 [-1, 1] unless ``float_output=False``."""
+        if self.hparams.float_output and isinstance(batch, dict) and isinstance(batch.get("video"), torch.Tensor) \
+                and batch["video"].dtype == torch.uint8:
+            batch["video"] = to_float(batch["video"])
+        return batch
+
+    def _convert_on_device(self) -> bool:
+        """Under Lightning on an accelerator the conversion waits until after the host->device copy."""
+        tr = self.trainer
+        return tr is not None and tr.strategy.root_device.type != "cpu"
 
     def _consume(self, snap: dict):
         st = self._train_state
@@ -375,12 +392,13 @@ class _StreamLoader:
         loader = DataLoader(ds, batch_size=None, num_workers=hp.num_workers, pin_memory=hp.pin_memory,
                             prefetch_factor=hp.prefetch_factor if hp.num_workers else None, persistent_workers=False)
         plain = dm.trainer is None
+        on_device = dm._convert_on_device()
         for batch in loader:
             if not self.track:
                 batch.pop("_state", None)
             elif plain:
                 dm._consume(batch.pop("_state"))
-            yield batch
+            yield batch if on_device else dm.finish_batch(batch)
 
 
 def _fresh_state() -> dict:

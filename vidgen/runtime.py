@@ -57,6 +57,7 @@ class PreemptionCheckpoint(Callback):
     def _handler(self, signum, frame):
         log.warning("received signal %s: saving a checkpoint at the end of this step, then exiting", signum)
         self.flag = True
+        self.signum = signum
 
     def on_train_start(self, trainer, pl_module):
         import threading
@@ -87,4 +88,21 @@ class PreemptionCheckpoint(Callback):
             trainer.save_checkpoint(self.ckpt_path)
             if trainer.is_global_zero:
                 print(f"[vidgen] preempted: saved {self.ckpt_path} at step {trainer.global_step}; exiting 0", flush=True)
+                self._maybe_requeue(trainer)
             trainer.should_stop = True
+
+    @staticmethod
+    def _maybe_requeue(trainer):
+        """Under ``SLURMEnvironment(auto_requeue=True)`` (configs/trainer/slurm.yaml) requeue the job ourselves: this
+        handler replaces Lightning's, which would save inside the signal handler (unsafe under FSDP/DDP)."""
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = trainer.strategy.cluster_environment if hasattr(trainer.strategy, "cluster_environment") else None
+        job = os.environ.get("SLURM_JOB_ID")
+        if isinstance(env, SLURMEnvironment) and getattr(env, "auto_requeue", False) and job:
+            import subprocess
+
+            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            target = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else job
+            rc = subprocess.call(["scontrol", "requeue", target])
+            print(f"[vidgen] scontrol requeue {target} -> exit code {rc}", flush=True)

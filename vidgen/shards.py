@@ -38,10 +38,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from datamodules.tario import INDEX_FORMAT, INDEX_NAME, index_entry, make_index, write_index
 from vidgen import media
-
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "vidgen-shards/1"
 VIDEO_EXTS, IMAGE_EXTS = media.VIDEO_EXTS, media.IMAGE_EXTS
 _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 _BLOCK = tarfile.BLOCKSIZE
@@ -449,28 +447,6 @@ class ShardWriter:
                 os.remove(self._tmp)
 
 
-def make_index(shards: dict[str, dict], skipped: list[dict] | None = None, **extra) -> dict:
-    index = {
-        "format": INDEX_FORMAT,
-        "num_samples": int(sum(s["num_samples"] for s in shards.values())),
-        "shards": dict(sorted(shards.items())),
-    }
-    if skipped is not None:
-        index["skipped"] = skipped
-    index.update(extra)
-    return index
-
-
-def write_index(out_dir: str, index: dict) -> str:
-    path = os.path.join(out_dir, INDEX_NAME)
-    tmp = os.path.join(out_dir, f".{INDEX_NAME}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 def clear_old_shards(out_dir: str, prefix: str, overwrite: bool) -> None:
     """Remove ``{prefix}-*.tar`` (and stale temp files) from ``out_dir``; without ``overwrite`` refuse when any exist."""
     old = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}-*.tar")))
@@ -602,17 +578,7 @@ def reindex(shard_dir: str) -> dict:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError):
             old = {}
-    shards = {}
-    for t in tars:
-        keys = []
-        with tarfile.open(t, "r:") as tf:
-            for m in tf:
-                base = os.path.basename(m.name)
-                if m.isfile() and "." in base and not base.startswith("."):
-                    k = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-                    if not keys or keys[-1] != k:
-                        keys.append(k)
-        shards[os.path.basename(t)] = {"num_samples": len(dict.fromkeys(keys)), "bytes": os.path.getsize(t)}
+    shards = {os.path.basename(t): index_entry(t) for t in tars}
     index = make_index(shards, old.get("skipped"))
     write_index(shard_dir, index)
     return index

@@ -1,0 +1,499 @@
+"""Exponential moving average of the weights -- the only EMA in vidgen.
+
+Update (after the optimizer step that brings ``trainer.global_step`` to ``g``)::
+
+    s = g - start_step                               # optimizer steps since EMA start
+    g <= start_step              : ema <- w                       (EMA tracks the raw weights)
+    s crosses a multiple of every_n_steps:
+                                   ema <- d * ema + (1 - d) * w   (torch._foreach_lerp_, weight 1 - d)
+    d = decay                                     if warmup_steps == 0
+    d = decay * min(1, s / warmup_steps)          otherwise (linear ramp from 0: early EMA ~ raw weights)
+
+The rule depends only on ``global_step``, which the checkpoint restores, so a resumed run performs the same
+updates as an uninterrupted one. Only trainable parameters (``requires_grad``) are averaged; frozen parameters
+and buffers are used as they are.
+
+Where the EMA weights live: a non-trainable submodule ``pl_module._ema`` whose *buffers* mirror the parameter
+tree, so the state_dict key of the EMA of parameter ``net.blocks.0.w`` is ``_ema.net.blocks.0.w``. The buffers
+are created from the parameters after the strategy has wrapped/sharded them: under FSDP2 they are DTensors
+with the parameter's sharding, are updated shard-locally (no gather per step) and are saved in the sharded DCP
+checkpoint with the model; under DDP they are plain tensors that DDP does not broadcast. Being buffers, they are
+never seen by ``pl_module.parameters()`` (the optimizer) nor by autograd. Callback ``state_dict`` (written by
+rank 0 only) holds no tensors.
+
+When they are created: in ``on_fit_start`` (after DDP wrapping / FSDP2 sharding) for a fresh run. When a
+checkpoint is restored, the callback wraps ``trainer.strategy.load_checkpoint`` (from ``setup``, undone in
+``teardown``) so the buffers exist exactly when the checkpoint has EMA entries: ModelParallelStrategy loads the
+sharded weights inside that call (and only the keys the module has), DDP/single-device load the returned dict
+afterwards. Without EMA entries the run resumes and the EMA starts from the restored weights (a warning).
+The EMA has the parameters' dtype: fp32 under DDP with ``bf16-mixed`` and under FSDP2's bf16 policy (sharded
+master weights stay fp32); with ``precision: bf16-true`` it would be bf16, too coarse for ``decay`` near 1.
+
+Evaluation: validation/test/predict run with the EMA weights swapped in (``use_ema_for_eval=False`` to keep the
+raw ones); other code uses ``with ema_weights(pl_module): ...`` or ``ema_callback.ema_weights(pl_module)``
+(a no-op without EMA, re-entrant). Swapping copies shard-locally; FSDP2 modules are resharded first.
+
+Loading elsewhere: a bare model (no EMA callback) loads a training checkpoint with ``ema_state_dict(ckpt)`` (EMA
+weights under the model's own names) or ``raw_state_dict(ckpt)`` -- a strict ``load_state_dict`` of the whole
+``state_dict`` would reject the ``_ema.*`` keys. ``vidgen export --ema`` writes the former to a file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from vidgen.parallel import reshard_all
+
+__all__ = ["EMA", "EMAShadow", "EMA_PREFIX", "ema_weights", "ema_state_dict", "raw_state_dict", "ema_decay"]
+
+EMA_ATTR = "_ema"
+#: state_dict prefix of the EMA weights: ``EMA_PREFIX + <parameter name>``
+EMA_PREFIX = EMA_ATTR + "."
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The process-local data of ``t`` (the shard for a DTensor), aliasing its storage."""
+    return t.to_local() if _is_dtensor(t) else t  # callers run under no_grad: to_local() is then an alias
+
+
+def ema_decay(
+    global_step: int, decay: float, warmup_steps: int = 0, start_step: int = 0
+) -> float:
+    """Decay used by the update that follows optimizer step ``global_step`` (see module docstring)."""
+    s = global_step - start_step
+    if s <= 0:
+        return 0.0
+    if warmup_steps <= 0:
+        return float(decay)
+    return float(decay) * min(1.0, s / warmup_steps)
+
+
+class EMAShadow(nn.Module):
+    """Buffers holding the EMA weights, laid out like the parameters (key ``_ema.<param name>``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.param_names: list[str] = []
+        self._backup: Optional[list[Tensor]] = None  # raw weights while the EMA ones are swapped in
+
+    # -- building -------------------------------------------------------------------------------------
+    def add(self, name: str, tensor: Tensor) -> None:
+        *path, leaf = name.split(".")
+        mod: nn.Module = self
+        for part in path:
+            child = mod._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        mod.register_buffer(leaf, tensor, persistent=True)
+        self.param_names.append(name)
+
+    @classmethod
+    @torch.no_grad()
+    def from_module(cls, module: nn.Module, names: Optional[list[str]] = None) -> "EMAShadow":
+        params = dict(module.named_parameters())
+        if names is None:
+            names = [n for n, p in params.items() if p.requires_grad]
+        shadow = cls()
+        for n in names:
+            # detach().clone() of a DTensor is a DTensor with the same mesh/placements (local clone, no comm)
+            shadow.add(n, params[n].detach().clone())
+        return shadow
+
+    @torch.no_grad()
+    def matches(self, module: nn.Module) -> bool:
+        """Whether every buffer has its parameter's kind (DTensor or not), local shape, device and dtype."""
+        params = dict(module.named_parameters())
+        for n in self.param_names:
+            p = params.get(n)
+            if p is None:
+                return False
+            s = self.get_buffer(n)
+            if _is_dtensor(p) != _is_dtensor(s):
+                return False
+            pl, sl = _local(p), _local(s)
+            if pl.shape != sl.shape or pl.device != sl.device:
+                return False
+            if _is_dtensor(p) and (p.placements != s.placements or p.device_mesh != s.device_mesh):
+                return False
+        return True
+
+    # -- math -----------------------------------------------------------------------------------------
+    def _pairs(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        params = dict(module.named_parameters())
+        shadows = [_local(self.get_buffer(n)) for n in self.param_names]
+        weights = [_local(params[n]) for n in self.param_names]
+        return shadows, weights
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, decay: float) -> None:
+        """``ema <- decay * ema + (1 - decay) * w`` on the local shards (``decay == 0``: copy)."""
+        if self._backup is not None:
+            raise RuntimeError("EMA update while the EMA weights are swapped in; swap them out first.")
+        reshard_all(module)  # FSDP2 swaps unsharded tensors into the module while gathered
+        shadows, weights = self._pairs(module)
+        if not shadows:
+            return
+        weights = [w if w.dtype == s.dtype else w.to(s.dtype) for s, w in zip(shadows, weights)]
+        if decay == 0.0:
+            torch._foreach_copy_(shadows, weights)
+        else:
+            torch._foreach_lerp_(shadows, weights, 1.0 - decay)
+
+    # -- swapping -------------------------------------------------------------------------------------
+    @property
+    def swapped(self) -> bool:
+        return self._backup is not None
+
+    @torch.no_grad()
+    def swap_in(self, module: nn.Module) -> None:
+        if self._backup is not None:
+            return
+        reshard_all(module)
+        shadows, weights = self._pairs(module)
+        self._backup = [w.clone() for w in weights]
+        for w, s in zip(weights, shadows):
+            w.copy_(s)
+
+    @torch.no_grad()
+    def swap_out(self, module: nn.Module) -> None:
+        if self._backup is None:
+            return
+        reshard_all(module)
+        _, weights = self._pairs(module)
+        for w, b in zip(weights, self._backup):
+            w.copy_(b)
+        self._backup = None
+
+
+def _shadow(pl_module: nn.Module) -> Optional[EMAShadow]:
+    s = getattr(pl_module, EMA_ATTR, None)
+    return s if isinstance(s, EMAShadow) else None
+
+
+@contextmanager
+def ema_weights(pl_module: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Run the block with the EMA weights in ``pl_module``'s parameters; yields whether EMA is in use.
+
+    A no-op (yields ``False``) when the module has no EMA or ``enabled`` is false; re-entrant (an inner use
+    inside validation, where the EMA callback already swapped them in, changes nothing).
+    """
+    shadow = _shadow(pl_module)
+    if not enabled or shadow is None:
+        yield False
+        return
+    if shadow.swapped:
+        yield True
+        return
+    shadow.swap_in(pl_module)
+    try:
+        yield True
+    finally:
+        shadow.swap_out(pl_module)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint helpers
+# ---------------------------------------------------------------------------------------------------------
+def _model_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(sd, Mapping):
+        raise TypeError("Expected a Lightning checkpoint dict (with 'state_dict') or a state dict.")
+    return sd
+
+
+def raw_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's own weights from a (consolidated) checkpoint or state dict, without the EMA entries."""
+    return {k: v for k, v in _model_state(checkpoint).items() if not k.startswith(EMA_PREFIX)}
+
+
+def ema_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's state dict with every averaged parameter replaced by its EMA, under the model's own names.
+
+    ``checkpoint``: a loaded (consolidated) Lightning checkpoint or its ``state_dict``. Entries without an EMA
+    (frozen parameters, buffers) are the raw ones. Without any EMA entry, returns the raw weights and warns.
+    """
+    sd = _model_state(checkpoint)
+    ema = {k[len(EMA_PREFIX) :]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}
+    raw = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    if not ema:
+        warnings.warn("Checkpoint has no EMA weights (no '_ema.*' keys); returning the raw weights.", stacklevel=2)
+        return raw
+    orphans = sorted(set(ema) - set(raw))
+    if orphans:
+        warnings.warn(f"EMA entries without a matching model entry are dropped: {orphans[:5]}", stacklevel=2)
+    return {k: ema.get(k, v) for k, v in raw.items()}
+
+
+def checkpoint_ema_names(path: Any) -> Optional[list[str]]:
+    """Parameter names that have an EMA in the checkpoint at ``path`` (a file or a DCP directory).
+
+    Reads only metadata for a DCP directory; memory-maps a file. ``None`` when the path cannot be inspected.
+    """
+    p = Path(str(path))
+    try:
+        if p.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            keys = FileSystemReader(str(p)).read_metadata().state_dict_metadata.keys()
+            prefix = "state_dict." + EMA_PREFIX
+            return [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+        if p.is_file():
+            ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+            return [k[len(EMA_PREFIX) :] for k in _model_state(ckpt) if k.startswith(EMA_PREFIX)]
+    except Exception as err:  # pragma: no cover - unreadable/remote: let the strategy report it
+        warnings.warn(f"EMA: could not inspect checkpoint {path}: {err}", stacklevel=2)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the callback
+# ---------------------------------------------------------------------------------------------------------
+class EMA(Callback):
+    """Exponential moving average of the trainable weights (decay schedule: see the module docstring).
+
+    Args:
+        decay: target decay ``d`` (per update).
+        warmup_steps: ``0``: constant decay; ``W > 0``: ``d * min(1, s / W)`` with ``s`` optimizer steps since start.
+        every_n_steps: update once per ``every_n_steps`` optimizer steps (``decay`` applies per update).
+        use_ema_for_eval: validation/test/predict (and FVD, sample logging) see the EMA weights.
+        start_step: before this optimizer step the EMA equals the raw weights.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        warmup_steps: int = 0,
+        every_n_steps: int = 1,
+        use_ema_for_eval: bool = True,
+        start_step: int = 0,
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
+        if every_n_steps < 1:
+            raise ValueError(f"EMA every_n_steps must be >= 1, got {every_n_steps}.")
+        if warmup_steps < 0 or start_step < 0:
+            raise ValueError("EMA warmup_steps and start_step must be >= 0.")
+        self.decay = float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.every_n_steps = int(every_n_steps)
+        self.use_ema_for_eval = bool(use_ema_for_eval)
+        self.start_step = int(start_step)
+        self._last_bucket: Optional[int] = None
+        self._swapped_here = False
+        self._orig_load_checkpoint: Any = None
+        self._strategy: Any = None
+
+    # -- schedule -------------------------------------------------------------------------------------
+    def decay_at(self, global_step: int) -> float:
+        return ema_decay(global_step, self.decay, self.warmup_steps, self.start_step)
+
+    def _bucket(self, global_step: int) -> int:
+        return (global_step - self.start_step) // self.every_n_steps
+
+    def step(self, pl_module: nn.Module, global_step: int) -> bool:
+        """Apply the update for optimizer step ``global_step`` if one is due; returns whether it updated."""
+        shadow = _shadow(pl_module)
+        if shadow is None:
+            return False
+        if global_step <= self.start_step:
+            shadow.update(pl_module, 0.0)
+            self._last_bucket = self._bucket(global_step)
+            return True
+        bucket = self._bucket(global_step)
+        last = self._last_bucket if self._last_bucket is not None else self._bucket(global_step - 1)
+        self._last_bucket = bucket
+        if bucket <= last:
+            return False
+        shadow.update(pl_module, self.decay_at(global_step))
+        return True
+
+    def ema_weights(self, pl_module: nn.Module):
+        """``with ema_cb.ema_weights(pl_module): ...`` -- the module-level :func:`ema_weights` (used by FVD)."""
+        return ema_weights(pl_module)
+
+    # -- attaching ------------------------------------------------------------------------------------
+    @staticmethod
+    def attach(pl_module: nn.Module, names: Optional[list[str]] = None) -> EMAShadow:
+        """Create (or keep, if current) the EMA buffers of ``pl_module`` from its present weights."""
+        shadow = _shadow(pl_module)
+        if shadow is not None and shadow.matches(pl_module) and (names is None or set(names) == set(shadow.param_names)):
+            return shadow
+        if shadow is not None:
+            EMA.detach(pl_module)
+        shadow = EMAShadow.from_module(pl_module, names)
+        setattr(pl_module, EMA_ATTR, shadow)  # registers the submodule -> buffers in state_dict
+        # DDP would broadcast these buffers from rank 0 at every forward (identical on all ranks anyway)
+        ignore = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        ignore |= {EMA_PREFIX + n for n in shadow.param_names}
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignore)
+        return shadow
+
+    @staticmethod
+    def detach(pl_module: nn.Module) -> None:
+        shadow = _shadow(pl_module)
+        if shadow is None:
+            return
+        shadow.swap_out(pl_module)
+        delattr(pl_module, EMA_ATTR)
+        ignore = [k for k in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if not k.startswith(EMA_PREFIX)]
+        pl_module._ddp_params_and_buffers_to_ignore = ignore
+
+    def _names_for(self, pl_module: nn.Module, ckpt_names: list[str]) -> list[str]:
+        params = dict(pl_module.named_parameters())
+        unknown = [n for n in ckpt_names if n not in params]
+        if unknown:
+            warnings.warn(f"EMA: checkpoint EMA entries for unknown parameters are ignored: {unknown[:5]}", stacklevel=3)
+        wanted = set(ckpt_names)
+        return [n for n in params if n in wanted]  # parameter order
+
+    def _wrap_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Create the EMA buffers right before the strategy restores a checkpoint, when it has EMA entries.
+
+        Strategies that restore after setup (ModelParallelStrategy) load the weights inside ``load_checkpoint``
+        (sharded: only keys present in the module are read), so the buffers must exist before the call and must
+        not exist if the checkpoint lacks them. Others (DDP, single device) return the dict and load it later.
+        """
+        strategy = trainer.strategy
+        if self._orig_load_checkpoint is not None:
+            return
+        orig = strategy.load_checkpoint
+        callback = self
+
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            if strategy.restore_checkpoint_after_setup:
+                names = checkpoint_ema_names(checkpoint_path)
+                if names:
+                    callback.attach(pl_module, callback._names_for(pl_module, names))
+                elif names is not None:
+                    callback.detach(pl_module)
+                    callback._warn_no_ema(checkpoint_path)
+                return orig(checkpoint_path, *args, **kwargs)
+            checkpoint = orig(checkpoint_path, *args, **kwargs)
+            sd = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+            if isinstance(sd, dict):
+                names = [k[len(EMA_PREFIX) :] for k in sd if k.startswith(EMA_PREFIX)]
+                if names:
+                    keep = callback._names_for(pl_module, names)
+                    for n in set(names) - set(keep):
+                        sd.pop(EMA_PREFIX + n)
+                    callback.attach(pl_module, keep)
+                else:
+                    callback.detach(pl_module)
+                    callback._warn_no_ema(checkpoint_path)
+            return checkpoint
+
+        self._orig_load_checkpoint = orig
+        self._strategy = strategy
+        strategy.load_checkpoint = load_checkpoint
+
+    def _unwrap_load_checkpoint(self) -> None:
+        if self._orig_load_checkpoint is not None and self._strategy is not None:
+            try:
+                del self._strategy.load_checkpoint  # drop the instance attribute -> class method again
+            except AttributeError:  # pragma: no cover
+                pass
+        self._orig_load_checkpoint = None
+        self._strategy = None
+
+    @staticmethod
+    def _warn_no_ema(path: Any) -> None:
+        warnings.warn(
+            f"EMA: checkpoint {path} has no EMA weights; the EMA starts from the restored weights.", stacklevel=3
+        )
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._wrap_load_checkpoint(trainer, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the strategy wrapped/sharded the model; a restore (if any) attaches in load_checkpoint
+        if trainer.ckpt_path is None:
+            self.attach(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after any restore: a checkpoint without EMA leaves no buffers -> start from the restored weights
+        self.attach(pl_module)
+        self._last_bucket = self._bucket(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        g = trainer.global_step
+        if g == 0:
+            return
+        self.step(pl_module, g)
+
+    def _swap_in(self, pl_module: LightningModule) -> None:
+        shadow = _shadow(pl_module)
+        if self.use_ema_for_eval and shadow is not None and not shadow.swapped:
+            shadow.swap_in(pl_module)
+            self._swapped_here = True
+
+    def _swap_out(self, pl_module: LightningModule) -> None:
+        shadow = _shadow(pl_module)
+        if self._swapped_here and shadow is not None:
+            shadow.swap_out(pl_module)
+        self._swapped_here = False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._swap_out(pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._swap_out(pl_module)
+        self._unwrap_load_checkpoint()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        shadow = _shadow(pl_module)
+        if shadow is not None and shadow.swapped:
+            warnings.warn(
+                "EMA: a checkpoint was saved while the EMA weights were swapped in; its raw weights are the EMA ones."
+                " Save outside `ema_weights(...)` / after validation ends.",
+                stacklevel=2,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        # scalars only: the EMA tensors are module state (sharded with the model)
+        return {
+            "decay": self.decay,
+            "warmup_steps": self.warmup_steps,
+            "every_n_steps": self.every_n_steps,
+            "start_step": self.start_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = {k: v for k, v in state_dict.items() if getattr(self, k, v) != v}
+        if changed:
+            warnings.warn(f"EMA settings differ from the checkpoint's {changed}; using the current ones.", stacklevel=2)
