@@ -16,8 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vidgen.parallel import ParallelizableMixin
 
-class StreamProbe(L.LightningModule):
+
+class StreamProbe(ParallelizableMixin, L.LightningModule):
+    fsdp_block_classes = (nn.Conv2d, nn.ConvTranspose2d)  # so the probe also exercises the FSDP2 path
+
     def __init__(self, channels: int = 8, lr: float = 3e-3, keys_log: str | None = None, num_frames: int | None = None,
                  resolution: int | list[int] | None = None):
         super().__init__()

@@ -17,23 +17,25 @@ def shards(tmp_path_factory):
     return str(d)
 
 
-def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None):
+def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None, extra_callbacks=()):
     full_log, part_log = str(tmp_path / "full.keys"), str(tmp_path / "part.keys")
     probe_config(tmp_path / "full.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=full_log,
-                 strategy=strategy)
+                 strategy=strategy, callbacks=list(extra_callbacks))
     run_cli(["fit", "--config", "full.yaml", "--name", "full"], cwd=tmp_path)
-    killer = [{"class_path": "killer.SignalAtStep", "init_args": {"step": k}}]
+    killer = [{"class_path": "killer.SignalAtStep", "init_args": {"step": k}}, *extra_callbacks]
     probe_config(tmp_path / "part.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=part_log,
                  callbacks=killer, strategy=strategy)
     p = run_cli(["fit", "--config", "part.yaml", "--name", "part"], cwd=tmp_path)
     assert "preempted: saved" in p.stdout, p.stdout[-2000:]
     assert os.path.exists(tmp_path / "runs/part/checkpoints/last.ckpt")
+    assert not any(f.startswith("last-v") for f in os.listdir(tmp_path / "runs/part/checkpoints"))
     for r in range(devices):
         assert len(StreamProbe.read_keys(part_log, r)) == k, "the preempted run must stop right after step k"
     probe_config(tmp_path / "resume.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=part_log,
-                 strategy=strategy)
+                 strategy=strategy, callbacks=list(extra_callbacks))
     p = run_cli(["fit", "--config", "resume.yaml", "--name", "part", "--ckpt_path", "last"], cwd=tmp_path)
     assert "resuming from" in p.stdout
+    assert sorted(f for f in os.listdir(tmp_path / "runs/part/checkpoints") if f.startswith("last")) == ["last.ckpt"]
     for r in range(devices):
         full, resumed = StreamProbe.read_keys(full_log, r), StreamProbe.read_keys(part_log, r)
         assert len(full) == total
@@ -50,3 +52,29 @@ def test_sigterm_then_resume_is_exact(tmp_path, shards, workers):
 def test_two_rank_ddp_resume_is_exact(tmp_path, shards):
     # only rank 0 is signalled: the flag is combined over ranks, both stop at the same step
     _run_pair(tmp_path, shards, total=8, k=3, workers=1, devices=2, strategy="ddp")
+
+
+@pytest.mark.distributed
+def test_two_rank_fsdp2_ema_resume_is_exact(tmp_path, shards):
+    """FSDP2 (sharded DCP checkpoints) with EMA on: same data stream per rank, and the same final raw and EMA weights."""
+    import torch
+
+    fsdp = {"class_path": "vidgen.parallel.FSDP2Strategy", "init_args": {"save_distributed_checkpoint": True}}
+    ema = [{"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9, "warmup_steps": 2}}]
+    _run_pair(tmp_path, shards, total=8, k=3, workers=1, devices=2, strategy=fsdp, extra_callbacks=ema)
+    weights = {}
+    for run in ("full", "part"):
+        for kind in ("raw", "ema"):
+            out = tmp_path / f"{run}_{kind}.pt"
+            args = ["export", str(tmp_path / "runs" / run / "checkpoints" / "last.ckpt"), str(out)]
+            run_cli(args + (["--ema"] if kind == "ema" else []), cwd=tmp_path)
+            weights[run, kind] = torch.load(out)
+    for kind in ("raw", "ema"):
+        a, b = weights["full", kind], weights["part", kind]
+        a, b = a.get("state_dict", a), b.get("state_dict", b)
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{kind} {name}")
+    assert not all(torch.equal(weights["full", "raw"].get("state_dict", weights["full", "raw"])[n],
+                               weights["full", "ema"].get("state_dict", weights["full", "ema"])[n])
+                   for n in weights["full", "raw"].get("state_dict", weights["full", "raw"]))

@@ -58,7 +58,7 @@ def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .runtime import AtomicCheckpointIO, PreemptionCheckpoint
+    from .runtime import AtomicCheckpointIO, PreemptionCheckpoint, RNGStateCheckpoint
 
     class RunDirSaveConfig(SaveConfigCallback):
         """Writes ``config.yaml`` into the run directory, replacing it on requeue."""
@@ -80,6 +80,7 @@ def _make_cli_class():
                 LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                 save_config_callback=RunDirSaveConfig, save_config_kwargs={"overwrite": True},
                 parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=run, auto_configure_optimizers=False,
+                seed_everything_default=0,  # reproducible by default; the seed is saved in config.yaml
             )
 
         def add_arguments_to_parser(self, parser):
@@ -143,10 +144,13 @@ def _make_cli_class():
             has_ckpt_cb = any(isinstance(c, ModelCheckpoint) for c in (config.get("callbacks") or []))
             if config.get("enable_checkpointing", True) is not False and not has_ckpt_cb:
                 callbacks = list(callbacks) + [
+                    # no version counter: last.ckpt is always *the* latest (the preemption save writes it too);
+                    # versioning would leave a stale last.ckpt beside last-v1.ckpt and resume from the stale one
                     ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                                    every_n_train_steps=every, save_top_k=-1, save_last=True)
+                                    every_n_train_steps=every, save_top_k=-1, save_last=True,
+                                    enable_version_counter=False)
                 ]
-            callbacks = list(callbacks) + [PreemptionCheckpoint(os.path.join(ckpt_dir, "last.ckpt"))]
+            callbacks = list(callbacks) + [PreemptionCheckpoint(os.path.join(ckpt_dir, "last.ckpt")), RNGStateCheckpoint()]
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             from lightning.pytorch.plugins.io import CheckpointIO

@@ -106,3 +106,53 @@ class PreemptionCheckpoint(Callback):
             target = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else job
             rc = subprocess.call(["scontrol", "requeue", target])
             print(f"[vidgen] scontrol requeue {target} -> exit code {rc}", flush=True)
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves every rank's python / numpy / torch (CPU and CUDA) RNG state and restores its own on resume.
+
+    Lightning restores weights, optimizer and loops but not random state, so models that draw noise in their step
+    (diffusion, masking ratios, dropout) would diverge from an uninterrupted run.  States are gathered to rank 0,
+    because only rank 0 writes callback state."""
+
+    @staticmethod
+    def _local() -> dict:
+        import random
+
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types and tensors only: checkpoints are loaded with weights_only=True
+        st = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                     int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        local = self._local()
+        states = [local]
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            states = [None] * trainer.world_size
+            dist.all_gather_object(states, local)
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        import random
+
+        import numpy as np
+
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: random state not restored",
+                        len(states), trainer.world_size)
+            return
+        st = states[trainer.global_rank]
+        random.setstate(st["python"])
+        name, keys, pos, has_gauss, gauss = st["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(st["torch"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
