@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	$(PY) -m uv venv -q --allow-existing --python $(PY) $(VENV)
-	VIRTUAL_ENV=$(VENV) $(PY) -m uv pip install -q -e ".[dev]"
+	$(PY) -m uv pip install -q --python $(BIN)/python -e ".[dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
