@@ -202,8 +202,8 @@ def parse_label(sample: dict[str, bytes], meta: dict) -> int:
 def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.random.Generator | None) -> dict:
     """Raw members -> {video uint8 [C,T,H,W], text, label, fps, key}. ``rng`` None means eval (deterministic)."""
     kind = sample_kind(sample)
-    if kind is None:
-        raise SkipSample("no_media", f"members {sorted(sample)} hold no video or image")
+    if kind is None and "npy" not in sample:
+        raise SkipSample("no_media", f"members {sorted(sample)} hold no video, image or .npy tokens/latents")
     meta = parse_meta(sample)
     text = parse_text(sample, meta)
     if text is None:
@@ -211,6 +211,9 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
             raise SkipSample("missing_text", "no caption (txt member or json 'caption')")
         text = ""
     label = parse_label(sample, meta)
+    if kind is None:  # a token/latent shard written by `vidgen tokenize`
+        return {**read_array(sample["npy"]), "text": text, "label": label, "key": key,
+                "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}
     u = rng.random(4) if rng is not None else None
     media = sample[kind[1]]
     try:
@@ -234,6 +237,26 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     if kind[0] == "image" and spec.image_frames == "repeat":
         video = video.expand(-1, spec.num_frames, -1, -1).contiguous()
     return {"video": video, "text": text, "label": label, "fps": fps, "key": key, "kind": kind[0]}
+
+
+def read_array(data: bytes) -> dict:
+    """``.npy`` bytes -> ``{"tokens": int64}`` (integer arrays) or ``{"latents": float32}``; never unpickles."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SkipSample("corrupt", f"npy: {e}") from e
+    if np.issubdtype(arr.dtype, np.integer):
+        return {"tokens": torch.from_numpy(arr.astype(np.int64)), "kind": "tokens"}
+    if np.issubdtype(arr.dtype, np.floating):
+        return {"latents": torch.from_numpy(arr.astype(np.float32)), "kind": "latents"}
+    raise SkipSample("corrupt", f"npy of dtype {arr.dtype} is neither tokens nor latents")
+
+
+ARRAY_KEYS = ("video", "tokens", "latents")
+
+
+def main_tensor(sample: dict) -> torch.Tensor:
+    return next(sample[k] for k in ARRAY_KEYS if k in sample)
 
 
 def to_float(video_u8: torch.Tensor) -> torch.Tensor:

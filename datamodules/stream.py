@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import tario
-from .decode import ClipSpec, SkipSample, decode_sample
+from .decode import ARRAY_KEYS, ClipSpec, SkipSample, decode_sample, main_tensor
 
 MAX_STAGES = 32
 MAX_SOURCES = 16
@@ -324,7 +324,7 @@ class VideoStream(IterableDataset):
                             raise BadDataError(f"source {self.sources[si].name!r}: no usable samples in a full pass "
                                                f"({failures} tried). Examples: {examples}")
                         continue
-                    bkey = (si, sid, tuple(sample["video"].shape))
+                    bkey = (si, sid, sample["kind"], tuple(main_tensor(sample).shape))
                     bucket = buckets.setdefault(bkey, [])
                     bucket.append((sample, [si, *pos]))
                     if len(bucket) >= bs:
@@ -385,9 +385,10 @@ class VideoStream(IterableDataset):
             )
 
     def _collate(self, samples: list[dict], snap: dict) -> dict:
-        video = torch.stack([s["video"] for s in samples])  # uint8: 4x less to ship between processes than float
+        # one bucket = one kind and shape; video stays uint8 (4x less to ship between processes than float)
+        arrays = {k: torch.stack([s[k] for s in samples]) for k in ARRAY_KEYS if k in samples[0]}
         return {
-            "video": video,
+            **arrays,
             "text": [s["text"] for s in samples],
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),

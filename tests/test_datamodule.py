@@ -181,3 +181,38 @@ def test_config_errors_name_the_key(tmp_path):
         VideoDataModule(train_shards=None, seed=0, crop="middle")
     with pytest.raises(DataConfigError, match="data.num_frames"):
         VideoDataModule(train_shards=None, seed=0, num_frames=0)
+
+
+def test_token_and_latent_shards_pass_through(tmp_path):
+    """Shards written by `vidgen tokenize` ({key}.npy, no media) give batch["tokens"] / batch["latents"]."""
+    import io
+    import json
+
+    import numpy as np
+
+    from shardgen import add
+
+    url = tmp_path / "tokens-000000.tar"
+    rng = np.random.default_rng(0)
+    arrays = {}
+    with tarfile.open(url, "w") as tf:
+        for i in range(6):
+            key = f"{i:06d}"
+            arr = rng.integers(0, 1024, size=(2, 4, 4)).astype(np.int16) if i < 3 else \
+                rng.standard_normal((4, 2, 4, 4)).astype(np.float16)
+            arrays[f"tokens-000000.tar/{key}"] = arr
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            add(tf, key + ".npy", buf.getvalue())
+            add(tf, key + ".cls", str(i).encode())
+            add(tf, key + ".json", json.dumps({"fps": 8}).encode())
+    dm = VideoDataModule(train_shards=str(url), seed=0, batch_size=3, num_workers=0, shuffle=False)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    kinds = {("tokens" if "tokens" in b else "latents") for b in batches}
+    assert kinds == {"tokens", "latents"}
+    for b in batches:
+        name = "tokens" if "tokens" in b else "latents"
+        assert "video" not in b and b[name].dtype == (torch.long if name == "tokens" else torch.float32)
+        for k, x in zip(b["key"], b[name]):
+            assert np.array_equal(x.numpy(), arrays[k].astype(x.numpy().dtype))
