@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import io
 import json
 import math
 import os
-import tarfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -37,6 +35,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from datamodules import tario
+from datamodules.decode import ClipSpec, SkipSample, read_video
+from datamodules.tario import VIDEO_EXTS
+
 # ---------------------------------------------------------------------------------------------- protocol (pinned)
 FVD_NUM_FRAMES = 16  # the first 16 frames of each clip, at the clip's own frame rate
 FVD_RESOLUTION = 224  # every frame resized to 224 x 224 (aspect ratio not kept, no crop)
@@ -46,7 +48,6 @@ FVD_NUM_SAMPLES = 2048  # real and generated clips; real statistics from the tra
 FVD_FEATURE_DIM = 400
 FVD_PROTOCOL = "vidgen-fvd/1: i3d-k400 logits400, first 16 frames, bilinear 224x224 from [-1,1]"
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 STATS_FORMAT = "vidgen-fvd-stats/1"
 
 __all__ = [
@@ -263,46 +264,28 @@ def expand_sources(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     if not isinstance(spec, (str, os.PathLike)):
         return [p for s in spec for p in expand_sources(s)]
     spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if tars:
-            return tars
-        vids = sorted(p for p in glob.glob(os.path.join(spec, "*")) if p.rsplit(".", 1)[-1].lower() in VIDEO_EXTS)
+    if os.path.isdir(spec) and not glob.glob(os.path.join(glob.escape(spec), "*.tar")):
+        vids = sorted(p for p in glob.glob(os.path.join(glob.escape(spec), "*")) if p.rsplit(".", 1)[-1].lower() in VIDEO_EXTS)
         if not vids:
             raise FileNotFoundError(f"{spec} holds no .tar shards and no video files ({', '.join(VIDEO_EXTS)})")
         return vids
-    if os.path.isfile(spec):
-        return [spec]
-    import braceexpand
-
-    out: list[str] = []
-    for pat in braceexpand.braceexpand(spec):
-        out.extend(sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else ([pat] if os.path.isfile(pat) else []))
-    if not out:
-        raise FileNotFoundError(f"no shards or videos match {spec!r}")
-    return out
+    try:
+        return tario.expand_shards(spec, what="FVD source")
+    except tario.ShardError as e:
+        raise FileNotFoundError(str(e)) from e
 
 
 def _decode_first_frames(data: bytes, num_frames: int) -> np.ndarray | None:
-    """uint8 ``[num_frames, H, W, 3]`` from encoded video bytes (decord, PyAV fallback); None when too short."""
+    """uint8 ``[num_frames, H, W, 3]``: the first frames at the source rate, decoded as the datamodule decodes
+    (decord from memory, PyAV fallback); None when the clip is too short."""
+    spec = ClipSpec(num_frames=num_frames, frame_stride=1, short_policy="skip")
     try:
-        import decord
-
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        if len(vr) < num_frames:
+        frames, _, _ = read_video(data, spec, 0.0, None)
+    except SkipSample as e:
+        if e.reason == "too_short":
             return None
-        return vr.get_batch(list(range(num_frames))).asnumpy()
-    except ImportError:
-        pass
-    import av
-
-    frames = []
-    with av.open(io.BytesIO(data)) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) == num_frames:
-                return np.stack(frames)
-    return None
+        raise
+    return frames
 
 
 def _iter_encoded(paths: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -311,12 +294,10 @@ def _iter_encoded(paths: list[str]) -> Iterator[tuple[str, bytes]]:
             with open(path, "rb") as f:
                 yield os.path.basename(path), f.read()
             continue
-        with tarfile.open(path, "r|*") as tar:  # streamed; WebDataset key = basename up to its first dot
-            for m in tar:
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                if m.isfile() and ext.lower() in VIDEO_EXTS:
-                    yield f"{path}:{os.path.dirname(m.name)}/{key}", tar.extractfile(m).read()
+        for key, sample in tario.iter_stream(path):  # streamed, in tar order
+            ext = next((e for e in VIDEO_EXTS if e in sample), None)
+            if ext is not None:
+                yield f"{path}:{key}", sample[ext]
 
 
 def iter_clips(spec: Any, num_frames: int = FVD_NUM_FRAMES, rank: int = 0, world: int = 1,

@@ -94,7 +94,7 @@ def _decode_decord(data: bytes):
     return vr, n, float(vr.get_avg_fps() or 0.0)
 
 
-def _read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
+def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
     """-> (uint8 frames [T,H,W,C], source fps, step)."""
     backend = spec.backend
     if backend == "auto":
@@ -219,7 +219,7 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     try:
         if kind[0] == "video":
             meta_fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) else None
-            frames, src_fps, step = _read_video(media, spec, None if u is None else float(u[0]), meta_fps)
+            frames, src_fps, step = read_video(media, spec, None if u is None else float(u[0]), meta_fps)
             fps = src_fps / step if src_fps > 0 else float(spec.fps or 0.0)
         else:
             frames = _read_image(media)
