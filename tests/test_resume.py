@@ -13,18 +13,18 @@ from shardgen import write_shards
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("rshards")
-    write_shards(str(d), n_shards=4, per_shard=5, frames=12)
+    write_shards(str(d), n_shards=4, per_shard=5, frames=16)
     return str(d)
 
 
-def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None, extra_callbacks=()):
+def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None, extra_callbacks=(), **cfg):
     full_log, part_log = str(tmp_path / "full.keys"), str(tmp_path / "part.keys")
     probe_config(tmp_path / "full.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=full_log,
-                 strategy=strategy, callbacks=list(extra_callbacks))
+                 strategy=strategy, callbacks=list(extra_callbacks), **cfg)
     run_cli(["fit", "--config", "full.yaml", "--name", "full"], cwd=tmp_path)
     killer = [{"class_path": "killer.SignalAtStep", "init_args": {"step": k}}, *extra_callbacks]
     probe_config(tmp_path / "part.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=part_log,
-                 callbacks=killer, strategy=strategy)
+                 callbacks=killer, strategy=strategy, **cfg)
     p = run_cli(["fit", "--config", "part.yaml", "--name", "part"], cwd=tmp_path)
     assert "preempted: saved" in p.stdout, p.stdout[-2000:]
     assert os.path.exists(tmp_path / "runs/part/checkpoints/last.ckpt")
@@ -32,7 +32,7 @@ def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None, ex
     for r in range(devices):
         assert len(StreamProbe.read_keys(part_log, r)) == k, "the preempted run must stop right after step k"
     probe_config(tmp_path / "resume.yaml", shards, steps=total, workers=workers, devices=devices, keys_log=part_log,
-                 strategy=strategy, callbacks=list(extra_callbacks))
+                 strategy=strategy, callbacks=list(extra_callbacks), **cfg)
     p = run_cli(["fit", "--config", "resume.yaml", "--name", "part", "--ckpt_path", "last"], cwd=tmp_path)
     assert "resuming from" in p.stdout
     assert sorted(f for f in os.listdir(tmp_path / "runs/part/checkpoints") if f.startswith("last")) == ["last.ckpt"]
@@ -55,26 +55,48 @@ def test_two_rank_ddp_resume_is_exact(tmp_path, shards):
 
 
 @pytest.mark.distributed
-def test_two_rank_fsdp2_ema_resume_is_exact(tmp_path, shards):
-    """FSDP2 (sharded DCP checkpoints) with EMA on: same data stream per rank, and the same final raw and EMA weights."""
+def test_two_rank_fsdp2_callbacks_and_resume_are_exact(tmp_path, shards):
+    """FSDP2 (sharded DCP checkpoints) with every suite callback on — EMA, a curriculum stage that changes the clip
+    resolution, freezes the decoder and scales the LR after the resume point, the sample logger, the throughput
+    monitor and FVD — killed at step 3 and resumed: the same data stream per rank, the same final raw and EMA
+    weights, and every callback produced its output in both runs."""
     import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from test_fvd import FakeDetector
+
+    det = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(FakeDetector()).save(str(det))
     fsdp = {"class_path": "vidgen.parallel.FSDP2Strategy", "init_args": {"save_distributed_checkpoint": True}}
-    ema = [{"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9, "warmup_steps": 2}}]
-    _run_pair(tmp_path, shards, total=8, k=3, workers=1, devices=2, strategy=fsdp, extra_callbacks=ema)
+    callbacks = [
+        {"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9, "warmup_steps": 2}},
+        {"class_path": "callbacks.curriculum.StagedCurriculum", "init_args": {"stages": [
+            {"at_step": 0}, {"at_step": 5, "resolution": 8, "frozen": ["dec\\..*"], "lr_scale": 0.5}]}},
+        {"class_path": "callbacks.samples.VideoSampleLogger", "init_args": {"every_n_steps": 4, "num_samples": 2}},
+        {"class_path": "callbacks.throughput.ThroughputMonitor"},
+        {"class_path": "callbacks.fvd.FVDCallback", "init_args": {
+            "every_n_steps": 4, "num_samples": 4, "batch_size": 2, "real_shards": shards, "i3d_path": str(det),
+            "cache_dir": str(tmp_path / "fvdcache")}},
+    ]
+    _run_pair(tmp_path, shards, total=8, k=3, workers=1, devices=2, strategy=fsdp, extra_callbacks=callbacks,
+              val_shards=shards, num_frames=16, extra_trainer={"limit_val_batches": 2})
     weights = {}
     for run in ("full", "part"):
         for kind in ("raw", "ema"):
             out = tmp_path / f"{run}_{kind}.pt"
             args = ["export", str(tmp_path / "runs" / run / "checkpoints" / "last.ckpt"), str(out)]
             run_cli(args + (["--ema"] if kind == "ema" else []), cwd=tmp_path)
-            weights[run, kind] = torch.load(out)
+            w = torch.load(out)
+            weights[run, kind] = w.get("state_dict", w)
+        samples = sorted(os.listdir(tmp_path / "runs" / run / "samples"))
+        assert "step00000004.png" in samples and "step00000008.mp4" in samples, samples
+        ea = EventAccumulator(str(tmp_path / "runs" / run / "tb")).Reload()
+        tags = set(ea.Tags()["scalars"])
+        assert {"val/fvd", "perf/clips_per_s", "curriculum/stage"} <= tags, tags
+        assert [e.value for e in ea.Scalars("curriculum/stage")][-1] == 1
     for kind in ("raw", "ema"):
         a, b = weights["full", kind], weights["part", kind]
-        a, b = a.get("state_dict", a), b.get("state_dict", b)
         assert a.keys() == b.keys() and len(a) > 0
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{kind} {name}")
-    assert not all(torch.equal(weights["full", "raw"].get("state_dict", weights["full", "raw"])[n],
-                               weights["full", "ema"].get("state_dict", weights["full", "ema"])[n])
-                   for n in weights["full", "raw"].get("state_dict", weights["full", "raw"]))
+    assert not all(torch.equal(weights["full", "raw"][n], weights["full", "ema"][n]) for n in weights["full", "raw"])
