@@ -1,0 +1,1103 @@
+"""Latte: Latent Diffusion Transformer for Video Generation (Ma et al., arXiv 2401.03048). Spec: latte_tora.md §1, §2.
+
+A frozen VAE maps each frame to latents; a DiT-style transformer predicts the noise (and a learned variance) of
+DDPM on the latent clip ``[B, F, C, H, W]`` (the official layout: frames before channels):
+
+1. patch embedding (§1.4): per-frame ViT patches (*uniform*) or ViViT tubes of temporal stride s (*compression*,
+   with a 3D transposed conv restoring the frame count at the output);
+2. + fixed 2D sin-cos ``pos_embed`` on every frame; the fixed 1D ``temp_embed`` enters before the first temporal
+   mixing, or RoPE in temporal attention instead (§1.6);
+3. spatio-temporal transformer, one of four variants (§1.3):
+   V1 interleaved spatial/temporal blocks, V2 late fusion (all spatial, then all temporal), V3 factorised attention
+   inside a block (spatial MHA -> temporal MHA -> MLP), V4 head-split attention (half the heads spatial, half temporal);
+4. condition (§1.5): timestep (+ class label or pooled caption embedding) through S-AdaLN (DiT adaLN-Zero) or as
+   extra tokens;
+5. final layer: LN -> modulate -> linear -> unpatchify -> ``[B, F, 2C, H, W]`` (eps, variance values).
+
+``depth`` counts spatial and temporal blocks together (official code): V1/V2 have ``depth`` blocks (even indices
+spatial in V1; the first half spatial in V2). V3/V4 have ``depth/2`` blocks, each doing what one spatial + temporal
+pair of V1 does [unverified choice: the paper's block counts for V3/V4 are not in the code].
+
+Image-video joint training (§1.8, "Latte+IMG"): ``use_image_num`` stills follow the video frames on the frame axis.
+Spatial blocks and the final layer see them (each with its own label/caption condition); temporal mixing skips
+them. Data side [our choice]: the stills of clip b are random frames of *other* clips in the same batch (b itself
+when B = 1), each carrying that clip's label or caption; the loss averages over all frames; sampling uses none.
+
+Checkpoints (§1.9, §1.10): ``LatteTransformer`` keeps the official key names, so official Latte files
+(``{"ema", "model"}``, legacy ``time_embed``) load strictly, and an ImageNet DiT initialises V1 (label table dropped
+when the class counts differ). ``KeyReport`` prints what was loaded.
+
+Latents: ``batch["latents"]`` (``[B, C, T, H, W]`` raw VAE latents, e.g. the ``{key}.npy`` of ``vidgen tokenize``
+latent shards; ``vae.scale_factor`` is applied) is used when present; otherwise ``batch["video"]`` is encoded by the
+frozen VAE (``lightning_modules.nn.vae``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from lightning_modules.nn.attention import Mlp, MultiHeadAttention, attention
+from lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
+from lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
+from lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
+from lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
+from vidgen.parallel import ParallelizableMixin
+
+__all__ = [
+    "LatteConfig",
+    "LatteConfigError",
+    "PatchEmbed",
+    "TubeEmbed",
+    "LabelEmbedder",
+    "TransformerBlock",
+    "FactorizedBlock",
+    "HeadSplitAttention",
+    "FinalLayer",
+    "LatteTransformer",
+    "KeyReport",
+    "read_checkpoint",
+    "Latte",
+    "LATTE_SIZES",
+    "LATTE_MODELS",
+]
+
+VARIANTS = (1, 2, 3, 4)
+PATCH_EMBEDDINGS = ("uniform", "tube")
+CONDITIONINGS = ("adaln", "tokens")
+CONDITIONS = ("class", "text", "none")
+TEMPORAL_POS = ("absolute", "rope")
+
+
+class LatteConfigError(ValueError):
+    """A Latte setting that cannot work; the message names the setting and the fix."""
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise LatteConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Network config
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LatteConfig:
+    """The transformer's shape and options (sizes: ``LATTE_SIZES`` at the bottom of this file).
+
+    input_size: latent height = width; num_frames: latent frames of a video clip; in_channels: latent channels.
+    variant 1-4 (§1.3); patch_embedding uniform | tube (stride ``tube_stride``, §1.4); conditioning adaln | tokens and
+    condition class | text | none (§1.5); temporal_pos absolute | rope (§1.6).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_frames: int = 16
+    variant: int = 1
+    patch_embedding: str = "uniform"
+    tube_stride: int = 2
+    conditioning: str = "adaln"
+    condition: str = "class"
+    num_classes: int = 101
+    class_dropout_prob: float = 0.1
+    text_dim: int = 1024
+    temporal_pos: str = "absolute"
+    learn_sigma: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_size(cls, name: str, **kwargs: Any) -> LatteConfig:
+        """``LatteConfig.from_size("XL/2", num_classes=101)``; names as in ``LATTE_MODELS`` (with or without "Latte-")."""
+        key = name if name.startswith("Latte-") else f"Latte-{name}"
+        if key not in LATTE_MODELS:
+            raise LatteConfigError(f"unknown Latte size {name!r}; choose one of {sorted(LATTE_MODELS)}")
+        return cls(**{**LATTE_MODELS[key], **kwargs})
+
+    def validate(self) -> None:
+        _choice("variant", self.variant, VARIANTS)
+        _choice("patch_embedding", self.patch_embedding, PATCH_EMBEDDINGS)
+        _choice("conditioning", self.conditioning, CONDITIONINGS)
+        _choice("condition", self.condition, CONDITIONS)
+        _choice("temporal_pos", self.temporal_pos, TEMPORAL_POS)
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_frames"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LatteConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.input_size % self.patch_size:
+            raise LatteConfigError(
+                f"latent size {self.input_size} is not divisible by patch_size {self.patch_size}; "
+                "change the resolution or the patch size (2, 4 or 8)"
+            )
+        if self.depth % 2:
+            raise LatteConfigError(f"depth={self.depth} must be even: it counts spatial and temporal blocks together")
+        if self.hidden_size % self.num_heads:
+            raise LatteConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            raise LatteConfigError(f"hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos position table)")
+        if self.variant == 4 and self.num_heads % 2:
+            raise LatteConfigError(f"variant 4 splits the heads in half; num_heads={self.num_heads} must be even")
+        if self.conditioning == "tokens" and self.variant not in (1, 2):
+            raise LatteConfigError(
+                f"conditioning='tokens' is implemented for variants 1 and 2 (the paper ablates it there), "
+                f"not variant {self.variant}; use conditioning='adaln'"
+            )
+        if self.patch_embedding == "tube":
+            if self.tube_stride < 1 or self.num_frames % self.tube_stride:
+                raise LatteConfigError(
+                    f"tube embedding: num_frames={self.num_frames} (latent frames) must be a multiple of "
+                    f"tube_stride={self.tube_stride}"
+                )
+        if self.condition == "class" and self.num_classes < 1:
+            raise LatteConfigError(f"condition='class' needs num_classes >= 1, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise LatteConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.tube_stride if self.patch_embedding == "tube" else 1
+
+    @property
+    def token_frames(self) -> int:
+        """n_f: frames of tokens (F, or F / s with tubes)."""
+        return self.num_frames // self.temporal_stride
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------------
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x (1 + scale) + shift`` with per-row ``shift``/``scale`` ``[N, d]`` over ``x [N, L, d]``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _repeat_rows(c: Tensor, n: int) -> Tensor:
+    """Condition rows ``[g, ...]`` -> ``[n, ...]`` by repeating each row ``n / g`` times (``b -> (b s)``)."""
+    g = c.shape[0]
+    if g == n:
+        return c
+    if n % g:
+        raise ValueError(f"{n} sequences cannot share {g} condition rows")
+    return repeat(c, "g ... -> (g r) ...", r=n // g)
+
+
+class PatchEmbed(nn.Module):
+    """Uniform frame patch embedding (§1.4, Fig. 3a): a ViT patchify (Conv2d, kernel = stride = p) per frame."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, F, C, H, W] -> [(B F), (H/p W/p), d]`` (tokens row-major)."""
+        frames = rearrange(x, "b f c h w -> (b f) c h w")
+        return rearrange(self.proj(frames), "n d h w -> n (h w) d")
+
+
+class TubeEmbed(nn.Module):
+    """Compression frame patch embedding (§1.4, Fig. 3b): ViViT tubes of s frames x p x p (Conv3d, kernel = stride)."""
+
+    def __init__(self, patch_size: int, tube_stride: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size, self.tube_stride = patch_size, tube_stride
+        kernel = (tube_stride, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=kernel, stride=kernel, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, F, C, H, W] -> [(B F/s), (H/p W/p), d]``."""
+        tubes = self.proj(rearrange(x, "b f c h w -> b c f h w"))
+        return rearrange(tubes, "b d f h w -> (b f) (h w) d")
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with label dropout for classifier-free guidance (§1.5): row K is the null class.
+
+    Labels < 0 (absent, the batch contract's -1) are embedded as the null class.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    @property
+    def has_null(self) -> bool:
+        return self.embedding_table.num_embeddings > self.num_classes
+
+    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        labels = labels.long()
+        if self.has_null:
+            labels = torch.where(labels < 0, self.num_classes, labels)
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------------------------------------------------
+class TransformerBlock(nn.Module):
+    """A Latte block (DiT adaLN-Zero, §1.2; S-AdaLN of §1.5): spatial or temporal by the sequences it is given.
+
+    ``conditioning="adaln"``: ``x += g·Attn(LN(x)(1+γ)+β)``, the same for the MLP, (β, γ, g) from ``Linear(SiLU(c))``.
+    ``conditioning="tokens"``: the condition tokens ``c [N, k, d]`` are prepended to every sequence, the block is a
+    plain pre-LN transformer block, and the condition tokens are dropped again.
+    ``attn``: another attention module (variant 4's ``HeadSplitAttention``); extra forward kwargs go to it.
+    Conditions may have fewer rows than ``x`` has sequences: each row is then shared by ``N / rows`` consecutive
+    sequences (``b -> (b s)`` in temporal blocks).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        conditioning: str = "adaln",
+        rope: bool = False,
+        attn: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.conditioning = conditioning
+        affine = conditioning == "tokens"
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+        self.attn = attn if attn is not None else MultiHeadAttention(hidden_size, num_heads, qkv_bias=True, rope=rope or None)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=affine, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act="gelu_tanh")
+        if conditioning == "adaln":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor, **attn_kwargs: Any) -> Tensor:
+        if self.conditioning == "tokens":
+            k = c.shape[-2]
+            h = torch.cat([_repeat_rows(c, x.shape[0]).to(x.dtype), x], dim=1)
+            h = h + self.attn(self.norm1(h), **attn_kwargs)
+            h = h + self.mlp(self.norm2(h))
+            return h[:, k:]
+        mods = _repeat_rows(self.adaLN_modulation(c), x.shape[0])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=-1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), **attn_kwargs)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FactorizedBlock(nn.Module):
+    """Variant 3 (§1.3): factorised self-attention in one block, spatial MHA -> temporal MHA -> MLP (ViViT model 3).
+
+    adaLN-Zero with 9 chunks (shift, scale, gate for each of the three branches) [unverified layout]. The temporal
+    branch sees the first ``n_video`` frames only (stills bypass it) and gets ``temp_pos`` added first when given.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, rope: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = MultiHeadAttention(hidden_size, num_heads, qkv_bias=True)
+        self.norm_temporal = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn_temporal = MultiHeadAttention(hidden_size, num_heads, qkv_bias=True, rope=rope or None)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act="gelu_tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 9 * hidden_size, bias=True))
+
+    def forward(
+        self, x: Tensor, c_frames: Tensor, c_video: Tensor, batch: int, n_video: int, temp_pos: Tensor | None = None
+    ) -> Tensor:
+        mods = _repeat_rows(self.adaLN_modulation(c_frames), x.shape[0]).chunk(9, dim=-1)
+        x = x + mods[2][:, None] * self.attn(modulate(self.norm1(x), mods[0], mods[1]))
+        xt = rearrange(x, "(b f) s d -> (b s) f d", b=batch)
+        video, stills = xt[:, :n_video], xt[:, n_video:]
+        if temp_pos is not None:
+            video = video + temp_pos
+        tmods = _repeat_rows(self.adaLN_modulation(c_video), video.shape[0]).chunk(9, dim=-1)
+        video = video + tmods[5][:, None] * self.attn_temporal(modulate(self.norm_temporal(video), tmods[3], tmods[4]))
+        xt = torch.cat([video, stills], dim=1) if stills.shape[1] else video
+        x = rearrange(xt, "(b s) f d -> (b f) s d", b=batch)
+        x = x + mods[8][:, None] * self.mlp(modulate(self.norm2(x), mods[6], mods[7]))
+        return x
+
+
+class HeadSplitAttention(nn.Module):
+    """Variant 4 (§1.3): heads [0, h/2) attend over space within a frame, heads [h/2, h) over time at a position.
+
+    The two halves are concatenated and projected by one ``proj`` (equal to adding the projected halves). Stills
+    (frames past ``n_video``) attend only to themselves in the temporal half, i.e. pass their values through.
+    Keys ``qkv``/``proj`` as in ``MultiHeadAttention``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, rope: bool = False):
+        super().__init__()
+        self.heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.rope = RotaryEmbedding(hidden_size // num_heads) if rope else None
+
+    def forward(self, x: Tensor, batch: int, n_video: int) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "n s (three h e) -> three n h s e", three=3, h=self.heads)
+        half = self.heads // 2
+        spatial = attention(q[:, :half], k[:, :half], v[:, :half])
+        qt, kt, vt = (rearrange(z[:, half:], "(b f) h s e -> (b s) h f e", b=batch) for z in (q, k, v))
+        qv, kv = qt[:, :, :n_video], kt[:, :, :n_video]
+        if self.rope is not None:
+            qv, kv = self.rope(qv), self.rope(kv)
+        temporal = attention(qv, kv, vt[:, :, :n_video])
+        if vt.shape[2] > n_video:
+            temporal = torch.cat([temporal, vt[:, :, n_video:]], dim=2)
+        temporal = rearrange(temporal, "(b s) h f e -> (b f) h s e", b=batch)
+        out = torch.cat([spatial, temporal], dim=1)
+        return self.proj(rearrange(out, "n h s e -> n s (h e)"))
+
+
+class FinalLayer(nn.Module):
+    """Linear decoder (§1.2): LN -> modulate(shift, scale from ``Linear(SiLU(c))``) -> ``Linear(d, p²·C_out)``; no gate.
+
+    With ``conditioning="tokens"`` the LN has affine parameters and no modulation.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, conditioning: str = "adaln"):
+        super().__init__()
+        self.conditioning = conditioning
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=conditioning == "tokens", eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if conditioning == "adaln":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if self.conditioning == "adaln":
+            shift, scale = _repeat_rows(self.adaLN_modulation(c), x.shape[0]).chunk(2, dim=-1)
+            return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------------------------------
+class LatteTransformer(nn.Module):
+    """The Latte noise-prediction transformer over latent clips ``[B, F, C, H, W]`` (official key names, §1.10)."""
+
+    def __init__(self, config: LatteConfig | dict):
+        super().__init__()
+        self.config = cfg = config if isinstance(config, LatteConfig) else LatteConfig(**config)
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels, self.out_channels, self.patch_size = cfg.in_channels, cfg.out_channels, p
+        self.tube = cfg.patch_embedding == "tube"
+        if self.tube:
+            self.x_embedder = TubeEmbed(p, cfg.tube_stride, cfg.in_channels, d)
+        else:
+            self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        if cfg.condition == "class":
+            self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        elif cfg.condition == "text":  # official ``extras == 78``: pooled caption embedding added to t
+            self.text_embedding_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.text_dim, d, bias=True))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid**2, d), requires_grad=False)
+        self.absolute_temporal = cfg.temporal_pos == "absolute"
+        if self.absolute_temporal:
+            self.temp_embed = nn.Parameter(torch.zeros(1, cfg.token_frames, d), requires_grad=False)
+        rope = cfg.temporal_pos == "rope"
+        heads, ratio, n = cfg.num_heads, cfg.mlp_ratio, cfg.depth
+        if cfg.variant == 1:  # even blocks spatial, odd temporal
+            blocks = [TransformerBlock(d, heads, ratio, cfg.conditioning, rope=rope and i % 2 == 1) for i in range(n)]
+        elif cfg.variant == 2:  # first half spatial, second half temporal
+            blocks = [TransformerBlock(d, heads, ratio, cfg.conditioning, rope=rope and i >= n // 2) for i in range(n)]
+        elif cfg.variant == 3:
+            blocks = [FactorizedBlock(d, heads, ratio, rope=rope) for _ in range(n // 2)]
+        else:
+            blocks = [
+                TransformerBlock(d, heads, ratio, "adaln", attn=HeadSplitAttention(d, heads, rope=rope))
+                for _ in range(n // 2)
+            ]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(d, p, self.out_channels, cfg.conditioning)
+        if self.tube:  # time x s after the linear decoder (§1.4); kernel = stride = (s, 1, 1) [unverified]
+            s = cfg.tube_stride
+            self.temporal_upsample = nn.ConvTranspose3d(self.out_channels, self.out_channels, (s, 1, 1), (s, 1, 1))
+        self.initialize_weights()
+
+    # -- §1.7 --------------------------------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """Exactly the official initialisation: xavier Linears, zero biases, fixed sin-cos tables, N(0, 0.02)
+        embeddings, and zero adaLN modulations and output linear (a fresh model predicts zeros)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        cfg = self.config
+        self.pos_embed.data.copy_(sincos_2d(cfg.hidden_size, cfg.grid)[None])
+        if self.absolute_temporal:
+            self.temp_embed.data.copy_(sincos_1d(cfg.hidden_size, cfg.token_frames)[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        if cfg.condition == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            if hasattr(block, "adaLN_modulation"):
+                nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+                nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        if cfg.conditioning == "adaln":
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+        if self.tube:
+            w = self.temporal_upsample.weight.data
+            nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+            nn.init.constant_(self.temporal_upsample.bias, 0)
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def spatial_block_indices(self) -> list[int]:
+        """Indices of the blocks that mix within a frame only (V1: even, V2: first half; V3/V4: none pure)."""
+        n = len(self.blocks)
+        return {1: list(range(0, n, 2)), 2: list(range(n // 2))}.get(self.config.variant, [])
+
+    def temporal_block_indices(self) -> list[int]:
+        n = len(self.blocks)
+        return {1: list(range(1, n, 2)), 2: list(range(n // 2, n))}.get(self.config.variant, [])
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """``[N, S, p²·C] -> [N, C, H, W]`` (official ``nhwpqc -> nchpwq``)."""
+        g, p = self.config.grid, self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=g, w=g, p=p, q=p)
+
+    def embed_conditions(
+        self,
+        t: Tensor,
+        n_frames: int,
+        use_image_num: int,
+        y: Tensor | None = None,
+        y_image: Tensor | None = None,
+        text: Tensor | None = None,
+        text_image: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-frame conditions ``[(B F'), ...]`` (video frames, then stills) and the video condition ``[B, ...]``.
+
+        adaLN: vectors ``t_emb (+ y_emb | + proj(text))`` of width d; tokens: ``[t_emb, y_emb]`` stacked, ``[.., k, d]``.
+        """
+        cfg = self.config
+        t_emb = self.t_embedder(t)
+        extra = extra_img = None
+        if cfg.condition == "class":
+            if y is None:
+                raise ValueError("this Latte is class-conditional: pass y (int64 [B]; -1 or K for the null class)")
+            extra = self.y_embedder(y, self.training)
+            if use_image_num:
+                if y_image is None or tuple(y_image.shape) != (t.shape[0], use_image_num):
+                    raise ValueError(f"use_image_num={use_image_num} needs y_image int64 [B, {use_image_num}]")
+                extra_img = self.y_embedder(y_image, self.training)
+        elif cfg.condition == "text":
+            if text is None:
+                raise ValueError("this Latte is text-conditional: pass text, the pooled caption embeddings [B, D]")
+            extra = self.text_embedding_projection(text.to(t_emb.dtype))
+            if use_image_num:
+                if text_image is None or tuple(text_image.shape[:2]) != (t.shape[0], use_image_num):
+                    raise ValueError(f"use_image_num={use_image_num} needs text_image [B, {use_image_num}, D]")
+                extra_img = self.text_embedding_projection(text_image.to(t_emb.dtype))
+        t_img = repeat(t_emb, "b d -> b n d", n=use_image_num)
+        if cfg.conditioning == "adaln":
+            c = t_emb if extra is None else t_emb + extra
+            frames = repeat(c, "b d -> b f d", f=n_frames)
+            if use_image_num:
+                frames = torch.cat([frames, t_img if extra_img is None else t_img + extra_img], dim=1)
+            return rearrange(frames, "b f d -> (b f) d"), c
+        c = t_emb[:, None] if extra is None else torch.stack([t_emb, extra], dim=1)
+        frames = repeat(c, "b k d -> b f k d", f=n_frames)
+        if use_image_num:
+            img = t_img[:, :, None] if extra_img is None else torch.stack([t_img, extra_img], dim=2)
+            frames = torch.cat([frames, img], dim=1)
+        return rearrange(frames, "b f k d -> (b f) k d"), c
+
+    def _temporal_video(self, x: Tensor, batch: int, n_video: int, fn, add_pos: bool) -> Tensor:
+        """Run ``fn`` on the video frames in the temporal layout ``[(B S), F, d]``; stills pass unchanged."""
+        xt = rearrange(x, "(b f) s d -> (b s) f d", b=batch)
+        video, stills = xt[:, :n_video], xt[:, n_video:]
+        if add_pos and self.absolute_temporal:
+            video = video + self.temp_embed
+        video = fn(video)
+        xt = torch.cat([video, stills], dim=1) if stills.shape[1] else video
+        return rearrange(xt, "(b s) f d -> (b f) s d", b=batch)
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        y_image: Tensor | None = None,
+        text: Tensor | None = None,
+        text_image: Tensor | None = None,
+        use_image_num: int = 0,
+    ) -> Tensor:
+        """``x [B, F + use_image_num, C, H, W]``, ``t [B]`` -> ``[B, F + use_image_num, C_out, H, W]``.
+
+        y: class labels ``[B]`` (condition='class'); y_image: the stills' labels ``[B, N]``.
+        text: pooled caption embeddings ``[B, text_dim]`` (condition='text'); text_image: ``[B, N, text_dim]``.
+        """
+        cfg = self.config
+        if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
+            raise ValueError(
+                f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
+                f"channels), got {tuple(x.shape)}"
+            )
+        batch, frames = x.shape[:2]
+        n_img = int(use_image_num)
+        n_video = frames - n_img
+        if n_img and (self.tube or n_img < 0):
+            raise ValueError("image-video joint training needs uniform patch embedding (a still is one frame)")
+        if self.absolute_temporal and n_video != cfg.num_frames:
+            raise ValueError(f"got {n_video} video frames, this Latte has temp_embed for num_frames={cfg.num_frames}")
+        if self.tube and n_video % cfg.tube_stride:
+            raise ValueError(f"{n_video} frames are not a multiple of tube_stride={cfg.tube_stride}")
+        n_f = n_video // cfg.temporal_stride
+
+        h = self.x_embedder(x) + self.pos_embed
+        c_frames, c_video = self.embed_conditions(t, n_f, n_img, y, y_image, text, text_image)
+        blocks = self.blocks
+        if cfg.variant == 1:
+            for i in range(0, len(blocks), 2):
+                h = blocks[i](h, c_frames)
+                h = self._temporal_video(h, batch, n_f, lambda v, blk=blocks[i + 1]: blk(v, c_video), add_pos=i == 0)
+        elif cfg.variant == 2:
+            half = len(blocks) // 2
+            for blk in blocks[:half]:
+                h = blk(h, c_frames)
+
+            def temporal_half(v: Tensor) -> Tensor:  # one reshape between the halves (§1.3)
+                for blk in blocks[half:]:
+                    v = blk(v, c_video)
+                return v
+
+            h = self._temporal_video(h, batch, n_f, temporal_half, add_pos=True)
+        elif cfg.variant == 3:
+            for i, blk in enumerate(blocks):
+                pos = self.temp_embed if (i == 0 and self.absolute_temporal) else None
+                h = blk(h, c_frames, c_video, batch=batch, n_video=n_f, temp_pos=pos)
+        else:
+            if self.absolute_temporal:  # both head groups read the same input: temp_embed goes in before block 0
+                h = self._temporal_video(h, batch, n_f, lambda v: v, add_pos=True)
+            for blk in blocks:
+                h = blk(h, c_frames, batch=batch, n_video=n_f)
+
+        h = self.unpatchify(self.final_layer(h, c_frames))
+        out = rearrange(h, "(b f) c h w -> b f c h w", b=batch)
+        if self.tube:
+            out = rearrange(self.temporal_upsample(rearrange(out, "b f c h w -> b c f h w")), "b c f h w -> b f c h w")
+        return out
+
+    # -- checkpoints (§1.9, §1.10) -------------------------------------------------------------------------------
+    def load_pretrained(self, source: str | os.PathLike | Mapping[str, Tensor], kind: str = "auto") -> KeyReport:
+        """Load official Latte weights (``kind="latte"``: strict, every key and shape must match) or initialise from
+        an ImageNet DiT (``kind="dit"``: copy equal names with equal shapes; ``temp_embed`` keeps its init, a label
+        table of another class count is dropped). ``auto``: Latte when the weights have ``temp_embed``."""
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
+        sd = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else _rename_legacy(dict(source))
+        if kind == "auto":
+            kind = "latte" if "temp_embed" in sd else "dit"
+        _choice("init_kind", kind, ("latte", "dit"))
+        own = self.state_dict()
+        report = KeyReport.compare(sd, own, source=name, kind=kind)
+        if kind == "latte":
+            if report.missing or report.unexpected or report.mismatched:
+                raise KeyError(
+                    f"{name} does not match this Latte's official layout (strict load):\n{report.table()}\n"
+                    "Check size/patch_size/num_classes/num_frames/condition against the checkpoint."
+                )
+            self.load_state_dict(sd, strict=True)
+        else:
+            if self.config.variant not in (1, 2):
+                raise LatteConfigError(
+                    f"DiT initialisation maps DiT blocks.{{i}} to Latte blocks.{{i}}; variant {self.config.variant} "
+                    "has another block layout (use variant 1)"
+                )
+            self.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
+        return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint reading and the key report
+# ----------------------------------------------------------------------------------------------------------------------
+_LEGACY = (("time_embed", "temp_embed"),)  # older Latte checkpoints [code: deleted trans_weight.py]
+
+
+def _rename_legacy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    if any(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    for old, new in _LEGACY:
+        if old in sd and new not in sd:
+            sd[new] = sd.pop(old)
+    return sd
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Network weights from an official Latte file (``ema`` preferred, else ``model``), a raw DiT/Latte state dict,
+    or one of our Lightning checkpoints (EMA weights when present, ``model.`` prefix removed)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist (weights load from local paths only)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - official files pickle an argparse Namespace next to the weights
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if "ema" in obj and isinstance(obj["ema"], Mapping):
+        sd = dict(obj["ema"])
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        sd = dict(obj["model"])
+    elif "state_dict" in obj:  # a Lightning checkpoint of this module
+        from callbacks.ema import ema_state_dict
+
+        sd = {k[len("model."):]: v for k, v in ema_state_dict(obj).items() if k.startswith("model.")}
+    else:
+        sd = dict(obj)
+    return _rename_legacy({k: v for k, v in sd.items() if isinstance(v, Tensor)})
+
+
+def _group(keys: list[str]) -> str:
+    counts = Counter(re.sub(r"\.\d+(\.|$)", r".*\1", k).split(".")[0] for k in keys)
+    return ", ".join(f"{k} {n}" for k, n in counts.items()) or "-"
+
+
+@dataclass
+class KeyReport:
+    """What a checkpoint load did: loaded keys, missing (kept at init), unexpected, and shape mismatches (dropped)."""
+
+    source: str = ""
+    kind: str = ""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[tuple[str, tuple]] = field(default_factory=list)
+    unexpected: list[tuple[str, tuple]] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    @classmethod
+    def compare(cls, ckpt: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str = "", kind: str = "") -> KeyReport:
+        r = cls(source=source, kind=kind)
+        for k, v in own.items():
+            if k not in ckpt:
+                r.missing.append((k, tuple(v.shape)))
+            elif tuple(ckpt[k].shape) != tuple(v.shape):
+                r.mismatched.append((k, tuple(ckpt[k].shape), tuple(v.shape)))
+            else:
+                r.loaded.append(k)
+        r.unexpected = [(k, tuple(v.shape)) for k, v in ckpt.items() if k not in own]
+        return r
+
+    def table(self) -> str:
+        rows = [("status", "key", "checkpoint", "model")]
+        rows.append(("loaded", f"{len(self.loaded)} tensors ({_group(self.loaded)})", "", ""))
+        rows += [("missing (init kept)", k, "-", list(s)) for k, s in self.missing]
+        rows += [("shape differs (dropped)", k, list(a), list(b)) for k, a, b in self.mismatched]
+        rows += [("unexpected (ignored)", k, list(s), "-") for k, s in self.unexpected]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+        lines = [f"Latte <- {self.source} ({self.kind})"]
+        for i, r in enumerate(rows):
+            lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------------------------------
+def _frozen_state_dict_hook(module: Latte, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if any(k.startswith(prefix + p) for p in module.frozen_prefixes)]:
+        del state_dict[key]
+
+
+def _frozen_load_hook(module: Latte, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not any(k.startswith(p) or f".{p}" in k for p in module.frozen_prefixes)]
+
+
+class Latte(ParallelizableMixin, L.LightningModule):
+    """Latte training (L_simple + L_vlb, §2), sampling (DDPM-250 / DDIM, CFG) and checkpoint import.
+
+    Args:
+        size, patch_size: Latte-S/B/L/XL with p = 2/4/8 (``LATTE_SIZES``); ``depth``/``hidden_size``/``num_heads``
+            override the size (tiny models).
+        variant (1-4), patch_embedding ('uniform'|'tube', ``tube_stride``), conditioning ('adaln'|'tokens'),
+            condition ('class'|'text'|'none'), temporal_pos ('absolute'|'rope'): §1.3-§1.6.
+        num_classes, class_dropout_prob: class conditioning (UCF-101: 101, 0.1); the dropout also drops captions.
+        num_frames, resolution: the pixel clip (linked from the data config); latent sizes come from the VAE.
+        use_image_num: stills per clip for image-video joint training (§1.8); 0 = video only.
+        vae: ``VAEConfig`` fields (kind diffusers|tokenizer|pixels, path, scale_factor, ...).
+        text_encoder: ``TextEncoderConfig`` fields for condition='text' (default: open_clip, random tiny tower when
+            no checkpoint is given).
+        diffusion: extra ``DiffusionConfig`` fields; sampler/sample_steps/cfg_scale: generation (DDPM 250, CFG 1).
+        lr, weight_decay, betas: AdamW (official: 1e-4, 0, constant).
+        grad_clip_norm, grad_clip_start_step: clip at max-norm from this optimizer step on (official: 0.1 from
+            ``start_clip_iter``); the norm is logged every step.
+        init_from, init_kind: official Latte checkpoint ('latte', strict) or ImageNet DiT ('dit') to start from.
+        num_samples: how many videos ``generate()`` makes without a batch. predict_dir, sample_fps: predict outputs.
+    """
+
+    fsdp_block_classes = (TransformerBlock, FactorizedBlock)
+
+    def __init__(
+        self,
+        size: Literal["S", "B", "L", "XL"] = "XL",
+        patch_size: Literal[2, 4, 8] = 2,
+        variant: Literal[1, 2, 3, 4] = 1,
+        patch_embedding: Literal["uniform", "tube"] = "uniform",
+        tube_stride: int = 2,
+        conditioning: Literal["adaln", "tokens"] = "adaln",
+        condition: Literal["class", "text", "none"] = "class",
+        num_classes: int = 101,
+        class_dropout_prob: float = 0.1,
+        temporal_pos: Literal["absolute", "rope"] = "absolute",
+        num_frames: int = 16,
+        resolution: int | list[int] = 256,
+        learn_sigma: bool = True,
+        depth: int | None = None,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        use_image_num: int = 0,
+        vae: dict | None = None,
+        text_encoder: dict | None = None,
+        diffusion: dict | None = None,
+        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        sample_steps: int | str = 250,
+        cfg_scale: float = 1.0,
+        num_samples: int = 4,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip_norm: float | None = 0.1,
+        grad_clip_start_step: int = 0,
+        init_from: str | None = None,
+        init_kind: Literal["auto", "latte", "dit"] = "auto",
+        predict_dir: str | None = None,
+        sample_fps: float = 8.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        args = dict(self.hparams)
+        self.validate_config(args)
+        self.vae = LatentAutoencoder(vae or {})
+        h_px = _square(resolution)
+        c, t, h, w = self.vae.latent_shape(num_frames, h_px, h_px)
+        if use_image_num and self.vae.temporal_factor != 1:
+            raise LatteConfigError(
+                f"use_image_num needs a per-frame VAE (latent frame = video frame); this one compresses time by "
+                f"{self.vae.temporal_factor}"
+            )
+        self.text_encoder = build_text_encoder(text_encoder or {}) if condition == "text" else None
+        net = _network_kwargs(args)
+        net.update(input_size=h, num_frames=t, in_channels=c)
+        if self.text_encoder is not None:
+            net["text_dim"] = self.text_encoder.pooled_dim
+        try:
+            self.config = LatteConfig(**net)
+        except LatteConfigError as e:
+            raise LatteConfigError(
+                f"{e} (latents: {c} x {t} x {h} x {w} from num_frames={num_frames}, resolution={resolution} through "
+                f"the {self.vae.kind} VAE, spatial factor {self.vae.spatial_factor})"
+            ) from None
+        self.model = LatteTransformer(self.config)
+        self.diffusion = create_diffusion(
+            DiffusionConfig(**{"channel_dim": 2, "learn_sigma": learn_sigma, "sampler": sampler,
+                               "sample_steps": sample_steps, **(diffusion or {})})
+        )
+        # frozen pretrained nets loaded from config paths stay out of checkpoints (reloaded from their path)
+        self.frozen_prefixes = tuple(
+            f"{name}." for name in ("vae", "text_encoder") if getattr(getattr(self, name), "from_file", False)
+        )
+        self.register_state_dict_post_hook(_frozen_state_dict_hook)
+        self.register_load_state_dict_post_hook(_frozen_load_hook)
+        self.use_image_num, self.cfg_scale, self.num_samples = use_image_num, cfg_scale, num_samples
+        self.sampler, self.sample_steps = sampler, sample_steps
+        self.load_report: KeyReport | None = None
+        if init_from:
+            self.load_report = self.model.load_pretrained(init_from, init_kind)
+            print(self.load_report.table(), flush=True)
+
+    # -- config validation (also called by the CLI before anything is built) -------------------------------------
+    @classmethod
+    def validate_config(cls, args: Mapping[str, Any]) -> None:
+        """Raise ``LatteConfigError`` naming the setting and the fix; reads no weights (checks that paths exist)."""
+        a = {**_DEFAULTS, **dict(args)}
+        _choice("size", a["size"], tuple(LATTE_SIZES))
+        _choice("patch_size", a["patch_size"], (2, 4, 8))
+        _choice("sampler", a["sampler"], ("ddpm", "ddim"))
+        _choice("init_kind", a["init_kind"], ("auto", "latte", "dit"))
+        probe = _network_kwargs(a)  # latent sizes are known once the VAE is loaded; probe the structural rules
+        probe.update(input_size=a["patch_size"], num_frames=a["tube_stride"], in_channels=4)
+        LatteConfig(**probe)
+        if a["condition"] == "none" and a["cfg_scale"] != 1.0:
+            raise LatteConfigError("cfg_scale != 1 needs a condition; an unconditional Latte samples with cfg_scale 1")
+        if a["condition"] == "class" and a["cfg_scale"] != 1.0 and a["class_dropout_prob"] <= 0:
+            raise LatteConfigError("cfg_scale != 1 needs the null class: set class_dropout_prob > 0 (official 0.1)")
+        if not isinstance(a["use_image_num"], int) or a["use_image_num"] < 0:
+            raise LatteConfigError(f"use_image_num must be an integer >= 0, got {a['use_image_num']!r}")
+        if a["use_image_num"] and a["patch_embedding"] == "tube":
+            raise LatteConfigError("use_image_num > 0 needs patch_embedding='uniform' (a still cannot form a tube)")
+        if a["num_frames"] < 1:
+            raise LatteConfigError(f"num_frames must be >= 1, got {a['num_frames']}")
+        _square(a["resolution"])
+        try:
+            VAEConfig.coerce(a["vae"]).validate()
+            if a["condition"] == "text":
+                TextEncoderConfig(**(a["text_encoder"] or {})).validate()
+            DiffusionConfig(**{"channel_dim": 2, "learn_sigma": a["learn_sigma"], "sampler": a["sampler"],
+                               "sample_steps": a["sample_steps"], **(a["diffusion"] or {})})
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise LatteConfigError(str(e)) from None
+        if a["init_from"] and not os.path.isfile(a["init_from"]):
+            raise LatteConfigError(f"init_from {a['init_from']!r} does not exist")
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # the official recipe trains in fp32 with TF32 matmuls (§1.11)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+        """Scaled latent clips ``[B, F, C, h, w]``: ``batch["latents"]`` (cached raw VAE latents ``[B, C, T, h, w]``,
+        as ``vidgen tokenize`` writes them; ``vae.scale_factor`` is applied here) or the VAE encoding of the video."""
+        if batch.get("latents") is not None:
+            z = batch["latents"].to(self.device, torch.float32) * self.vae.scale_factor
+        else:
+            z = self.vae.encode(batch["video"].to(self.device))
+        z = rearrange(z, "b c f h w -> b f c h w")
+        cfg = self.config
+        want = (cfg.num_frames, cfg.in_channels, cfg.input_size, cfg.input_size)
+        if tuple(z.shape[1:]) != want:
+            raise ValueError(
+                f"latents of shape [F, C, h, w] = {list(z.shape[1:])} but the model is built for {list(want)}: make "
+                "data num_frames/resolution match the model (they are linked in the CLI) and the VAE the one the "
+                "cached latents came from"
+            )
+        return z
+
+    def _captions(self, texts: list[str], drop: bool) -> Tensor:
+        if drop and self.config.class_dropout_prob > 0:
+            keep = torch.rand(len(texts)) >= self.config.class_dropout_prob
+            texts = [s if k else "" for s, k in zip(texts, keep.tolist())]
+        return self.text_encoder(texts).pooled.to(self.device)
+
+    def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[Tensor, dict[str, Any]]:
+        """``(x0 [B, F + N, C, h, w], model kwargs)`` for a batch; stills drawn in training when ``use_image_num``."""
+        z = self.latents(batch)
+        b, f = z.shape[:2]
+        n = self.use_image_num if train else 0
+        kwargs: dict[str, Any] = {"use_image_num": n}
+        if n:
+            # [our choice] stills from other clips of the batch (the clip itself when B = 1), with their labels
+            other = torch.randint(1, b, (b, n), device=z.device) if b > 1 else torch.zeros(b, n, dtype=torch.long,
+                                                                                           device=z.device)
+            clip = (torch.arange(b, device=z.device)[:, None] + other) % b
+            frame = torch.randint(0, f, (b, n), device=z.device)
+            z = torch.cat([z, z[clip, frame]], dim=1)
+        cond = self.config.condition
+        if cond == "class":
+            if "label" not in batch:
+                raise ValueError("condition='class' needs batch['label'] (int64 [B], -1 = none)")
+            y = batch["label"].to(self.device).long()
+            k = self.config.num_classes
+            if bool(((y >= k) | ((y < 0) & (self.config.class_dropout_prob <= 0))).any()):
+                raise ValueError(f"labels {y.tolist()} out of range for num_classes={k} (-1 = absent needs "
+                                 "class_dropout_prob > 0 for the null class)")
+            kwargs["y"] = y
+            if n:
+                kwargs["y_image"] = y[clip]
+        elif cond == "text":
+            texts = list(batch.get("text") or [])
+            if len(texts) != b:
+                raise ValueError(f"condition='text' needs batch['text'] with {b} captions, got {len(texts)}")
+            kwargs["text"] = self._captions(texts, drop=train)
+            if n:
+                flat = [texts[i] for i in clip.flatten().tolist()]
+                kwargs["text_image"] = rearrange(self._captions(flat, drop=train), "(b n) d -> b n d", b=b)
+        return z, kwargs
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(x, t, **kwargs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kwargs = self.model_inputs(batch, train=True)
+        terms = self.diffusion.training_losses(self.model, x0, kwargs)
+        loss = terms["loss"].mean()
+        b = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/mse", terms["mse"].mean(), batch_size=b)
+        if "vb" in terms:
+            self.log("train/vb", terms["vb"].mean(), batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kwargs = self.model_inputs(batch, train=False)
+        g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
+        terms = self.diffusion.training_losses(self.model, x0, kwargs, generator=g)
+        loss = terms["loss"].mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+        self.log("val/mse", terms["mse"].mean(), sync_dist=True, batch_size=x0.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        hp = self.hparams
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Log the gradient norm every step; clip at ``grad_clip_norm`` from ``grad_clip_start_step`` on (§1.11)."""
+        if gradient_clip_val is not None:
+            raise LatteConfigError("Latte clips gradients itself: set model grad_clip_norm / grad_clip_start_step, "
+                                   "not trainer.gradient_clip_val")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        max_norm = self.hparams.grad_clip_norm
+        if max_norm is not None and self.global_step >= self.hparams.grad_clip_start_step:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm, batch_size=1)
+
+    # -- sampling ----------------------------------------------------------------------------------------------------
+    def sampling_kwargs(self, batch: Mapping[str, Any] | None, n: int, generator: torch.Generator | None):
+        """Conditional and null model kwargs for ``n`` samples (labels/captions from the batch, else random labels)."""
+        cond = self.config.condition
+        if cond == "class":
+            k = self.config.num_classes
+            gen_device = generator.device if generator is not None else "cpu"
+            y = torch.randint(0, k, (n,), generator=generator, device=gen_device).to(self.device)
+            if batch is not None and batch.get("label") is not None:  # given labels; absent ones (-1) random
+                given = batch["label"][:n].to(self.device).long()
+                y[: len(given)] = torch.where(given >= 0, given, y[: len(given)])
+            null = torch.full_like(y, k)
+            return {"y": y}, {"y": null}
+        if cond == "text":
+            texts = list((batch or {}).get("text") or [])[:n]
+            if len(texts) != n:
+                raise ValueError(f"a text-conditional Latte samples from captions: pass batch['text'] with {n} strings")
+            return {"text": self._captions(texts, drop=False)}, {"text": self._captions([""] * n, drop=False)}
+        return {}, {}
+
+    @torch.no_grad()
+    def generate(
+        self, batch: dict | None = None, num_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Sample videos ``[B, C, T, H, W]`` in [-1, 1]: DDPM/DDIM with CFG over latents, decoded by the VAE."""
+        if num_samples is None:
+            if batch is not None:
+                for key in ("label", "text", "video", "latents"):
+                    if batch.get(key) is not None:
+                        num_samples = len(batch[key])
+                        break
+            num_samples = num_samples or self.num_samples
+        cfg = self.config
+        kwargs, uncond = self.sampling_kwargs(batch, num_samples, generator)
+        shape = (num_samples, cfg.num_frames, cfg.in_channels, cfg.input_size, cfg.input_size)
+        was_training = self.model.training
+        self.model.eval()  # no label dropout while sampling
+        try:
+            z = self.diffusion.sample(
+                self.model, shape, sampler=self.sampler, steps=self.sample_steps, cfg_scale=self.cfg_scale,
+                generator=generator, model_kwargs=kwargs, uncond_kwargs=uncond if self.cfg_scale != 1.0 else None,
+                device=self.device,
+            )
+        finally:
+            self.model.train(was_training)
+        return self.vae.decode(rearrange(z, "b f c h w -> b c f h w")).clamp(-1, 1)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Generate for the batch's labels/captions; write one mp4 per sample plus a PNG and an mp4 grid."""
+        from vidgen import media
+
+        g = torch.Generator().manual_seed(batch_idx * 100003 + self.global_rank)
+        videos = self.generate(batch, generator=g)
+        root = self.hparams.predict_dir or os.path.join(self.trainer.default_root_dir if self._trainer else ".",
+                                                        "predictions")
+        keys = list(batch.get("key") or [])
+        paths = []
+        for i, v in enumerate(videos):
+            key = keys[i] if i < len(keys) else f"{batch_idx:05d}_{i:03d}"
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key))
+            paths.append(media.write_video(os.path.join(root, f"{key}.mp4"), v, fps=self.hparams.sample_fps))
+        stem = os.path.join(root, f"grid_r{self.global_rank}_{batch_idx:05d}")
+        media.write_grid_png(stem + ".png", videos)
+        media.save_video_grid_mp4(stem + ".mp4", videos, fps=self.hparams.sample_fps)
+        return paths
+
+
+def _square(resolution: int | list[int] | tuple[int, int]) -> int:
+    if isinstance(resolution, int):
+        return resolution
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2 and resolution[0] == resolution[1]:
+        return int(resolution[0])
+    raise LatteConfigError(f"Latte uses square clips (official 256x256); resolution={resolution!r} is not square")
+
+
+def _network_kwargs(a: Mapping[str, Any]) -> dict[str, Any]:
+    """LatteConfig fields from the LightningModule's arguments (size table + overrides)."""
+    depth, hidden, heads = LATTE_SIZES[a["size"]]
+    return dict(
+        patch_size=a["patch_size"], hidden_size=a["hidden_size"] or hidden, depth=a["depth"] or depth,
+        num_heads=a["num_heads"] or heads, mlp_ratio=a["mlp_ratio"], variant=a["variant"],
+        patch_embedding=a["patch_embedding"], tube_stride=a["tube_stride"], conditioning=a["conditioning"],
+        condition=a["condition"], num_classes=a["num_classes"], class_dropout_prob=a["class_dropout_prob"],
+        temporal_pos=a["temporal_pos"], learn_sigma=a["learn_sigma"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Size table (§1.1): depth counts spatial + temporal blocks; MLP ratio 4; patch 2, 4 or 8
+# ----------------------------------------------------------------------------------------------------------------------
+LATTE_SIZES: dict[str, tuple[int, int, int]] = {
+    #      depth  hidden  heads
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),  # 14 spatial + 14 temporal blocks, ~0.67B parameters
+}
+
+LATTE_MODELS: dict[str, dict[str, int]] = {
+    f"Latte-{s}/{p}": {"depth": d, "hidden_size": h, "num_heads": n, "patch_size": p}
+    for s, (d, h, n) in LATTE_SIZES.items()
+    for p in (2, 4, 8)
+}
+
+_DEFAULTS = {name: p.default for name, p in inspect.signature(Latte.__init__).parameters.items() if name != "self"}

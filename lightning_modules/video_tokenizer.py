@@ -1,0 +1,551 @@
+"""Video tokenizer / autoencoder: MAGVIT 3D-VQ (spec magvit.md Part 1), MAGVIT-v2 causal LFQ tokenizer (Part 5),
+and the KL / plain autoencoders later models use, all trained with the MAGVIT recipe:
+
+    L_G = L2 (+L1) + 0.1·L_perc + 0.1·L_adv + bottleneck terms          (§1.9)
+    L_D = softplus(−D(x)) + softplus(D(x̂)) + 10·R1 + λ_LeCam·R_LeCam      (§1.7)
+
+G and D are updated from one forward pass, each on its own gradient (manual optimisation, two optimisers, two
+schedules).  Batches follow the DEVELOPERS.md contract (video in [−1, 1]); with ``arch.zero_centered: false`` (the
+MAGVIT configs) the network sees [0, 1] pixels and losses/PSNR are computed there.
+
+Note on ``trainer.max_steps``: Lightning counts every optimizer step, so once the discriminator is on one batch is
+two steps (G and D).  The model's own batch counter (``train_steps``) drives schedules, annealing and ``start_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from .nn.conv3d import ArchConfig, ConfigError, Decoder, Encoder, ResBlock, causal_param_names
+from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
+from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
+from .nn.inflation import MODES as INFLATION_MODES
+from .nn.inflation import inflate_state_dict
+from .nn.perceptual import PerceptualLoss
+from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
+                            LookupFreeQuantizer, VectorQuantizer)
+
+from callbacks.ema import EMA, EMA_PREFIX, ema_state_dict
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+@dataclass
+class BottleneckConfig:
+    """Bottleneck (§1.5 VQ, §5.1 LFQ, KL Gaussian, none).  Defaults are the MAGVIT VQ (1024 × 256)."""
+
+    kind: str = "vq"                       # vq | lfq | kl | none
+    codebook_size: int = 1024              # vq: entries; lfq: 2^K (must be a power of two)
+    dim: int | None = 256                  # vq code dim; kl / none latent channels; lfq: K (derived when null)
+    commitment_weight: float = 0.25
+    codebook_weight: float = 1.0
+    entropy_weight: float = 0.1
+    entropy_temperature: float = 0.01
+    entropy_anneal_ratio: float = 0.0      # +weight·ratio·max(0, 1 − step/steps)
+    entropy_anneal_steps: int = 0
+    entropy_group_bits: int | None = 9     # lfq: bits per entropy group (null: all bits in one group, exact)
+    kl_weight: float = 1e-6
+
+    def validate(self):
+        if self.kind not in BOTTLENECKS:
+            raise ConfigError(f"bottleneck.kind must be one of {BOTTLENECKS}, got {self.kind!r}")
+        if self.kind == "lfq":
+            k = int(round(math.log2(self.codebook_size)))
+            if 2 ** k != self.codebook_size:
+                raise ConfigError(f"bottleneck.codebook_size must be a power of two for LFQ, got {self.codebook_size}")
+            if self.dim not in (None, k):
+                raise ConfigError(f"LFQ latent dim is log2(codebook_size) = {k}; set bottleneck.dim to {k} or null")
+        elif not self.dim or self.dim < 1:
+            raise ConfigError(f"bottleneck.dim must be a positive integer for {self.kind!r}, got {self.dim!r}")
+
+    @property
+    def latent_dim(self) -> int:
+        return int(round(math.log2(self.codebook_size))) if self.kind == "lfq" else int(self.dim)
+
+
+@dataclass
+class DiscriminatorConfig:
+    """3D StyleGAN discriminator (§1.6); ``blur`` for MAGVIT-v2 (§5.2)."""
+
+    enabled: bool = True
+    filters: int = 64
+    channel_multipliers: tuple[int, ...] = (2, 4, 4, 4, 4)
+    blur: bool = False
+    start_step: int = 0                    # batches before the GAN terms switch on (MAGVIT: 0)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (§1.7–1.9)."""
+
+    l2_weight: float = 1.0
+    l1_weight: float = 0.0
+    perceptual_weight: float = 0.1
+    perceptual_weights: str | None = None  # local torchvision state dict; null → perceptual loss off (one warning)
+    perceptual_arch: str = "resnet50"
+    perceptual_resize: int = 224
+    adversarial_weight: float = 0.1
+    adaptive_weight: bool = False          # VQGAN-style ‖∇L_rec‖/‖∇L_adv‖ at the decoder's last layer
+    r1_weight: float = 10.0
+    r1_every: int = 1                      # lazy R1 (scaled by r1_every) when > 1; MAGVIT: every step
+    lecam_weight: float = 0.001            # Part 7 item 2: 0 in released v1 configs, 0.001 in v2 reimplementations
+    lecam_decay: float = 0.999
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) β=(0, 0.99), lr 1e-4 for G and D, linear warmup then cosine to 0 (§1.10)."""
+
+    lr: float = 1e-4
+    disc_lr: float | None = None           # null: same as lr
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int | None = None         # cosine decay to 0 at this batch; null: constant after warmup
+    gradient_clip: float | None = None     # global-norm clipping of G and D grads (MAGVIT: none); trainer's is unused
+
+
+def _coerce(cls, value):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(value) - names
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}")
+        value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        return cls(**value)
+    raise ConfigError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (constant if None)."""
+
+    def __init__(self, warmup: int, total: int | None):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        if not self.total:
+            return 1.0
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def make_bottleneck(cfg: BottleneckConfig) -> nn.Module:
+    anneal = dict(entropy_anneal_ratio=cfg.entropy_anneal_ratio, entropy_anneal_steps=cfg.entropy_anneal_steps)
+    if cfg.kind == "vq":
+        return VectorQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.commitment_weight, cfg.codebook_weight,
+                               cfg.entropy_weight, cfg.entropy_temperature, **anneal)
+    if cfg.kind == "lfq":
+        return LookupFreeQuantizer(cfg.latent_dim, cfg.commitment_weight, cfg.entropy_weight, cfg.entropy_temperature,
+                                   cfg.entropy_group_bits, **anneal)
+    if cfg.kind == "kl":
+        return DiagonalGaussian(cfg.latent_dim, cfg.kl_weight)
+    return IdentityBottleneck(cfg.latent_dim)
+
+
+# ------------------------------------------------------------------------------------------------------------ module
+class VideoTokenizer(L.LightningModule):
+    """MAGVIT 3D-VQ / MAGVIT-v2 causal LFQ tokenizer, KL-VAE or plain AE with GAN training (§1, §5)."""
+
+    fsdp_block_classes = (ResBlock, DiscriminatorBlock)
+
+    def __init__(self, arch: ArchConfig | None = None, bottleneck: BottleneckConfig | None = None,
+                 discriminator: DiscriminatorConfig | None = None, loss: LossConfig | None = None,
+                 optim: OptimConfig | None = None, num_frames: int = 16, resolution: int = 128,
+                 init_from_2d: str | None = None, inflation: str = "central", inference_only: bool = False):
+        """
+        Args:
+            arch / bottleneck / discriminator / loss / optim: config groups (dataclasses or mappings).
+            num_frames, resolution: the training clip shape (checked now; sizes the discriminator's Dense layer).
+            init_from_2d: a checkpoint of the per-frame 2D model of the same layout (``arch.dims: 2``) to inflate
+                from (§1.11): generator, discriminator, LeCam anchors and EMA weights, central or average
+                (``inflation``); causal kernels take the last temporal slice.
+            inference_only: build encoder/bottleneck/decoder only (used by :meth:`load_frozen`).
+        """
+        super().__init__()
+        self.arch = _coerce(ArchConfig, arch)
+        self.bcfg = _coerce(BottleneckConfig, bottleneck)
+        self.dcfg = _coerce(DiscriminatorConfig, discriminator)
+        self.lcfg = _coerce(LossConfig, loss)
+        self.ocfg = _coerce(OptimConfig, optim)
+        self.arch.validate()
+        self.bcfg.validate()
+        if inflation not in INFLATION_MODES:
+            raise ConfigError(f"inflation must be one of {INFLATION_MODES}, got {inflation!r}")
+        if self.lcfg.r1_every < 1:
+            raise ConfigError(f"loss.r1_every must be >= 1, got {self.lcfg.r1_every}")
+        self.validate_frames(num_frames, self.arch)
+        self.validate_resolution(resolution, self.arch)
+        self.num_frames, self.resolution = num_frames, resolution
+        self.save_hyperparameters({
+            "arch": asdict(self.arch), "bottleneck": asdict(self.bcfg), "discriminator": asdict(self.dcfg),
+            "loss": asdict(self.lcfg), "optim": asdict(self.ocfg), "num_frames": num_frames,
+            "resolution": resolution, "init_from_2d": init_from_2d, "inflation": inflation})
+        self.automatic_optimization = False
+        self.frozen = False
+        self.train_steps = 0
+
+        dim = self.bcfg.latent_dim
+        self.encoder = Encoder(self.arch, 2 * dim if self.bcfg.kind == "kl" else dim)
+        self.quantizer = make_bottleneck(self.bcfg)
+        self.decoder = Decoder(self.arch, dim)
+
+        self.discriminator = self.perceptual = None
+        if not inference_only:
+            if self.dcfg.enabled:
+                self.discriminator = StyleGANDiscriminator(
+                    self.arch.in_channels, self.dcfg.filters, tuple(self.dcfg.channel_multipliers), num_frames,
+                    resolution, self.arch.dims, self.dcfg.blur)
+                self.lecam = LeCamEMA(self.lcfg.lecam_decay)
+            if self.lcfg.perceptual_weight > 0:
+                self.perceptual = PerceptualLoss(self.lcfg.perceptual_weights, self.lcfg.perceptual_arch,
+                                                 self.lcfg.perceptual_resize)
+            self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+            self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+            if self.codebook_size is not None:
+                self.val_usage = CodebookUsage(self.codebook_size)
+            if self.bcfg.kind == "lfq":
+                self.val_bits = BitBalance(dim)
+        if init_from_2d:
+            self.inflate_from_2d(init_from_2d, inflation)
+
+    # ------------------------------------------------------------------------------------------------- validation
+    @classmethod
+    def validate_config(cls, init_args: dict):
+        """Check a config's init args without building the model (called by the CLI before any work)."""
+        arch = _coerce(ArchConfig, init_args.get("arch"))
+        arch.validate()
+        _coerce(BottleneckConfig, init_args.get("bottleneck")).validate()
+        for group, kind in (("discriminator", DiscriminatorConfig), ("loss", LossConfig), ("optim", OptimConfig)):
+            _coerce(kind, init_args.get(group))
+        cls.validate_frames(init_args.get("num_frames", 16), arch)
+        cls.validate_resolution(init_args.get("resolution", 128), arch)
+        if init_args.get("inflation", "central") not in INFLATION_MODES:
+            raise ConfigError(f"inflation must be one of {INFLATION_MODES}, got {init_args['inflation']!r}")
+
+    @staticmethod
+    def validate_frames(num_frames: int, arch: ArchConfig | dict | None = None) -> int:
+        """Check a clip length for this layout and return the latent length; raises ConfigError with the fix."""
+        a = _coerce(ArchConfig, arch)
+        tf = a.temporal_factor
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ConfigError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if a.causal:
+            if (num_frames - 1) % tf:
+                n = (num_frames - 1) // tf
+                raise ConfigError(f"num_frames must be 1+{tf}n for the causal tokenizer (e.g. {1 + tf * n} or "
+                                  f"{1 + tf * (n + 1)}), got {num_frames}")
+            return 1 + (num_frames - 1) // tf
+        if num_frames % tf:
+            raise ConfigError(f"num_frames must be a multiple of {tf} (the temporal downsampling of "
+                              f"arch.temporal_downsample={list(a.temporal_downsample)}), got {num_frames}")
+        return num_frames // tf
+
+    @staticmethod
+    def validate_resolution(resolution: int, arch: ArchConfig | dict | None = None) -> int:
+        a = _coerce(ArchConfig, arch)
+        sf = a.spatial_factor
+        if not isinstance(resolution, int):
+            raise ConfigError(f"resolution must be one integer (square clips), got {resolution!r}")
+        if resolution < sf or resolution % sf:
+            raise ConfigError(f"resolution must be a multiple of {sf} (the spatial downsampling of "
+                              f"{len(a.channel_multipliers)} stages), got {resolution!r}")
+        return resolution // sf
+
+    def _check_video(self, video: Tensor):
+        if video.dim() != 5 or video.shape[1] != self.arch.in_channels:
+            raise ValueError(f"expected video [B, {self.arch.in_channels}, T, H, W], got shape {tuple(video.shape)}")
+        try:
+            self.validate_frames(video.shape[2], self.arch)
+            for s in video.shape[-2:]:
+                self.validate_resolution(s, self.arch)
+        except ConfigError as e:
+            raise ValueError(f"video of shape {tuple(video.shape)}: {e}") from None
+
+    # ------------------------------------------------------------------------------------------------- public API
+    @property
+    def codebook_size(self) -> int | None:
+        """Number of token values (None for continuous latents)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.bcfg.latent_dim
+
+    def token_shape(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        """Token / latent grid (T', H', W') for a T×H×W clip."""
+        return (self.validate_frames(T, self.arch), self.validate_resolution(H, self.arch),
+                self.validate_resolution(W, self.arch))
+
+    def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
+        """Latent tensor shape (C, T', H', W') per clip; tokens have shape (T', H', W') = latent_shape[1:]."""
+        return (self.latent_channels, *self.token_shape(T, H, W))
+
+    def _to_net(self, video: Tensor) -> Tensor:
+        return video if self.arch.zero_centered else (video + 1) * 0.5
+
+    def _from_net(self, x: Tensor) -> Tensor:
+        return x if self.arch.zero_centered else x * 2 - 1
+
+    def _grad_ctx(self):
+        return torch.no_grad() if self.frozen else contextlib.nullcontext()
+
+    def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Video [B, C, T, H, W] in [−1, 1] → tokens int64 [B, T', H', W'] (VQ/LFQ) or latents [B, C', T', H', W']
+        (KL: posterior mean, or a sample with ``sample=True``; none: the encoder output)."""
+        self._check_video(video)
+        with self._grad_ctx():
+            z = self.encoder(self._to_net(video))
+            if self.bcfg.kind in ("vq", "lfq"):
+                return self.quantizer.encode(z)
+            if self.bcfg.kind == "kl":
+                return self.quantizer(z, sample=sample, generator=generator).latents
+            return z
+
+    def tokens_to_latents(self, tokens: Tensor) -> Tensor:
+        """Tokens int64 [B, T', H', W'] → quantised latents [B, C', T', H', W'] (what the decoder sees)."""
+        if self.codebook_size is None:
+            raise ValueError(f"a {self.bcfg.kind!r} bottleneck has no tokens; pass latents to decode()")
+        if tokens.min() < 0 or tokens.max() >= self.codebook_size:
+            raise ValueError(f"token values must lie in [0, {self.codebook_size}), got [{tokens.min()}, {tokens.max()}]")
+        return self.quantizer.indices_to_latents(tokens.long())
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Tokens [B, T', H', W'] or latents [B, C', T', H', W'] → video [B, C, T, H, W] in [−1, 1] (unclipped)."""
+        with self._grad_ctx():
+            if not x.is_floating_point():
+                x = self.tokens_to_latents(x)
+            return self._from_net(self.decoder(x.to(self.decoder.conv_in.weight.dtype)))
+
+    def forward(self, video: Tensor) -> Tensor:
+        """Reconstruction of a [−1, 1] video (deterministic: VQ/LFQ codes, KL posterior mean)."""
+        return self._reconstruct(video)[0]
+
+    def _reconstruct(self, video: Tensor) -> tuple[Tensor, Tensor | None]:
+        self._check_video(video)
+        z = self.encoder(self._to_net(video))
+        out = self.quantizer(z, sample=False) if self.bcfg.kind == "kl" else self.quantizer(z)
+        return self._from_net(self.decoder(out.latents)).clamp(-1, 1), out.indices
+
+    @torch.no_grad()
+    def generate(self, batch: dict | None = None, num_samples: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Reconstruct ``batch["video"]`` (first ``num_samples``) → [B, C, T, H, W] in [−1, 1]."""
+        if batch is None or "video" not in batch:
+            raise ValueError("a tokenizer reconstructs its input: pass batch={'video': [B, C, T, H, W] in [-1, 1]}")
+        video = batch["video"]
+        if num_samples is not None:
+            video = video[:num_samples]
+        return self._reconstruct(video.to(self.device, self.decoder.conv_in.weight.dtype))[0]
+
+    @classmethod
+    def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoTokenizer":
+        """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if "hyper_parameters" not in ckpt:
+            raise ValueError(f"{path} has no hyper_parameters; it is not a VideoTokenizer checkpoint")
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in names}
+        model = cls(**{**hp, "init_from_2d": None, "inference_only": True})
+        weights = ema_state_dict(ckpt)
+        own = model.state_dict()
+        missing = [k for k in own if k not in weights]
+        if missing:
+            raise KeyError(f"{path} lacks generator weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        model.load_state_dict({k: weights[k] for k in own})
+        model.freeze()
+        model.frozen = True
+        return model
+
+    def inflate_from_2d(self, path: str, mode: str = "central") -> dict[str, list[str]]:
+        """Initialise from a 2D (per-frame) checkpoint of the same layout (§1.11): generator, discriminator, LeCam
+        anchors and — when the checkpoint has them — the EMA weights (the EMA buffers are attached here so the EMA
+        callback keeps them).  Causal kernels take the 2D kernel in their last temporal slice (§5.2)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        arch2 = (ckpt.get("hyper_parameters") or {}).get("arch")
+        if arch2 is not None:
+            a2 = _coerce(ArchConfig, arch2)
+            if a2.kind != self.arch.kind or a2.dims != 2:
+                raise ConfigError(f"init_from_2d={path!r} holds a {a2.kind!r} dims={a2.dims} model; inflation needs "
+                                  f"the per-frame image model of the same layout (arch.kind={self.arch.kind!r}, dims: 2)")
+        src = ckpt.get("state_dict", ckpt)
+        if any(k.startswith(EMA_PREFIX) for k in src):
+            EMA.attach(self)
+        causal = causal_param_names(self)
+        causal |= {EMA_PREFIX + k for k in causal}
+        try:
+            state, report = inflate_state_dict(src, self.state_dict(), mode, causal)
+        except ValueError as e:
+            if "discriminator.fc1" in str(e):
+                raise ConfigError(f"{e}. The 3D discriminator's time axis must pool down to 1 frame for its Dense "
+                                  "layer to match the 2D one: use more discriminator.channel_multipliers entries "
+                                  f"or fewer frames (now {self.num_frames})") from None
+            raise
+        self.load_state_dict(state)
+        gen = ("encoder.", "decoder.", "quantizer.")
+        if any(k.startswith(gen) for k in report["kept"]):
+            raise ConfigError(f"init_from_2d={path!r} lacks generator weights such as "
+                              f"{[k for k in report['kept'] if k.startswith(gen)][:3]}")
+        self.inflation_report = report
+        return report
+
+    # ------------------------------------------------------------------------------------------------- training
+    def configure_optimizers(self):
+        o = self.ocfg
+        gen = [p for n, p in self.named_parameters() if n.startswith(("encoder.", "quantizer.", "decoder."))]
+        opts = [torch.optim.AdamW(gen, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)]
+        if self.discriminator is not None:
+            opts.append(torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr or o.lr,
+                                          betas=tuple(o.betas), weight_decay=o.weight_decay))
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(o.warmup_steps, o.total_steps)) for opt in opts]
+        return opts, scheds
+
+    def _listed(self, x):
+        return list(x) if isinstance(x, (list, tuple)) else [x]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opts = self._listed(self.optimizers())
+        scheds = self._listed(self.lr_schedulers())
+        step = self.train_steps
+        video = batch["video"]
+        self._check_video(video)
+        x = self._to_net(video)
+        lc = self.lcfg
+        logs = {}
+
+        # ---- generator
+        opt_g = opts[0]
+        self.toggle_optimizer(opt_g)
+        z = self.encoder(x)
+        q = self.quantizer(z, step=step)
+        recon = self.decoder(q.latents)
+        rec = lc.l2_weight * F.mse_loss(recon.float(), x.float())
+        logs["rec_l2"] = rec.detach()
+        if lc.l1_weight:
+            l1 = F.l1_loss(recon.float(), x.float())
+            rec = rec + lc.l1_weight * l1
+            logs["rec_l1"] = l1.detach()
+        loss_g = rec + q.loss
+        for k, v in q.terms.items():
+            logs[k] = v.detach()
+        if self.perceptual is not None and self.perceptual.enabled:
+            perc = self.perceptual(self._to01(x), self._to01(recon))
+            loss_g = loss_g + lc.perceptual_weight * perc
+            logs["perceptual"] = perc.detach()
+        gan_on = self.discriminator is not None and step >= self.dcfg.start_step
+        if gan_on and lc.adversarial_weight:
+            g_adv = generator_loss(self.discriminator(recon))
+            w = lc.adversarial_weight
+            if lc.adaptive_weight:
+                aw = adaptive_weight(rec, g_adv, self.decoder.last_layer)
+                w = w * aw
+                logs["adaptive_weight"] = aw
+            loss_g = loss_g + w * g_adv
+            logs["g_adv"] = g_adv.detach()
+        logs["loss_g"] = loss_g.detach()
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        self._clip(opt_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # ---- discriminator (same forward pass: the reconstruction made before the G step)
+        if gan_on:
+            opt_d = opts[1]
+            self.toggle_optimizer(opt_d)
+            do_r1 = lc.r1_weight > 0 and step % lc.r1_every == 0
+            real = x.detach().requires_grad_(do_r1)
+            logits = self.discriminator(torch.cat([real, recon.detach()]))
+            real_logits, fake_logits = logits.float().chunk(2)
+            d_adv = discriminator_loss(real_logits, fake_logits)
+            loss_d = d_adv
+            if do_r1:
+                r1 = r1_penalty(real_logits, real)
+                loss_d = loss_d + lc.r1_weight * lc.r1_every * r1
+                logs["r1"] = r1.detach()
+            if lc.lecam_weight:
+                lecam = self.lecam(real_logits, fake_logits)
+                loss_d = loss_d + lc.lecam_weight * lecam
+                logs["lecam"] = lecam.detach()
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_d)
+            self._clip(opt_d)
+            opt_d.step()
+            self.untoggle_optimizer(opt_d)
+            self.lecam.update(real_logits.detach(), fake_logits.detach())
+            logs.update(d_adv=d_adv.detach(), loss_d=loss_d.detach(), logits_real=real_logits.detach().mean(),
+                        logits_fake=fake_logits.detach().mean())
+        for s in scheds:
+            s.step()
+        self.train_steps += 1
+        logs["lr"] = torch.tensor(scheds[0].get_last_lr()[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=video.shape[0])
+        self.log("train/rec", logs["rec_l2"], prog_bar=True, batch_size=video.shape[0])
+        return loss_g.detach()
+
+    def _clip(self, opt):
+        if self.ocfg.gradient_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.ocfg.gradient_clip, gradient_clip_algorithm="norm")
+
+    def _to01(self, x: Tensor) -> Tensor:
+        return (x + 1) * 0.5 if self.arch.zero_centered else x
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        checkpoint["tokenizer_train_steps"] = self.train_steps
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        self.train_steps = int(checkpoint.get("tokenizer_train_steps", 0))
+
+    # ------------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict, batch_idx: int):
+        video = batch["video"]
+        recon, idx = self._reconstruct(video)
+        real01 = rearrange((video.float() + 1) * 0.5, "b c t h w -> (b t) c h w").clamp(0, 1)
+        fake01 = rearrange((recon.float() + 1) * 0.5, "b c t h w -> (b t) c h w")
+        self.val_psnr.update(fake01, real01)
+        self.val_ssim.update(fake01, real01)
+        bs = video.shape[0]
+        self.log("val/rec_l2", F.mse_loss(fake01, real01), batch_size=bs, sync_dist=True)
+        self.log("val/psnr", self.val_psnr, batch_size=bs, prog_bar=True)
+        self.log("val/ssim", self.val_ssim, batch_size=bs)
+        if idx is not None:
+            self.val_usage.update(idx)
+            if self.bcfg.kind == "lfq":
+                self.val_bits.update(idx)
+
+    def on_validation_epoch_end(self):
+        if self.codebook_size is not None and hasattr(self, "val_usage"):
+            u = self.val_usage.compute()
+            self.log_dict({"val/codebook_usage": u["usage"].float(), "val/perplexity": u["perplexity"].float()})
+            self.val_usage.reset()
+            if self.bcfg.kind == "lfq":
+                self.log("val/lfq_bit_balance", self.val_bits.compute().float())
+                self.val_bits.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------ sizes
+# §1.12 (MAGVIT), §1.12 BAIR row, §5.2 (MAGVIT-v2).  Configs spell these out; this table is the reference.
+SIZES: dict[str, dict] = {
+    "magvit-B": dict(arch=ArchConfig(filters=64), discriminator=DiscriminatorConfig(filters=64), batch=128),
+    "magvit-L": dict(arch=ArchConfig(filters=128), discriminator=DiscriminatorConfig(filters=128), batch=256),
+    "magvit-B-bair64": dict(arch=ArchConfig(filters=64, channel_multipliers=(1, 2, 4), temporal_downsample=(True, True)),
+                            discriminator=DiscriminatorConfig(filters=64, channel_multipliers=(2, 4, 4, 4)), batch=128),
+    "magvit2": dict(arch=ArchConfig(kind="magvit2", filters=128, num_res_blocks=4,
+                                    temporal_downsample=(False, True, True)),
+                    bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None),
+                    discriminator=DiscriminatorConfig(filters=128, blur=True), batch=256),
+}

@@ -1,0 +1,216 @@
+"""`vidgen tokenize`: encode video shards into token (VQ/LFQ) or latent (KL/plain AE) shards with a frozen tokenizer.
+
+Input samples are decoded exactly as ``VideoDataModule`` decodes evaluation data (``datamodules.decode``: deterministic
+clip start, short side resized, centre crop, no flip; stills give T = 1), each sample exactly once (DataLoader workers
+take whole shards; the datamodule's eval loader fills its last batch by wrapping around, which suits metrics but not
+a one-to-one conversion).  Undecodable samples are skipped and counted.
+Each output sample is ``{key}.npy`` (tokens ``[T', H', W']`` as int16/int32, or latents ``[C, T', H', W']`` as
+float16/float32) plus the input's ``{key}.txt`` / ``{key}.cls`` copied and its ``{key}.json`` extended with a
+``"tokenizer"`` entry (checkpoint, kind, shape, codebook size).  Shards are ``{tokens|latents}-{000000}.tar`` beside an
+``index.json`` (DEVELOPERS.md format) that also records the tokenizer.
+
+    vidgen tokenize --checkpoint runs/video_tokenizer_tiny/checkpoints/last.ckpt \\
+        --shards data/demo/train --out data/demo_tokens/train --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+
+
+class TokenizeError(ValueError):
+    """Bad options for `vidgen tokenize` (the message names the fix)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidgen tokenize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="VideoTokenizer training checkpoint (EMA weights are used)")
+    p.add_argument("--shards", required=True, help="input shards: directory, brace pattern, glob or .tar")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--num-frames", type=int, default=None, help="clip length (default: the tokenizer's)")
+    p.add_argument("--resolution", type=int, default=None, help="square clip size (default: the tokenizer's)")
+    p.add_argument("--frame-stride", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--latents", choices=("mean", "sample"), default="mean",
+                   help="KL tokenizers: posterior mean or a sample")
+    p.add_argument("--float16", action="store_true", help="store continuous latents as float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
+    return p
+
+
+class _ShardWriter:
+    """Numbered tar shards of at most ``per_shard`` samples."""
+
+    def __init__(self, out_dir: str, prefix: str, per_shard: int):
+        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
+        self.tf: tarfile.TarFile | None = None
+        self.count, self.shard, self.urls = 0, -1, []
+
+    def add(self, key: str, members: dict[str, bytes]):
+        if self.tf is None or self.count == self.per_shard:
+            self.close()
+            self.shard += 1
+            url = os.path.join(self.out_dir, f"{self.prefix}-{self.shard:06d}.tar")
+            self.tf, self.count = tarfile.open(url + ".tmp", "w"), 0
+            self.urls.append(url)
+        for ext, data in members.items():
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime = len(data), 0
+            self.tf.addfile(ti, io.BytesIO(data))
+        self.count += 1
+
+    def close(self):
+        if self.tf is not None:
+            self.tf.close()
+            os.replace(self.urls[-1] + ".tmp", self.urls[-1])
+            self.tf = None
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+class _ShardClips(torch.utils.data.IterableDataset):
+    """Every sample of ``urls`` once, decoded for evaluation; DataLoader workers split the shards."""
+
+    def __init__(self, urls: list[str], spec):
+        self.urls, self.spec = urls, spec
+
+    def __iter__(self):
+        from datamodules import tario
+        from datamodules.decode import SkipSample, decode_sample
+
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[wid::n]:
+            if tario.is_remote(url):
+                items = tario.iter_stream(url)
+            else:
+                listing = tario.scan_local(url)
+                items = ((ref.key, tario.read_sample(url, ref)) for ref in listing.samples)
+            for key, raw in items:
+                keep = {e: raw[e] for e in ("txt", "cls", "json") if e in raw}
+                try:
+                    sample = decode_sample(key, raw, self.spec, None)
+                except SkipSample as e:
+                    yield {"key": key, "skip": e.reason}
+                    continue
+                sample["members"] = keep
+                yield sample
+
+
+def _members(sample: dict, info: dict) -> dict[str, bytes]:
+    """txt/cls copied; json extended with the tokenizer entry (created from the decoded fields when absent)."""
+    raw = sample["members"]
+    out = {e: raw[e] for e in ("txt", "cls") if e in raw}
+    meta: object = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    else:
+        meta = {"fps": sample["fps"], "label": sample["label"]}
+    if not isinstance(meta, dict):
+        meta = {"source_meta": meta}
+    meta["tokenizer"] = info
+    out["json"] = json.dumps(meta).encode("utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lightning_modules.nn.conv3d import ConfigError
+
+    try:
+        return _run(build_parser().parse_args(argv))
+    except (TokenizeError, ConfigError) as e:
+        print(f"vidgen tokenize: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from datamodules.decode import ClipSpec, to_float
+    from datamodules.tario import expand_shards, index_entry, make_index, write_index
+    from lightning_modules.video_tokenizer import VideoTokenizer
+
+    if args.samples_per_shard < 1 or args.batch_size < 1:
+        raise TokenizeError("--samples-per-shard and --batch-size must be >= 1")
+    if not os.path.isfile(args.checkpoint):
+        raise TokenizeError(f"--checkpoint {args.checkpoint!r} is not a file")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    tok = VideoTokenizer.load_frozen(args.checkpoint).to(device)
+    num_frames = args.num_frames or tok.num_frames
+    resolution = args.resolution or tok.resolution
+    grid = tok.latent_shape(num_frames, resolution, resolution)  # raises with the fix for a bad clip shape
+    discrete = tok.codebook_size is not None
+    kind = "tokens" if discrete else "latents"
+    info = {"checkpoint": os.path.abspath(args.checkpoint), "kind": kind, "bottleneck": tok.bcfg.kind,
+            "codebook_size": tok.codebook_size, "shape": list(grid[1:] if discrete else grid),
+            "num_frames": num_frames, "resolution": resolution, "frame_stride": args.frame_stride}
+
+    os.makedirs(args.out, exist_ok=True)
+    old = [f for f in os.listdir(args.out) if f.endswith(".tar")]
+    if old and not args.overwrite:
+        raise TokenizeError(f"{args.out} already holds {len(old)} shard(s); pass --overwrite or pick another --out")
+    for f in old:
+        os.remove(os.path.join(args.out, f))
+    urls = expand_shards(args.shards, what="--shards")
+    spec = ClipSpec(num_frames=num_frames, frame_stride=args.frame_stride, height=resolution, width=resolution,
+                    crop="center")
+    loader = torch.utils.data.DataLoader(_ShardClips(urls, spec), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=list)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    dtype = np.int16 if discrete and tok.codebook_size <= 2 ** 15 else np.int32
+    writer = _ShardWriter(args.out, kind, args.samples_per_shard)
+    t0, n, skipped = time.perf_counter(), 0, {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    for samples in loader:
+        good = []
+        for smp in samples:
+            if "skip" in smp:
+                skipped[smp["skip"]] = skipped.get(smp["skip"], 0) + 1
+            else:
+                good.append(smp)
+        groups: dict[tuple, list[dict]] = {}
+        for smp in good:  # stills (T = 1) and clips are encoded separately
+            groups.setdefault(tuple(smp["video"].shape), []).append(smp)
+        for group in groups.values():
+            video = to_float(torch.stack([g["video"] for g in group]).to(device, non_blocking=True))
+            with torch.no_grad(), autocast:
+                out = tok.encode(video, sample=args.latents == "sample", generator=gen) \
+                    if tok.bcfg.kind == "kl" else tok.encode(video)
+            out = out.cpu()
+            for i, smp in enumerate(group):
+                arr = out[i].numpy().astype(dtype) if discrete else \
+                    out[i].float().numpy().astype(np.float16 if args.float16 else np.float32)
+                writer.add(smp["key"], {"npy": _npy(arr), **_members(smp, info)})
+                n += 1
+    writer.close()
+    index = make_index({os.path.basename(u): index_entry(u) for u in writer.urls},
+                       skipped=[{"reason": k, "count": v} for k, v in sorted(skipped.items())], tokenizer=info)
+    write_index(args.out, index)
+    dt = time.perf_counter() - t0
+    print(f"vidgen tokenize: {n} clips -> {len(writer.urls)} shard(s) of {kind} {info['shape']} in {args.out} "
+          f"({n / max(dt, 1e-9):.1f} clips/s; skipped {sum(skipped.values())})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
