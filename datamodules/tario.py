@@ -102,9 +102,17 @@ class ShardListing:
     truncated: bool = False  # the tar ended early; samples listed are the complete ones before the cut
 
 
+def is_media_file(url: str) -> bool:
+    """A plain video/image file given where shards are expected: a source of one sample (e.g. a clip to predict)."""
+    return not is_remote(url) and url.rsplit(".", 1)[-1].lower() in VIDEO_EXTS + IMAGE_EXTS
+
+
 def scan_local(url: str) -> ShardListing:
     """Read only the tar headers of a local shard and group members into samples (tar order)."""
     size = os.path.getsize(url)
+    if is_media_file(url):
+        stem, ext = os.path.basename(url).rsplit(".", 1)
+        return ShardListing(url, [SampleRef(stem, {ext.lower(): (0, size)})])
     groups: "OrderedDict[str, dict[str, tuple[int, int]]]" = OrderedDict()
     truncated = False
     with open(url, "rb") as f:
@@ -195,6 +203,8 @@ def count_samples(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
         entry = idx["shards"].get(os.path.basename(url)) if idx else None
         if entry is not None:
             counts[url] = int(entry["num_samples"])
+        elif is_media_file(url):
+            counts[url] = 1
         elif not is_remote(url):
             counts[url] = len(scan_local(url).samples)
             scanned.append(url)

@@ -216,3 +216,15 @@ def test_token_and_latent_shards_pass_through(tmp_path):
         assert "video" not in b and b[name].dtype == (torch.long if name == "tokens" else torch.float32)
         for k, x in zip(b["key"], b[name]):
             assert np.array_equal(x.numpy(), arrays[k].astype(x.numpy().dtype))
+
+
+def test_plain_video_file_is_a_one_sample_source(tmp_path):
+    """`--data.predict_shards clip.mp4`: a video file given where shards are expected (conditioning for predict)."""
+    from shardgen import encode_mp4, ramp_video
+
+    clip = tmp_path / "my_clip.mp4"
+    clip.write_bytes(encode_mp4(ramp_video(12)))
+    dm = VideoDataModule(predict_shards=str(clip), seed=0, num_frames=4, resolution=16, batch_size=1, num_workers=0)
+    batches = list(dm.predict_dataloader())
+    assert len(batches) == 1 and batches[0]["key"] == ["my_clip.mp4/my_clip"]
+    assert batches[0]["video"].shape == (1, 3, 4, 16, 16)

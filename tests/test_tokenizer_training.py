@@ -66,24 +66,25 @@ def _assert_same(a, b):
 
 
 def test_resume_is_exact(tmp_path):
-    """Stop after 3 batches, resume to 6: G, D, both Adam states, both LR schedules, LeCam anchors and the batch
+    """Stop after 3 batches, resume to 6: G, D, EMA, both Adam states, both LR schedules, LeCam anchors and the batch
     counter equal an uninterrupted 6-batch run bit for bit.  Every batch holds the same two clips, so the check is
     about model state only (the data order on resume is VideoDataModule's job, tested there)."""
     torch.manual_seed(1)
     videos = torch.rand(2, 3, 4, 16, 16) * 2 - 1
     full = _gan_tokenizer()
-    tr = _trainer(tmp_path / "full", 6)
+    tr = _trainer(tmp_path / "full", 6, callbacks=[EMA(decay=0.5)])
     tr.fit(full, _loader(videos))
     ref = _state(full, tr)
     assert ref["steps"] == 6 and full.lecam.ema_real != 0
+    assert any(k.startswith("_ema.") for k in ref["model"]), "EMA buffers must be part of the compared state"
 
     first = _gan_tokenizer()
-    tr1 = _trainer(tmp_path / "a", 3)
+    tr1 = _trainer(tmp_path / "a", 3, callbacks=[EMA(decay=0.5)])
     tr1.fit(first, _loader(videos))
     ckpt = tmp_path / "k3.ckpt"
     tr1.save_checkpoint(ckpt)
     second = _gan_tokenizer()
-    tr2 = _trainer(tmp_path / "b", 6)
+    tr2 = _trainer(tmp_path / "b", 6, callbacks=[EMA(decay=0.5)])
     tr2.fit(second, _loader(videos), ckpt_path=str(ckpt))
     _assert_same(ref, _state(second, tr2))
 
