@@ -21,8 +21,9 @@ STAGES = [
     ("data", "vidgen.demo:stage_data", "build the embedded dataset (real footage + procedural shapes)"),
     ("stream", "vidgen.demo:stage_stream", "stream the demo shards end to end, save decoded clips, report clips/s"),
     ("tokenizer", "vidgen.demos.tokenizer:run", "train the tiny video tokenizer, write reconstructions"),
+    ("vae", "vidgen.demos.tokenizer:run_vae", "train the tiny KL VAE whose latents the Latte stage learns"),
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
-    ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on tokenizer latents, sample"),
+    ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
 ]
 
 

@@ -22,7 +22,11 @@ CLASSES_SHOWN = 8  # square and circle, moving left/right/up/down
 
 def _vae_config(ctx) -> tuple[dict, int, int, str]:
     """(vae config, num_frames, resolution, description): the demo tokenizer when it has continuous latents."""
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("checkpoint")
+    results = getattr(ctx, "results", {}) or {}
+    for stage in ("vae", "tokenizer"):  # the KL VAE stage first; the tokenizer stage is VQ in the default demo
+        ckpt = (results.get(stage, {}) or {}).get("checkpoint")
+        if ckpt and Path(ckpt).exists():
+            break
     if ckpt and Path(ckpt).exists():
         from lightning_modules.nn.vae import LatentAutoencoder
 
