@@ -544,7 +544,7 @@ class MagvitConfig:
             raise MagvitConfigError(f"predict_video {self.predict_video!r} does not exist")
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             raise MagvitConfigError(f"tokenizer_path {self.tokenizer_path!r} does not exist: train the tokenizer "
-                                    "first (configs/video_tokenizer/...) or point at its checkpoint")
+                                    "first (e.g. vidgen fit --config configs/magvit/tokenizer_ucf101_tiny.yaml) or point at its checkpoint")
 
     @property
     def is_multi_task(self) -> bool:
