@@ -120,14 +120,18 @@ class SourceStream:
         self._fh_url = None
         self._stream = None  # (url, iterator, next position) for remote shards
         self._empty_passes = 0
+        self._plan: tuple[int, list[int]] | None = None
+        self._pos: tuple[tuple, list[int]] | None = None
 
     # -- plan ------------------------------------------------------------------------------------------------
     def shard_plan(self, p: int) -> list[int]:
+        if self._plan is not None and self._plan[0] == p:  # called per sample: memoise the current pass
+            return self._plan[1]
         n = len(self.src.urls)
         order = _rng(self.seed, _SALT_PASS, self.si, p).permutation(n) if self.shuffle else np.arange(n)
-        if self.sample_split:
-            return order.tolist()
-        return order[self.slot :: self.S].tolist()
+        plan = order.tolist() if self.sample_split else order[self.slot :: self.S].tolist()
+        self._plan = (p, plan)
+        return plan
 
     def shard_at(self, p: int, i: int) -> int | None:
         if self.resampled:
@@ -147,12 +151,15 @@ class SourceStream:
 
     def positions(self, p: int, i: int, ui: int) -> list[int]:
         """Sample indices (tar order) this slot reads from shard ``ui`` at plan position ``(p, i)``, in read order."""
+        if self._pos is not None and self._pos[0] == (p, i, ui):  # called per sample: memoise the current shard
+            return self._pos[1]
         url = self.src.urls[ui]
         n = len(self.listing(url).samples)
         perm = _rng(self.seed, _SALT_PERM, self.si, p, ui, i if self.resampled else 0).permutation(n) if self.shuffle else np.arange(n)
         if self.sample_split:
             perm = perm[self.slot :: self.S]
-        return perm.tolist()
+        self._pos = ((p, i, ui), perm.tolist())
+        return self._pos[1]
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _read_local(self, url: str, ref: tario.SampleRef) -> dict[str, bytes]:
