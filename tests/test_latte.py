@@ -69,8 +69,10 @@ def test_size_table_and_xl_parameter_count():
 @pytest.mark.parametrize("variant", [1, 2, 3, 4])
 @pytest.mark.parametrize("extra", [{}, {"patch_embedding": "tube"}, {"temporal_pos": "rope"}, {"conditioning": "tokens"}])
 def test_fresh_model_predicts_zeros(variant, extra):
-    if extra.get("conditioning") == "tokens" and variant > 2:
-        pytest.skip("tokens conditioning is for variants 1 and 2")
+    if extra.get("conditioning") == "tokens" and variant > 2:  # not a silent fallback: a config error
+        with pytest.raises(ValueError, match="conditioning='tokens' is implemented for variants 1 and 2"):
+            tiny_net(variant=variant, **extra)
+        return
     net = tiny_net(variant=variant, **extra).eval()
     n_img = 0 if extra.get("patch_embedding") == "tube" else 2
     x = torch.randn(2, 4 + n_img, 3, 8, 8)
