@@ -20,7 +20,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -50,34 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
     return p
-
-
-class _ShardWriter:
-    """Numbered tar shards of at most ``per_shard`` samples."""
-
-    def __init__(self, out_dir: str, prefix: str, per_shard: int):
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
-        self.tf: tarfile.TarFile | None = None
-        self.count, self.shard, self.urls = 0, -1, []
-
-    def add(self, key: str, members: dict[str, bytes]):
-        if self.tf is None or self.count == self.per_shard:
-            self.close()
-            self.shard += 1
-            url = os.path.join(self.out_dir, f"{self.prefix}-{self.shard:06d}.tar")
-            self.tf, self.count = tarfile.open(url + ".tmp", "w"), 0
-            self.urls.append(url)
-        for ext, data in members.items():
-            ti = tarfile.TarInfo(f"{key}.{ext}")
-            ti.size, ti.mtime = len(data), 0
-            self.tf.addfile(ti, io.BytesIO(data))
-        self.count += 1
-
-    def close(self):
-        if self.tf is not None:
-            self.tf.close()
-            os.replace(self.urls[-1] + ".tmp", self.urls[-1])
-            self.tf = None
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -146,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from datamodules.decode import ClipSpec, to_float
-    from datamodules.tario import expand_shards, index_entry, make_index, write_index
+    from datamodules.tario import expand_shards, make_index, write_index
+    from vidgen.shards import ShardWriter
     from lightning_modules.video_tokenizer import VideoTokenizer
 
     if args.samples_per_shard < 1 or args.batch_size < 1:
@@ -178,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
                                          num_workers=args.num_workers, collate_fn=list)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     dtype = np.int16 if discrete and tok.codebook_size <= 2 ** 15 else np.int32
-    writer = _ShardWriter(args.out, kind, args.samples_per_shard)
+    writer = ShardWriter(args.out, kind, max_samples=args.samples_per_shard)
     t0, n, skipped = time.perf_counter(), 0, {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for samples in loader:
@@ -200,14 +172,13 @@ def _run(args: argparse.Namespace) -> int:
             for i, smp in enumerate(group):
                 arr = out[i].numpy().astype(dtype) if discrete else \
                     out[i].float().numpy().astype(np.float16 if args.float16 else np.float32)
-                writer.add(smp["key"], {"npy": _npy(arr), **_members(smp, info)})
+                writer.write(smp["key"], {"npy": _npy(arr), **_members(smp, info)})
                 n += 1
-    writer.close()
-    index = make_index({os.path.basename(u): index_entry(u) for u in writer.urls},
-                       skipped=[{"reason": k, "count": v} for k, v in sorted(skipped.items())], tokenizer=info)
+    shards = writer.close()  # counts and sizes known while writing: no re-scan
+    index = make_index(shards, skipped=[{"reason": k, "count": v} for k, v in sorted(skipped.items())], tokenizer=info)
     write_index(args.out, index)
     dt = time.perf_counter() - t0
-    print(f"vidgen tokenize: {n} clips -> {len(writer.urls)} shard(s) of {kind} {info['shape']} in {args.out} "
+    print(f"vidgen tokenize: {n} clips -> {len(shards)} shard(s) of {kind} {info['shape']} in {args.out} "
           f"({n / max(dt, 1e-9):.1f} clips/s; skipped {sum(skipped.values())})")
     return 0
 
