@@ -367,11 +367,12 @@ class StagedCurriculum(Callback):
                 if not want:
                     p.grad = None
             n_train += want
+        self._frozen_any = n_train < len(self._base)
         return n_train, len(self._base)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._stage is None or self._base is None:
-            return
+        if self._stage is None or self._base is None or not getattr(self, "_frozen_any", False):
+            return  # nothing frozen in this stage: no per-step walk over the parameters
         for name, p in pl_module.named_parameters():
             if name in self._base and not p.requires_grad:
                 p.grad = None  # Adam(W) skips parameters without a gradient
