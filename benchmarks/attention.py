@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.nn.attention import attention, resolve_backend, xformers_available
+from vidgen.lightning_modules.nn.attention import attention, resolve_backend, xformers_available
 
 CPU_SHAPES = [(4, 6, 64, 64), (2, 6, 256, 64), (1, 6, 1024, 64)]  # (B, heads, N, d)
 CUDA_SHAPES = [(32, 16, 256, 72), (8, 16, 1024, 72), (2, 16, 4096, 72), (1, 16, 16384, 64)]

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datamodules import VideoDataModule  # noqa: E402
-from datamodules import tario  # noqa: E402
+from vidgen.datamodules import VideoDataModule  # noqa: E402
+from vidgen.datamodules import tario  # noqa: E402
 
 
 class RawDecordCeiling(IterableDataset):

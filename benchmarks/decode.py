@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from lightning_modules.magvit import MAGVIT_SIZES, BertConfig, BidirectionalTransformer, MaskedVideoTransformer  # noqa: E402
-from lightning_modules.nn.attention import KVCache  # noqa: E402
+from vidgen.lightning_modules.magvit import MAGVIT_SIZES, BertConfig, BidirectionalTransformer, MaskedVideoTransformer  # noqa: E402
+from vidgen.lightning_modules.nn.attention import KVCache  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.nn.attention import attention  # noqa: E402
+from vidgen.lightning_modules.nn.attention import attention  # noqa: E402
 from vidgen.parallel import apply_fsdp2, mixed_precision_policy  # noqa: E402
 
 

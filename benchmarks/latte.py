@@ -39,8 +39,8 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800
 def build(args, variant: int, device="cpu"):
     import torch
 
-    from lightning_modules.latte import LatteConfig, LatteTransformer
-    from lightning_modules.nn.diffusion import create_diffusion
+    from vidgen.lightning_modules.latte import LatteConfig, LatteTransformer
+    from vidgen.lightning_modules.nn.diffusion import create_diffusion
 
     cfg = LatteConfig.from_size(args.size, variant=variant, num_frames=args.frames, input_size=args.latent,
                                 in_channels=4, condition="class", num_classes=101)
@@ -141,7 +141,7 @@ def gpu_main(args) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_modules.latte import Latte
+    from vidgen.lightning_modules.latte import Latte
     from vidgen.parallel import apply_fsdp2, mixed_precision_policy
 
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),

@@ -37,7 +37,7 @@ def run_case(name: str, device: str, bf16: bool, batch: int, steps: int, warmup:
     import torch
     import yaml
 
-    from lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     torch.manual_seed(0)
     cfg_path, T, R = CASES[name]

@@ -206,7 +206,7 @@ class StagedCurriculum(Callback):
         names = self._source_names(dm)
         if uses_data and (dm is None or not hasattr(dm, "set_stages")):
             raise CurriculumConfigError("curriculum stages set weights/num_frames/resolution, which needs a datamodule "
-                                        "with set_stages() (datamodules.video.VideoDataModule); got "
+                                        "with set_stages() (vidgen.datamodules.video.VideoDataModule); got "
                                         f"{type(dm).__name__ if dm is not None else 'no datamodule'}")
         # parameters
         names_p = [n for n, _ in pl_module.named_parameters()]

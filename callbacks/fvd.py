@@ -35,9 +35,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from datamodules import tario
-from datamodules.decode import ClipSpec, SkipSample, read_video
-from datamodules.tario import VIDEO_EXTS
+from vidgen.datamodules import tario
+from vidgen.datamodules.decode import ClipSpec, SkipSample, read_video
+from vidgen.datamodules.tario import VIDEO_EXTS
 
 # ---------------------------------------------------------------------------------------------- protocol (pinned)
 FVD_NUM_FRAMES = 16  # the first 16 frames of each clip, at the clip's own frame rate
@@ -171,8 +171,8 @@ class FrechetVideoDistance(Metric):
 
     Args:
         feature_extractor: a module mapping preprocessed clips ``[B, 3, 16, 224, 224]`` to features ``[B, D]``
-            (normally :class:`lightning_modules.nn.i3d.InceptionI3d`), or a local path for
-            :func:`lightning_modules.nn.i3d.load_i3d`, or None to feed features only.
+            (normally :class:`vidgen.lightning_modules.nn.i3d.InceptionI3d`), or a local path for
+            :func:`vidgen.lightning_modules.nn.i3d.load_i3d`, or None to feed features only.
         num_features: D (default: the extractor's ``feature_dim`` or 400).
         real_stats: a :class:`FeatureStats` or a path to a cached ``.npz``: fixed real statistics, used instead of
             the real-side states and kept across ``reset()``. They are not synced (each rank holds the same copy).
@@ -194,7 +194,7 @@ class FrechetVideoDistance(Metric):
     ):
         super().__init__(**kwargs)
         if isinstance(feature_extractor, (str, os.PathLike)):
-            from lightning_modules.nn.i3d import load_i3d
+            from vidgen.lightning_modules.nn.i3d import load_i3d
 
             feature_extractor = load_i3d(feature_extractor)
         self.extractor = feature_extractor
@@ -496,7 +496,7 @@ class FVDCallback(Callback):
 
     def _ensure_metric(self, pl_module) -> FrechetVideoDistance:
         if self.metric is None:
-            from lightning_modules.nn.i3d import load_i3d
+            from vidgen.lightning_modules.nn.i3d import load_i3d
 
             # not a submodule of pl_module: never checkpointed, never sharded
             self.metric = FrechetVideoDistance(load_i3d(self.i3d_path, kind=self.i3d_kind))

@@ -3,7 +3,7 @@ compared over time (same seed + same weights -> the same pixels).
 
 Every ``every_n_steps`` optimizer steps it calls the model's contract method
 ``generate(batch=fixed_batch, num_samples=n, generator=torch.Generator().manual_seed(seed))`` (eval mode, no grad,
-the trainer's precision context, EMA weights when ``callbacks.ema`` is in use and ``use_ema``) and writes, on global
+the trainer's precision context, EMA weights when ``vidgen.callbacks.ema`` is in use and ``use_ema``) and writes, on global
 rank 0 only:
 
 * ``<run dir>/<out_subdir>/step{N:08d}.mp4`` -- the batch tiled into one video (``vidgen.media.save_video_grid_mp4``);
@@ -107,7 +107,7 @@ class VideoSampleLogger(Callback):
         num_samples: samples per log (the conditioning batch is cut to this many).
         fps: frame rate of the mp4 / TensorBoard video.
         seed: the generator seed, the same at every log.
-        use_ema: sample with the EMA weights (``callbacks.ema.ema_weights``) when the model has them.
+        use_ema: sample with the EMA weights (``vidgen.callbacks.ema.ema_weights``) when the model has them.
         out_subdir: folder under the run directory.
         conditioning: auto | val | train (see module docstring).
         log_at_start: also sample before the first step (step 0, fresh runs only).
@@ -190,7 +190,7 @@ class VideoSampleLogger(Callback):
         if self._batch is None:
             raise RuntimeError("VideoSampleLogger has no conditioning batch yet")
         try:
-            from callbacks.ema import ema_weights
+            from vidgen.callbacks.ema import ema_weights
         except ImportError:  # pragma: no cover - EMA is part of the suite
             ema_weights = None
         batch = batch_to(self._batch, pl_module.device)

@@ -29,7 +29,7 @@ when the class counts differ). ``KeyReport`` prints what was loaded.
 
 Latents: ``batch["latents"]`` (``[B, C, T, H, W]`` raw VAE latents, e.g. the ``{key}.npy`` of ``vidgen tokenize``
 latent shards; ``vae.scale_factor`` is applied) is used when present; otherwise ``batch["video"]`` is encoded by the
-frozen VAE (``lightning_modules.nn.vae``).
+frozen VAE (``vidgen.lightning_modules.nn.vae``).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from lightning_modules.nn.attention import Mlp, MultiHeadAttention, attention
-from lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
-from lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
-from lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
-from lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
+from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention, attention
+from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
+from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
+from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
+from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
 from vidgen.parallel import ParallelizableMixin
 
 __all__ = [
@@ -681,7 +681,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     elif "model" in obj and isinstance(obj["model"], Mapping):
         sd = dict(obj["model"])
     elif "state_dict" in obj:  # a Lightning checkpoint of this module
-        from callbacks.ema import ema_state_dict
+        from vidgen.callbacks.ema import ema_state_dict
 
         sd = {k[len("model."):]: v for k, v in ema_state_dict(obj).items() if k.startswith("model.")}
     else:

@@ -12,7 +12,7 @@ Reading order, as in the paper:
 4. :class:`COMMIT` — the multivariate mask of Eq. 2 and the loss split ``L_refine + L_mask + L_recons`` (Eq. 3–4).
 5. :class:`BidirectionalTransformer` — post-LN BERT with a tied output embedding (§2.1).
 6. :class:`MaskedVideoTransformer` — the LightningModule: training from videos (tokenised on the fly) or token
-   batches, COMMIT decoding (Part 3, :func:`lightning_modules.nn.masking.masked_decode`), ``generate`` /
+   batches, COMMIT decoding (Part 3, :func:`vidgen.lightning_modules.nn.masking.masked_decode`), ``generate`` /
    ``predict_step``.
 7. ``MAGVIT_SIZES`` — B / L / tiny, at the bottom.
 

@@ -35,7 +35,7 @@ from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
                             LookupFreeQuantizer, VectorQuantizer)
 
-from callbacks.ema import EMA, EMA_PREFIX, ema_state_dict
+from vidgen.callbacks.ema import EMA, EMA_PREFIX, ema_state_dict
 
 
 # ------------------------------------------------------------------------------------------------------------ config

@@ -11,9 +11,9 @@ BIN = os.path.dirname(sys.executable)
 def probe_config(path, shards, *, steps, workers=0, batch=2, devices=1, keys_log=None, extra_trainer=None, callbacks=None,
                  seed=0, strategy=None, val_shards=None, num_frames=4):
     cfg = {
-        "model": {"class_path": "lightning_modules.stream_probe.StreamProbe",
+        "model": {"class_path": "vidgen.lightning_modules.stream_probe.StreamProbe",
                   "init_args": {"channels": 4, "keys_log": keys_log}},
-        "data": {"class_path": "datamodules.VideoDataModule",
+        "data": {"class_path": "vidgen.datamodules.VideoDataModule",
                  "init_args": {"train_shards": shards, "seed": seed, "num_frames": num_frames, "resolution": 16,
                                "batch_size": batch, "num_workers": workers, "val_shards": val_shards}},
         "trainer": {"accelerator": "cpu", "devices": devices, "max_steps": steps, "log_every_n_steps": 1,

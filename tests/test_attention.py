@@ -4,8 +4,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from lightning_modules.nn import attention as attn_mod
-from lightning_modules.nn.attention import (
+from vidgen.lightning_modules.nn import attention as attn_mod
+from vidgen.lightning_modules.nn.attention import (
     CrossAttention,
     KVCache,
     Mlp,
@@ -18,7 +18,7 @@ from lightning_modules.nn.attention import (
     resolve_backend,
     set_attention_backend,
 )
-from lightning_modules.nn.embeddings import RotaryEmbedding
+from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding
 
 BACKENDS = ["sdpa", "math", "auto"]
 

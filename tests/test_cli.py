@@ -25,7 +25,7 @@ def test_fit_through_both_console_scripts(tmp_path, shards, script):
     assert (run / "checkpoints" / "step00000002.ckpt").exists()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
     saved = yaml.safe_load(open(run / "config.yaml"))
-    assert saved["model"]["class_path"] == "lightning_modules.stream_probe.StreamProbe"
+    assert saved["model"]["class_path"] == "vidgen.lightning_modules.stream_probe.StreamProbe"
     # requeue: the same command again rewrites config.yaml instead of crashing, and resumes from last
     p = run_cli(["fit", "--config", "p.yaml", "--ckpt_path", "last", "--trainer.max_steps", "4"], cwd=tmp_path,
                 script=script)

@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.curriculum import CurriculumConfigError, StagedCurriculum
-from datamodules.video import VideoDataModule
-from lightning_modules.stream_probe import StreamProbe
+from vidgen.callbacks.curriculum import CurriculumConfigError, StagedCurriculum
+from vidgen.datamodules.video import VideoDataModule
+from vidgen.lightning_modules.stream_probe import StreamProbe
 from shardgen import write_shards
 
 

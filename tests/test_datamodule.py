@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import BadDataError, DataConfigError, VideoDataModule
-from datamodules import decode as decode_mod
-from datamodules import stream as stream_mod
+from vidgen.datamodules import BadDataError, DataConfigError, VideoDataModule
+from vidgen.datamodules import decode as decode_mod
+from vidgen.datamodules import stream as stream_mod
 from shardgen import write_shards
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from lightning_modules.nn.diffusion import (
+from vidgen.lightning_modules.nn.diffusion import (
     DiffusionConfig,
     GaussianDiffusion,
     RectifiedFlow,

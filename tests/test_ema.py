@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
 
 import lightning as L  # noqa: E402
 
-from callbacks.ema import EMA, EMA_PREFIX, EMAShadow, ema_decay, ema_state_dict, ema_weights, raw_state_dict  # noqa: E402
+from vidgen.callbacks.ema import EMA, EMA_PREFIX, EMAShadow, ema_decay, ema_state_dict, ema_weights, raw_state_dict  # noqa: E402
 
 
 class Net(L.LightningModule):

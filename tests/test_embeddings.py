@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.nn.embeddings import (
+from vidgen.lightning_modules.nn.embeddings import (
     RotaryEmbedding,
     TimestepEmbedder,
     apply_rotary,

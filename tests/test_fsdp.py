@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 
 import lightning as L  # noqa: E402
 
-from callbacks.ema import EMA, EMA_PREFIX, ema_decay, ema_state_dict, raw_state_dict  # noqa: E402
+from vidgen.callbacks.ema import EMA, EMA_PREFIX, ema_decay, ema_state_dict, raw_state_dict  # noqa: E402
 from vidgen.parallel import FSDP2Strategy, ParallelizableMixin, apply_fsdp2  # noqa: E402
 
 K, N, BATCH, IN, HID, OUT = 4, 8, 2, 5, 6, 3

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardgen
-from callbacks.fvd import (FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, FVDCallback, accumulate_source,
+from vidgen.callbacks.fvd import (FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, FVDCallback, accumulate_source,
                            compute_real_stats, frechet_distance, preprocess_for_i3d, real_stats_path)
 
 
@@ -202,7 +202,7 @@ def test_real_stats_cache_keyed_and_reused(tmp_path, shard_dir, monkeypatch):
     assert p != real_stats_path(shard_dir, 7, "tiny", tmp_path) != real_stats_path(shard_dir, 6, "other", tmp_path)
     s = compute_real_stats(shard_dir, ext, 6, cache=p, log=lambda m: None)
     assert p.is_file() and s.n == 5 and s.meta["protocol"] == FVD_PROTOCOL
-    monkeypatch.setattr("callbacks.fvd.accumulate_source", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr("vidgen.callbacks.fvd.accumulate_source", lambda *a, **k: pytest.fail("cache not used"))
     again = compute_real_stats(shard_dir, ext, 6, cache=p)
     torch.testing.assert_close(again.outer, s.outer, rtol=0, atol=0)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.nn.i3d import (I3D_FORMAT, InceptionI3d, MaxPool3dSame, Unit3D, load_i3d, tf_same_pad)
+from vidgen.lightning_modules.nn.i3d import (I3D_FORMAT, InceptionI3d, MaxPool3dSame, Unit3D, load_i3d, tf_same_pad)
 from vidgen import convert_i3d
 
 ASSETS = Path(__file__).parent / "assets"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.latte import (
+from vidgen.lightning_modules.latte import (
     LATTE_MODELS,
     HeadSplitAttention,
     Latte,
@@ -422,7 +422,7 @@ def test_text_conditional_latte_with_open_clip_tiny_tower():
 
 
 def test_kl_tokenizer_vae_latents_and_frozen_weights_left_out_of_checkpoints(tmp_path):
-    from lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     tok = VideoTokenizer(arch={"dims": 2, "filters": 8, "channel_multipliers": [1, 2], "temporal_downsample": [False],
                                "num_res_blocks": 1, "norm_groups": 4, "zero_centered": True},
@@ -454,7 +454,7 @@ def _recipes():
     from pathlib import Path
 
     paths = sorted(Path(__file__).resolve().parents[1].glob("configs/latte/*.yaml"))
-    return [p for p in paths if "lightning_modules.latte.Latte" in p.read_text()]  # not the VAE recipes
+    return [p for p in paths if "vidgen.lightning_modules.latte.Latte" in p.read_text()]  # not the VAE recipes
 
 
 @pytest.mark.parametrize("path", _recipes(), ids=lambda p: p.stem)
@@ -463,10 +463,10 @@ def test_recipes_name_real_arguments(path):
 
     import yaml
 
-    from datamodules import VideoDataModule
+    from vidgen.datamodules import VideoDataModule
 
     cfg = yaml.safe_load(path.read_text())
-    assert cfg["model"]["class_path"] == "lightning_modules.latte.Latte"
+    assert cfg["model"]["class_path"] == "vidgen.lightning_modules.latte.Latte"
     model_args, data_args = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert set(model_args) <= set(inspect.signature(Latte.__init__).parameters)
     assert set(data_args) <= set(inspect.signature(VideoDataModule.__init__).parameters)
@@ -485,7 +485,7 @@ def test_recipes_name_real_arguments(path):
 
 def test_diffusers_autoencoder_kl_from_a_local_dir_per_frame(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from lightning_modules.nn.vae import LatentAutoencoder
+    from vidgen.lightning_modules.nn.vae import LatentAutoencoder
 
     vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)

@@ -13,10 +13,10 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from lightning_modules.magvit import (COMMIT, TASKS, MagvitConfig, MagvitConfigError, MaskedVideoTransformer,
+from vidgen.lightning_modules.magvit import (COMMIT, TASKS, MagvitConfig, MagvitConfigError, MaskedVideoTransformer,
                                       TaskSchedule, Vocabulary, _SIGNATURE_DEFAULTS, frame_to_latent,
                                       latent_condition_mask, stripe_starts)
-from lightning_modules.nn.masking import mask_ratio, masked_decode, random_token_mask
+from vidgen.lightning_modules.nn.masking import mask_ratio, masked_decode, random_token_mask
 
 torch.set_num_threads(1)
 
@@ -316,7 +316,7 @@ def test_sizes_and_tied_embedding():
     sd = m.state_dict()
     assert not any(k.startswith("tokenizer.") for k in sd)
     assert not any("head" in k and "weight" in k and sd[k].shape[0] == m.net.cfg.vocab_size for k in sd)
-    from lightning_modules.magvit import BertConfig, BidirectionalTransformer
+    from vidgen.lightning_modules.magvit import BertConfig, BidirectionalTransformer
     with torch.device("meta"):
         b = BidirectionalTransformer(BertConfig(vocab_size=1026, max_len=1025))
     n = sum(p.numel() for p in b.parameters())

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cliutil import probe_config, run_cli
-from lightning_modules.stream_probe import StreamProbe
+from vidgen.lightning_modules.stream_probe import StreamProbe
 from shardgen import write_shards
 
 
@@ -69,12 +69,12 @@ def test_two_rank_fsdp2_callbacks_and_resume_are_exact(tmp_path, shards):
     torch.jit.script(FakeDetector()).save(str(det))
     fsdp = {"class_path": "vidgen.parallel.FSDP2Strategy", "init_args": {"save_distributed_checkpoint": True}}
     callbacks = [
-        {"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9, "warmup_steps": 2}},
-        {"class_path": "callbacks.curriculum.StagedCurriculum", "init_args": {"stages": [
+        {"class_path": "vidgen.callbacks.ema.EMA", "init_args": {"decay": 0.9, "warmup_steps": 2}},
+        {"class_path": "vidgen.callbacks.curriculum.StagedCurriculum", "init_args": {"stages": [
             {"at_step": 0}, {"at_step": 5, "resolution": 8, "frozen": ["dec\\..*"], "lr_scale": 0.5}]}},
-        {"class_path": "callbacks.samples.VideoSampleLogger", "init_args": {"every_n_steps": 4, "num_samples": 2}},
-        {"class_path": "callbacks.throughput.ThroughputMonitor"},
-        {"class_path": "callbacks.fvd.FVDCallback", "init_args": {
+        {"class_path": "vidgen.callbacks.samples.VideoSampleLogger", "init_args": {"every_n_steps": 4, "num_samples": 2}},
+        {"class_path": "vidgen.callbacks.throughput.ThroughputMonitor"},
+        {"class_path": "vidgen.callbacks.fvd.FVDCallback", "init_args": {
             "every_n_steps": 4, "num_samples": 4, "batch_size": 2, "real_shards": shards, "i3d_path": str(det),
             "cache_dir": str(tmp_path / "fvdcache")}},
     ]

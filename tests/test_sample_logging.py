@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from callbacks.samples import VideoSampleLogger
-from callbacks.throughput import ThroughputMonitor, tokens_in_batch
-from datamodules.video import VideoDataModule
-from lightning_modules.stream_probe import StreamProbe
+from vidgen.callbacks.samples import VideoSampleLogger
+from vidgen.callbacks.throughput import ThroughputMonitor, tokens_in_batch
+from vidgen.datamodules.video import VideoDataModule
+from vidgen.lightning_modules.stream_probe import StreamProbe
 from shardgen import write_shards
 
 
@@ -87,7 +87,7 @@ def test_samples_are_written_and_deterministic(shards, tmp_path):
 
 
 def test_train_batch_conditioning_and_ema(shards, tmp_path):
-    from callbacks.ema import EMA, ema_weights
+    from vidgen.callbacks.ema import EMA, ema_weights
 
     torch.manual_seed(0)
     model = NoisyProbe(lr=0.05)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.nn.text_encoders import (
+from vidgen.lightning_modules.nn.text_encoders import (
     HFTextEncoder,
     OpenCLIPTextEncoder,
     TextEncoding,

@@ -13,7 +13,7 @@ import yaml
 
 from shardgen import write_shards
 
-from lightning_modules.video_tokenizer import VideoTokenizer
+from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 from vidgen.tokenize import main as tokenize_main
 
 TINY = dict(filters=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
@@ -60,7 +60,7 @@ def test_tokenize_writes_token_shards(tmp_path):
     meta = json.loads(s["json"])
     assert meta["label"] == 4 and meta["fps"] == 8 and meta["tokenizer"]["kind"] == "tokens"
     # same tokens as encoding the clip the datamodule's evaluation decode gives
-    from datamodules.decode import ClipSpec, decode_sample, to_float
+    from vidgen.datamodules.decode import ClipSpec, decode_sample, to_float
 
     raw = _read(tmp_path / "in")["000004"]
     clip = decode_sample("000004", raw, ClipSpec(num_frames=9, height=16, width=16), None)["video"]
@@ -98,7 +98,7 @@ def test_configs_validate_and_tiny_ones_build(path):
     with open(path) as f:
         cfg = yaml.safe_load(f)
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    assert cfg["model"]["class_path"] == "lightning_modules.video_tokenizer.VideoTokenizer"
+    assert cfg["model"]["class_path"] == "vidgen.lightning_modules.video_tokenizer.VideoTokenizer"
     for key in ("num_frames", "resolution"):  # linked data -> model by the CLI
         assert model.get(key, data[key]) == data[key]
     args = {**model, "num_frames": data["num_frames"], "resolution": data["resolution"]}

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.nn.conv3d import ArchConfig, ConfigError, Decoder, Encoder, avg_pool_same, causal_param_names
-from lightning_modules.nn.discriminator import BlurPool3d, StyleGANDiscriminator
-from lightning_modules.nn.gan_losses import LeCamEMA, discriminator_loss, generator_loss, r1_penalty
-from lightning_modules.nn.inflation import inflate_kernel, inflate_state_dict
-from lightning_modules.nn.perceptual import PerceptualLoss
-from lightning_modules.nn.quantizers import (BitBalance, CodebookUsage, LookupFreeQuantizer, VectorQuantizer,
+from vidgen.lightning_modules.nn.conv3d import ArchConfig, ConfigError, Decoder, Encoder, avg_pool_same, causal_param_names
+from vidgen.lightning_modules.nn.discriminator import BlurPool3d, StyleGANDiscriminator
+from vidgen.lightning_modules.nn.gan_losses import LeCamEMA, discriminator_loss, generator_loss, r1_penalty
+from vidgen.lightning_modules.nn.inflation import inflate_kernel, inflate_state_dict
+from vidgen.lightning_modules.nn.perceptual import PerceptualLoss
+from vidgen.lightning_modules.nn.quantizers import (BitBalance, CodebookUsage, LookupFreeQuantizer, VectorQuantizer,
                                              entropy_terms)
-from lightning_modules.video_tokenizer import VideoTokenizer
+from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
 TINY = dict(filters=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.ema import EMA
-from lightning_modules.video_tokenizer import VideoTokenizer
+from vidgen.callbacks.ema import EMA
+from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
 TINY = dict(filters=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
 

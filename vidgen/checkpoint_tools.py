@@ -9,7 +9,7 @@
 
 ``vidgen export [--ema] CKPT OUT [--format safetensors|torch] [--dtype fp32|bf16|fp16]``
     Writes the model weights alone, under the model's own parameter names, as one safetensors/torch file;
-    with ``--ema`` the EMA weights (``callbacks.ema.ema_state_dict``; raw weights with a warning when the
+    with ``--ema`` the EMA weights (``vidgen.callbacks.ema.ema_state_dict``; raw weights with a warning when the
     checkpoint has none). ``CKPT`` is a checkpoint file or a sharded directory (read without a process group;
     only the model entries are loaded). The format follows OUT's suffix unless ``--format`` is given.
 """
@@ -132,7 +132,7 @@ def export_state_dict(
     dtype: Optional[str] = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Write the (EMA or raw) model weights of ``ckpt`` to ``out``; returns them and ``"ema"``/``"raw"``."""
-    from callbacks.ema import EMA_PREFIX, ema_state_dict, raw_state_dict
+    from vidgen.callbacks.ema import EMA_PREFIX, ema_state_dict, raw_state_dict
 
     out = Path(out)
     sd = load_model_state_dict(ckpt)

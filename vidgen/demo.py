@@ -56,7 +56,7 @@ def stage_data(ctx: DemoContext) -> dict:
 def stage_stream(ctx: DemoContext) -> dict:
     import torch
 
-    from datamodules import VideoDataModule
+    from vidgen.datamodules import VideoDataModule
     from vidgen.media import save_video_grid_mp4, write_grid_png
 
     out = ctx.out_dir / "stream"

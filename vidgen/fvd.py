@@ -4,7 +4,7 @@
     vidgen fvd --real data/ucf/train --fake samples/ --i3d i3d_k400.pt
     vidgen fvd --real 'data/ucf/train/shard-{000000..000099}.tar' --fake samples/ --num-samples 2048
 
-Protocol (``callbacks.fvd.FVD_*``): the first 16 frames of each clip, bilinear resize to 224 x 224 from [-1, 1],
+Protocol (``vidgen.callbacks.fvd.FVD_*``): the first 16 frames of each clip, bilinear resize to 224 x 224 from [-1, 1],
 400-d I3D logits, 2048 clips per side by default. Real statistics are cached (keyed by the shard list, protocol,
 network and sample count) under ``~/.cache/vidgen/fvd`` unless ``--real-stats``/``--no-cache`` say otherwise;
 ``--real`` may also be a statistics ``.npz`` made before.
@@ -20,9 +20,9 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from callbacks.fvd import (FVD_NUM_SAMPLES, FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, accumulate_source,
+    from vidgen.callbacks.fvd import (FVD_NUM_SAMPLES, FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, accumulate_source,
                                compute_real_stats, expand_sources, extractor_id)
-    from lightning_modules.nn.i3d import load_i3d
+    from vidgen.lightning_modules.nn.i3d import load_i3d
 
     p = argparse.ArgumentParser(prog="vidgen fvd", description=__doc__.split("\n\n")[0])
     p.add_argument("--real", required=True, help="real shards (dir, brace pattern, glob) or a cached stats .npz")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.real_stats:
             cache = args.real_stats
         else:
-            from callbacks.fvd import real_stats_path
+            from vidgen.callbacks.fvd import real_stats_path
 
             cache = real_stats_path(args.real, args.num_samples, extractor_id(i3d), args.cache_dir)
         real = compute_real_stats(args.real, i3d, args.num_samples, args.batch_size, args.device, cache=cache,

@@ -1,6 +1,6 @@
 """`vidgen tokenize`: encode video shards into token (VQ/LFQ) or latent (KL/plain AE) shards with a frozen tokenizer.
 
-Input samples are decoded exactly as ``VideoDataModule`` decodes evaluation data (``datamodules.decode``: deterministic
+Input samples are decoded exactly as ``VideoDataModule`` decodes evaluation data (``vidgen.datamodules.decode``: deterministic
 clip start, short side resized, centre crop, no flip; stills give T = 1), each sample exactly once (DataLoader workers
 take whole shards; the datamodule's eval loader fills its last batch by wrapping around, which suits metrics but not
 a one-to-one conversion).  Undecodable samples are skipped and counted.
@@ -64,8 +64,8 @@ class _ShardClips(torch.utils.data.IterableDataset):
         self.urls, self.spec = urls, spec
 
     def __iter__(self):
-        from datamodules import tario
-        from datamodules.decode import SkipSample, decode_sample
+        from vidgen.datamodules import tario
+        from vidgen.datamodules.decode import SkipSample, decode_sample
 
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -106,7 +106,7 @@ def _members(sample: dict, info: dict) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning_modules.nn.conv3d import ConfigError
+    from vidgen.lightning_modules.nn.conv3d import ConfigError
 
     try:
         return _run(build_parser().parse_args(argv))
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datamodules.decode import ClipSpec, to_float
-    from datamodules.tario import expand_shards, make_index, write_index
+    from vidgen.datamodules.decode import ClipSpec, to_float
+    from vidgen.datamodules.tario import expand_shards, make_index, write_index
     from vidgen.shards import ShardWriter
-    from lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     if args.samples_per_shard < 1 or args.batch_size < 1:
         raise TokenizeError("--samples-per-shard and --batch-size must be >= 1")

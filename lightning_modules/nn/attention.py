@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_modules.nn.embeddings import RotaryEmbedding
+from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding
 
 __all__ = [
     "BACKENDS",

@@ -182,7 +182,7 @@ class InceptionI3d(nn.Module):
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"I3D expects [B, {self.config.in_channels}, T, H, W] in [-1, 1], got shape {tuple(x.shape)}; "
-                "use callbacks.fvd.preprocess_for_i3d to resize/convert videos first"
+                "use vidgen.callbacks.fvd.preprocess_for_i3d to resize/convert videos first"
             )
         if x.shape[2] < MIN_FRAMES or min(x.shape[3:]) < MIN_SIZE:
             raise ValueError(
@@ -210,7 +210,7 @@ class InceptionI3d(nn.Module):
         if x.shape[-2:] != (1, 1):
             raise ValueError(
                 f"I3D logits have spatial size {tuple(x.shape[-2:])} but the reference squeezes a 1x1 map: resize "
-                "inputs to 224 x 224 as the FVD protocol does (callbacks.fvd.preprocess_for_i3d)"
+                "inputs to 224 x 224 as the FVD protocol does (vidgen.callbacks.fvd.preprocess_for_i3d)"
             )
         return rearrange(x, "b k t 1 1 -> b k t").mean(-1)
 

@@ -99,7 +99,7 @@ class LatentAutoencoder(nn.Module):
             self.spatial_factor = 2 ** (len(self.model.config.block_out_channels) - 1)
             self.temporal_factor = 1
         elif cfg.kind == "tokenizer":
-            from lightning_modules.video_tokenizer import VideoTokenizer
+            from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
             tok = VideoTokenizer.load_frozen(cfg.path)
             if tok.bcfg.kind not in ("kl", "none"):

@@ -28,7 +28,7 @@ def _vae_config(ctx) -> tuple[dict, int, int, str]:
         if ckpt and Path(ckpt).exists():
             break
     if ckpt and Path(ckpt).exists():
-        from lightning_modules.nn.vae import LatentAutoencoder
+        from vidgen.lightning_modules.nn.vae import LatentAutoencoder
 
         try:
             vae = LatentAutoencoder({"kind": "tokenizer", "path": str(ckpt)})
@@ -62,9 +62,9 @@ def run(ctx) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from callbacks.ema import EMA, ema_weights
-    from datamodules import VideoDataModule
-    from lightning_modules.latte import Latte
+    from vidgen.callbacks.ema import EMA, ema_weights
+    from vidgen.datamodules import VideoDataModule
+    from vidgen.lightning_modules.latte import Latte
     from vidgen.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "latte"

@@ -54,9 +54,9 @@ def _batches(dm, split: str, n: int) -> list[dict]:
 
 
 def run(ctx) -> dict:
-    from datamodules import VideoDataModule
-    from lightning_modules.magvit import TASKS, MaskedVideoTransformer
-    from lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.datamodules import VideoDataModule
+    from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "magvit"

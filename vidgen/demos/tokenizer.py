@@ -32,10 +32,10 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     import yaml
     from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-    from callbacks.ema import EMA
-    from datamodules import VideoDataModule
-    from lightning_modules.nn.quantizers import CodebookUsage
-    from lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.callbacks.ema import EMA
+    from vidgen.datamodules import VideoDataModule
+    from vidgen.lightning_modules.nn.quantizers import CodebookUsage
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / subdir
