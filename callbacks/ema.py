@@ -41,7 +41,7 @@ weights under the model's own names) or ``raw_state_dict(ckpt)`` -- a strict ``l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -53,9 +53,8 @@ from vidgen.parallel import reshard_all
 
 __all__ = ["EMA", "EMAShadow", "EMA_PREFIX", "ema_weights", "ema_state_dict", "raw_state_dict", "ema_decay"]
 
-EMA_ATTR = "_ema"
-#: state_dict prefix of the EMA weights: ``EMA_PREFIX + <parameter name>``
-EMA_PREFIX = EMA_ATTR + "."
+# the EMA key rule (EMA_PREFIX, ema_state_dict, raw_state_dict) lives below models and callbacks alike
+from vidgen.lightning_modules.nn.checkpoint import EMA_ATTR, EMA_PREFIX, _model_state, ema_state_dict, raw_state_dict  # noqa: E402
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -211,36 +210,6 @@ def ema_weights(pl_module: nn.Module, enabled: bool = True) -> Iterator[bool]:
 # ---------------------------------------------------------------------------------------------------------
 # checkpoint helpers
 # ---------------------------------------------------------------------------------------------------------
-def _model_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(sd, Mapping):
-        raise TypeError("Expected a Lightning checkpoint dict (with 'state_dict') or a state dict.")
-    return sd
-
-
-def raw_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's own weights from a (consolidated) checkpoint or state dict, without the EMA entries."""
-    return {k: v for k, v in _model_state(checkpoint).items() if not k.startswith(EMA_PREFIX)}
-
-
-def ema_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's state dict with every averaged parameter replaced by its EMA, under the model's own names.
-
-    ``checkpoint``: a loaded (consolidated) Lightning checkpoint or its ``state_dict``. Entries without an EMA
-    (frozen parameters, buffers) are the raw ones. Without any EMA entry, returns the raw weights and warns.
-    """
-    sd = _model_state(checkpoint)
-    ema = {k[len(EMA_PREFIX) :]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}
-    raw = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
-    if not ema:
-        warnings.warn("Checkpoint has no EMA weights (no '_ema.*' keys); returning the raw weights.", stacklevel=2)
-        return raw
-    orphans = sorted(set(ema) - set(raw))
-    if orphans:
-        warnings.warn(f"EMA entries without a matching model entry are dropped: {orphans[:5]}", stacklevel=2)
-    return {k: ema.get(k, v) for k, v in raw.items()}
-
-
 def checkpoint_ema_names(path: Any) -> Optional[list[str]]:
     """Parameter names that have an EMA in the checkpoint at ``path`` (a file or a DCP directory).
 

@@ -37,9 +37,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -47,6 +46,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from vidgen.lightning_modules.nn.checkpoint import KeyReport, read_state_dict
 from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention, attention
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
@@ -631,7 +631,7 @@ class LatteTransformer(nn.Module):
             kind = "latte" if "temp_embed" in sd else "dit"
         _choice("init_kind", kind, ("latte", "dit"))
         own = self.state_dict()
-        report = KeyReport.compare(sd, own, source=name, kind=kind)
+        report = KeyReport.compare(sd, own, source=name, kind=kind, model="Latte")
         if kind == "latte":
             if report.missing or report.unexpected or report.mismatched:
                 raise KeyError(
@@ -667,73 +667,10 @@ def _rename_legacy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Network weights from an official Latte file (``ema`` preferred, else ``model``), a raw DiT/Latte state dict,
     or one of our Lightning checkpoints (EMA weights when present, ``model.`` prefix removed)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (weights load from local paths only)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - official files pickle an argparse Namespace next to the weights
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    if "ema" in obj and isinstance(obj["ema"], Mapping):
-        sd = dict(obj["ema"])
-    elif "model" in obj and isinstance(obj["model"], Mapping):
-        sd = dict(obj["model"])
-    elif "state_dict" in obj:  # a Lightning checkpoint of this module
-        from vidgen.callbacks.ema import ema_state_dict
-
-        sd = {k[len("model."):]: v for k, v in ema_state_dict(obj).items() if k.startswith("model.")}
-    else:
-        sd = dict(obj)
-    return _rename_legacy({k: v for k, v in sd.items() if isinstance(v, Tensor)})
-
-
-def _group(keys: list[str]) -> str:
-    counts = Counter(re.sub(r"\.\d+(\.|$)", r".*\1", k).split(".")[0] for k in keys)
-    return ", ".join(f"{k} {n}" for k, n in counts.items()) or "-"
-
-
-@dataclass
-class KeyReport:
-    """What a checkpoint load did: loaded keys, missing (kept at init), unexpected, and shape mismatches (dropped)."""
-
-    source: str = ""
-    kind: str = ""
-    loaded: list[str] = field(default_factory=list)
-    missing: list[tuple[str, tuple]] = field(default_factory=list)
-    unexpected: list[tuple[str, tuple]] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
-
-    @classmethod
-    def compare(cls, ckpt: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str = "", kind: str = "") -> KeyReport:
-        r = cls(source=source, kind=kind)
-        for k, v in own.items():
-            if k not in ckpt:
-                r.missing.append((k, tuple(v.shape)))
-            elif tuple(ckpt[k].shape) != tuple(v.shape):
-                r.mismatched.append((k, tuple(ckpt[k].shape), tuple(v.shape)))
-            else:
-                r.loaded.append(k)
-        r.unexpected = [(k, tuple(v.shape)) for k, v in ckpt.items() if k not in own]
-        return r
-
-    def table(self) -> str:
-        rows = [("status", "key", "checkpoint", "model")]
-        rows.append(("loaded", f"{len(self.loaded)} tensors ({_group(self.loaded)})", "", ""))
-        rows += [("missing (init kept)", k, "-", list(s)) for k, s in self.missing]
-        rows += [("shape differs (dropped)", k, list(a), list(b)) for k, a, b in self.mismatched]
-        rows += [("unexpected (ignored)", k, list(s), "-") for k, s in self.unexpected]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-        lines = [f"Latte <- {self.source} ({self.kind})"]
-        for i, r in enumerate(rows):
-            lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
+    sd = read_state_dict(path)
+    if any(k.startswith("model.") for k in sd):  # a Lightning checkpoint of this module
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return _rename_legacy(sd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
