@@ -319,7 +319,9 @@ class VideoDataModule(L.LightningDataModule):
         c = self.data_counters()
         metrics = {f"data/{k}": float(v) for k, v in c.items()}
         metrics["data/epoch"] = float(self._train_state["epoch"])
-        tr.logger.log_metrics(metrics, step=tr.global_step)
+        # the training losses' step axis (batches that stepped; a GAN's two optimizer steps per batch count once)
+        loop = getattr(getattr(tr, "fit_loop", None), "epoch_loop", None)
+        tr.logger.log_metrics(metrics, step=int(getattr(loop, "_batches_that_stepped", tr.global_step)))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -489,10 +489,14 @@ class VideoTokenizer(L.LightningModule):
             self.lecam.update(real_logits.detach(), fake_logits.detach())
             logs.update(d_adv=d_adv.detach(), loss_d=loss_d.detach(), logits_real=real_logits.detach().mean(),
                         logits_fake=fake_logits.detach().mean())
-        for s in scheds:
-            s.step()
+        # each schedule counts its own optimizer's steps: D's warmup starts at its first step (dcfg.start_step)
+        scheds[0].step()
+        if gan_on and len(scheds) > 1:
+            scheds[1].step()
         self.train_steps += 1
         logs["lr"] = torch.tensor(scheds[0].get_last_lr()[0])
+        if len(scheds) > 1:
+            logs["lr_d"] = torch.tensor(scheds[1].get_last_lr()[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=video.shape[0])
         self.log("train/rec", logs["rec_l2"], prog_bar=True, batch_size=video.shape[0])
         return loss_g.detach()
