@@ -144,6 +144,10 @@ class SourceStream:
             lst = tario.scan_local(url)
             if lst.truncated:
                 self.counters["truncated_shards"] = self.counters.get("truncated_shards", 0) + 1
+            if lst.incomplete:  # the sample cut by the truncation is bad (its complete neighbours are kept)
+                for k in ("seen", "truncated"):
+                    self.counters[k] = self.counters.get(k, 0) + lst.incomplete
+                _note_bad(self.counters, f"{os.path.basename(url)}: tar cut inside a sample")
             self._listings[url] = lst
             while len(self._listings) > 4:
                 self._listings.popitem(last=False)
