@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -293,6 +295,8 @@ class VideoStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None:
+            protect_worker()
         pid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         lw = (pid + self.rotate) % n
         quota = None if self.quotas is None else self.quotas.get(lw, 0)
@@ -415,6 +419,36 @@ class VideoStream(IterableDataset):
             "key": [s["key"] for s in samples],
             "_state": snap,
         }
+
+
+_PROTECTED: set[int] = set()
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def protect_worker() -> None:
+    """Make this DataLoader worker survive a preemption signal and die with its parent (once per process).
+
+    SLURM and ``scancel`` signal the whole process group: a worker that dies of SIGTERM makes the main process fail
+    ("DataLoader worker ... is killed by signal") before it can save. Workers ignore SIGTERM/SIGUSR1 and leave the
+    decision to the main process, which checkpoints and shuts them down. ``PR_SET_PDEATHSIG`` (Linux) kills a
+    worker when the main process dies without that shutdown (SIGKILL, OOM), instead of leaving it orphaned."""
+    pid = os.getpid()
+    if pid in _PROTECTED:
+        return
+    _PROTECTED.add(pid)
+    for name in PREEMPTION_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: torch's watchdog still ends the worker
+            return
+        if os.getppid() == 1:  # the parent died before the request took effect
+            os._exit(0)
 
 
 def split_quota(remaining: int, offset: int, n: int) -> dict[int, int]:
