@@ -63,13 +63,11 @@ def _init_args(ns) -> dict:
 def _make_cli_class():
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning.pytorch.cli import LightningArgumentParser
-
     from .runtime import (AtomicCheckpointIO, LastCheckpoint, PreemptionCheckpoint, RNGStateCheckpoint,
-                          remove_stale_temporaries, resume_checkpoint)
+                          remove_stale_temporaries)
 
     class VidgenArgumentParser(LightningArgumentParser):
         """Parser errors as one line naming the key (and the closest valid key), not a usage wall."""
