@@ -283,6 +283,7 @@ class VideoStream(IterableDataset):
 
     def __init__(self, sources: list[Source], cfg: StreamConfig, stages: StageTable):
         super().__init__()
+        _reap_workers_at_exit()
         self.sources, self.cfg, self.stages = sources, cfg, stages
         self.rank, self.world = 0, 1
         self.rotate = 0
@@ -422,7 +423,40 @@ class VideoStream(IterableDataset):
 
 
 _PROTECTED: set[int] = set()
+_REAPER: list[int] = []
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def _reap_workers_at_exit() -> None:
+    """In the main process, once: at exit, end daemonic children that ignored ``terminate()``.
+
+    multiprocessing ends daemonic children at exit with SIGTERM, then waits for them without a timeout; workers
+    that ignore SIGTERM (see :func:`protect_worker`) and were not shut down (an exception left their DataLoader
+    iterator alive) would make that wait endless. This hook runs first (atexit is last-in, first-out): SIGTERM,
+    a short grace period, then SIGKILL for what is left."""
+    if os.getpid() in _REAPER:
+        return
+    _REAPER.append(os.getpid())
+    import atexit
+
+    def reap():
+        import multiprocessing as mp
+        import time
+
+        if os.getpid() not in _REAPER:  # a forked child inherited the hook
+            return
+        kids = [p for p in mp.active_children() if p.daemon]
+        for p in kids:
+            p.terminate()
+        deadline = time.monotonic() + 1.0
+        for p in kids:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in kids:
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    atexit.register(reap)
 
 
 def protect_worker() -> None:

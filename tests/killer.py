@@ -30,7 +30,7 @@ class SignalInValidation(SignalAtStep):
 
     def __init__(self, step: int, log: str, delay: float = 1.0, signame: str = "SIGTERM", group: bool = True):
         super().__init__(step, signame, 0, group)
-        self.log, self.delay = log, delay
+        self.path, self.delay = log, delay
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pass
@@ -38,8 +38,19 @@ class SignalInValidation(SignalAtStep):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.sanity_checking:
             return
-        with open(self.log, "a") as f:
+        with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {batch_idx}\n")
         if trainer.global_step == self.step and batch_idx == 0:
             self._send()
         time.sleep(self.delay)
+
+
+class RaiseAtStep(Callback):
+    """A crash in training code (the DataLoader iterator is left to the exception's traceback)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash requested by the test")

@@ -36,6 +36,14 @@ def test_process_group_signal_saves_and_exits_0(tmp_path, shards, signame, worke
     assert _step_of(tmp_path / "runs/g/checkpoints/last.ckpt") == 3 == len(StreamProbe.read_keys(keys))
 
 
+def test_a_crash_with_signal_proof_workers_still_exits(tmp_path, shards):
+    """Workers ignore SIGTERM; a crash that leaves them running must not make the exit wait for them forever."""
+    crash = [{"class_path": "killer.RaiseAtStep", "init_args": {"step": 2}}]
+    probe_config(tmp_path / "c.yaml", shards, steps=50, workers=2, batch=1, callbacks=crash)
+    p = run_cli(["fit", "--config", "c.yaml"], cwd=tmp_path, check=False, new_session=True, timeout=280)
+    assert p.returncode == 1 and "crash requested by the test" in p.stderr
+
+
 def test_signal_during_validation_stops_it_and_resumes(tmp_path, shards):
     vlog = tmp_path / "val.log"
     killer = [{"class_path": "killer.SignalInValidation", "init_args": {"step": 2, "log": str(vlog), "delay": 1.0}}]

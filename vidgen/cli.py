@@ -213,7 +213,8 @@ def _make_cli_class():
                 print(f"[vidgen] resuming from {self.resume_from}", flush=True)
                 sub["ckpt_path"] = self.resume_from
             else:
-                print(f"[vidgen] --ckpt_path last: no checkpoint in {self.train_dir}; starting fresh", flush=True)
+                print(f"[vidgen] --ckpt_path last: no checkpoint at {os.path.join(self.train_dir, 'checkpoints')}; "
+                      "starting fresh", flush=True)
                 sub["ckpt_path"] = None
 
         def before_fit(self):
