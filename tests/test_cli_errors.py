@@ -10,7 +10,6 @@ import yaml
 from cliutil import probe_config
 from shardgen import write_shards
 from vidgen import cli
-from vidgen.runtime import resume_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +103,8 @@ def test_too_broken_data_is_one_line_with_the_traceback_in_the_log(capsys, tmp_p
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
+    from vidgen.runtime import resume_checkpoint
+
     ck = tmp_path / "checkpoints"
     ck.mkdir()
     assert resume_checkpoint(str(ck)) is None  # nothing saved yet: start fresh
