@@ -54,7 +54,7 @@ from vidgen.parallel import reshard_all
 __all__ = ["EMA", "EMAShadow", "EMA_PREFIX", "ema_weights", "ema_state_dict", "raw_state_dict", "ema_decay"]
 
 # the EMA key rule (EMA_PREFIX, ema_state_dict, raw_state_dict) lives below models and callbacks alike
-from vidgen.lightning_modules.nn.checkpoint import EMA_ATTR, EMA_PREFIX, _model_state, ema_state_dict, raw_state_dict  # noqa: E402
+from vidgen.lightning_modules.nn.checkpoint import EMA_ATTR, EMA_PREFIX, _model_state, ema_state_dict, raw_state_dict, safe_load  # noqa: E402
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -224,7 +224,7 @@ def checkpoint_ema_names(path: Any) -> Optional[list[str]]:
             prefix = "state_dict." + EMA_PREFIX
             return [k[len(prefix) :] for k in keys if k.startswith(prefix)]
         if p.is_file():
-            ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+            ckpt = safe_load(p, mmap=True)
             return [k[len(EMA_PREFIX) :] for k in _model_state(ckpt) if k.startswith(EMA_PREFIX)]
     except Exception as err:  # pragma: no cover - unreadable/remote: let the strategy report it
         warnings.warn(f"EMA: could not inspect checkpoint {path}: {err}", stacklevel=2)

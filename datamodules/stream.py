@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -144,6 +146,10 @@ class SourceStream:
             lst = tario.scan_local(url)
             if lst.truncated:
                 self.counters["truncated_shards"] = self.counters.get("truncated_shards", 0) + 1
+            if lst.incomplete:  # the sample cut by the truncation is bad (its complete neighbours are kept)
+                for k in ("seen", "truncated"):
+                    self.counters[k] = self.counters.get(k, 0) + lst.incomplete
+                _note_bad(self.counters, f"{os.path.basename(url)}: tar cut inside a sample")
             self._listings[url] = lst
             while len(self._listings) > 4:
                 self._listings.popitem(last=False)
@@ -235,6 +241,15 @@ class SourceStream:
             self._fh = None
 
 
+def bucket_key(key) -> tuple:
+    """``(source, stage, kind, shape)`` as a hashable tuple of plain values.
+
+    A worker's snapshot travels through the DataLoader, whose conversion turns tuples into lists (and a resumed
+    snapshot comes back from the checkpoint the same way), so the key is rebuilt at every level."""
+    si, sid, kind, shape = key
+    return int(si), int(sid), str(kind), tuple(int(x) for x in shape)
+
+
 def use_sample_split(num_shards: int, nslots: int, split_by: str) -> bool:
     """Shard-level split unless it would be unbalanced: fewer shards than slots, or a remainder that is large
     relative to the shards each slot gets (then every slot reads every shard and keeps every S-th sample)."""
@@ -268,6 +283,7 @@ class VideoStream(IterableDataset):
 
     def __init__(self, sources: list[Source], cfg: StreamConfig, stages: StageTable):
         super().__init__()
+        _reap_workers_at_exit()
         self.sources, self.cfg, self.stages = sources, cfg, stages
         self.rank, self.world = 0, 1
         self.rotate = 0
@@ -280,6 +296,8 @@ class VideoStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None:
+            protect_worker()
         pid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         lw = (pid + self.rotate) % n
         quota = None if self.quotas is None else self.quotas.get(lw, 0)
@@ -301,9 +319,9 @@ class VideoStream(IterableDataset):
         buckets: OrderedDict[tuple, list] = OrderedDict()
         if state:  # re-read the samples that were held in buckets, by position
             for bkey, refs in state["pending"]:
-                bkey = tuple(bkey)
+                bkey = bucket_key(bkey)
                 for ref in refs:
-                    si, pos = ref[0], ref[1:]
+                    si, pos = int(ref[0]), [int(x) for x in ref[1:]]
                     got = streams[si].read_at(*pos)
                     sample = self._decode(streams[si], got, pos, self.spec_for(self.stages.rows()[bkey[1]]), counters, recount=False)
                     buckets.setdefault(bkey, []).append((sample, [si, *pos]))
@@ -331,7 +349,7 @@ class VideoStream(IterableDataset):
                             raise BadDataError(f"source {self.sources[si].name!r}: no usable samples in a full pass "
                                                f"({failures} tried). Examples: {examples}")
                         continue
-                    bkey = (si, sid, sample["kind"], tuple(main_tensor(sample).shape))
+                    bkey = bucket_key((si, sid, sample["kind"], main_tensor(sample).shape))
                     bucket = buckets.setdefault(bkey, [])
                     bucket.append((sample, [si, *pos]))
                     if len(bucket) >= bs:
@@ -402,6 +420,69 @@ class VideoStream(IterableDataset):
             "key": [s["key"] for s in samples],
             "_state": snap,
         }
+
+
+_PROTECTED: set[int] = set()
+_REAPER: list[int] = []
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def _reap_workers_at_exit() -> None:
+    """In the main process, once: at exit, end daemonic children that ignored ``terminate()``.
+
+    multiprocessing ends daemonic children at exit with SIGTERM, then waits for them without a timeout; workers
+    that ignore SIGTERM (see :func:`protect_worker`) and were not shut down (an exception left their DataLoader
+    iterator alive) would make that wait endless. This hook runs first (atexit is last-in, first-out): SIGTERM,
+    a short grace period, then SIGKILL for what is left."""
+    if os.getpid() in _REAPER:
+        return
+    _REAPER.append(os.getpid())
+    import atexit
+
+    def reap():
+        import multiprocessing as mp
+        import time
+
+        if os.getpid() not in _REAPER:  # a forked child inherited the hook
+            return
+        kids = [p for p in mp.active_children() if p.daemon]
+        for p in kids:
+            p.terminate()
+        deadline = time.monotonic() + 1.0
+        for p in kids:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in kids:
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    atexit.register(reap)
+
+
+def protect_worker() -> None:
+    """Make this DataLoader worker survive a preemption signal and die with its parent (once per process).
+
+    SLURM and ``scancel`` signal the whole process group: a worker that dies of SIGTERM makes the main process fail
+    ("DataLoader worker ... is killed by signal") before it can save. Workers ignore SIGTERM/SIGUSR1 and leave the
+    decision to the main process, which checkpoints and shuts them down. ``PR_SET_PDEATHSIG`` (Linux) kills a
+    worker when the main process dies without that shutdown (SIGKILL, OOM), instead of leaving it orphaned."""
+    pid = os.getpid()
+    if pid in _PROTECTED:
+        return
+    _PROTECTED.add(pid)
+    for name in PREEMPTION_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: torch's watchdog still ends the worker
+            return
+        if os.getppid() == 1:  # the parent died before the request took effect
+            os._exit(0)
 
 
 def split_quota(remaining: int, offset: int, n: int) -> dict[int, int]:

@@ -51,7 +51,7 @@ from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention, atten
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
-from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
+from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig, spatial_factor_of
 from vidgen.parallel import ParallelizableMixin
 
 __all__ = [
@@ -798,9 +798,22 @@ class Latte(ParallelizableMixin, L.LightningModule):
         _choice("patch_size", a["patch_size"], (2, 4, 8))
         _choice("sampler", a["sampler"], ("ddpm", "ddim"))
         _choice("init_kind", a["init_kind"], ("auto", "latte", "dit"))
-        probe = _network_kwargs(a)  # latent sizes are known once the VAE is loaded; probe the structural rules
+        probe = _network_kwargs(a)  # the structural rules, with the real latent size when the VAE's config tells it
         probe.update(input_size=a["patch_size"], num_frames=a["tube_stride"], in_channels=4)
         LatteConfig(**probe)
+        try:
+            factor = spatial_factor_of(VAEConfig.coerce(a["vae"]))
+        except (ValueError, TypeError):  # a bad vae setting: reported below
+            factor = None
+        if factor:
+            res = _square(a["resolution"])
+            if res % factor:
+                raise LatteConfigError(f"resolution={res} is not a multiple of the VAE's spatial factor {factor}")
+            try:
+                LatteConfig(**{**probe, "input_size": res // factor})
+            except LatteConfigError as e:
+                raise LatteConfigError(f"{e} (latent size {res // factor} = resolution {res} / VAE spatial factor "
+                                       f"{factor}); pick a resolution whose latent size is a multiple of the patch size") from None
         if a["condition"] == "none" and a["cfg_scale"] != 1.0:
             raise LatteConfigError("cfg_scale != 1 needs a condition; an unconditional Latte samples with cfg_scale 1")
         if a["condition"] == "class" and a["cfg_scale"] != 1.0 and a["class_dropout_prob"] <= 0:

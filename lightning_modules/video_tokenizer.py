@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from .nn.checkpoint import safe_load
 from .nn.conv3d import ArchConfig, ConfigError, Decoder, Encoder, ResBlock, causal_param_names
 from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
@@ -355,7 +356,7 @@ class VideoTokenizer(L.LightningModule):
     @classmethod
     def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoTokenizer":
         """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = safe_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt:
             raise ValueError(f"{path} has no hyper_parameters; it is not a VideoTokenizer checkpoint")
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
@@ -375,7 +376,7 @@ class VideoTokenizer(L.LightningModule):
         """Initialise from a 2D (per-frame) checkpoint of the same layout (§1.11): generator, discriminator, LeCam
         anchors and — when the checkpoint has them — the EMA weights (the EMA buffers are attached here so the EMA
         callback keeps them).  Causal kernels take the 2D kernel in their last temporal slice (§5.2)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path)
         arch2 = (ckpt.get("hyper_parameters") or {}).get("arch")
         if arch2 is not None:
             a2 = _coerce(ArchConfig, arch2)

@@ -27,11 +27,11 @@ def probe_config(path, shards, *, steps, workers=0, batch=2, devices=1, keys_log
     return path
 
 
-def run_cli(args, cwd, script="vidgen", timeout=300, check=True):
+def run_cli(args, cwd, script="vidgen", timeout=300, check=True, new_session=False):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests") + os.pathsep + ROOT, OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     p = subprocess.run([os.path.join(BIN, script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, start_new_session=new_session)  # own process group: killpg hits only it
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p

@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from vidgen.lightning_modules.nn.checkpoint import safe_load
+
 __all__ = [
     "consolidate_main",
     "export_main",
@@ -68,11 +70,9 @@ def consolidate_checkpoint(ckpt_dir: os.PathLike | str, out: os.PathLike | str) 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp_to_torch_save(str(ckpt_dir), tmp)  # all shards, full tensors, original nesting
-        content = torch.load(tmp, map_location="cpu", mmap=True, weights_only=False)
+        content = safe_load(tmp, mmap=True)
         meta_path = ckpt_dir / META_FILENAME
-        checkpoint: dict[str, Any] = (
-            torch.load(meta_path, map_location="cpu", weights_only=False) if meta_path.is_file() else {}
-        )
+        checkpoint: dict[str, Any] = safe_load(meta_path) if meta_path.is_file() else {}
         checkpoint["state_dict"] = content.pop("state_dict", {})
         opt_keys = sorted((k for k in content if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
         if opt_keys:
@@ -118,9 +118,9 @@ def load_model_state_dict(path: os.PathLike | str) -> dict[str, Any]:
         _require_sharded(p)
         return _load_sharded_model_state(p)
     try:
-        checkpoint = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = safe_load(p, mmap=True)
     except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(p, map_location="cpu", weights_only=False)
+        checkpoint = safe_load(p)
     return checkpoint["state_dict"] if isinstance(checkpoint, dict) and "state_dict" in checkpoint else checkpoint
 
 

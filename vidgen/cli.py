@@ -1,19 +1,27 @@
 """``vidgen`` / ``lightning`` command line.
 
 ``vidgen fit|validate|test|predict --config A.yaml [--config B.yaml ...]`` is LightningCLI in subclass mode (model and
-data are chosen by ``class_path``), with OmegaConf interpolation, configs that merge left to right, and values shared
-by data and model linked (data is the source of truth).  Every run gets ``<run_root>/<name>/`` holding
-``config.yaml``, ``checkpoints/last.ckpt`` plus periodic step checkpoints, and TensorBoard logs.
+data are chosen by ``class_path``), with OmegaConf interpolation resolved after the configs merge left to right
+(``omegaconf+``), and values shared by data and model linked (data is the source of truth; ``--print_config`` shows
+the linked values).  Every training run gets ``<run_root>/<name>/`` holding ``config.yaml``,
+``checkpoints/last.ckpt`` plus periodic step checkpoints, and TensorBoard logs; a fresh run never reuses a run
+directory (the next version is ``<name>-v1``, ...), ``--ckpt_path last`` resumes the latest version, and
+``validate``/``test``/``predict`` write into ``<run>/<subcommand>[-vN]/``.  Errors in the configs are one line
+(exit 2); a dataset that is too broken is one line (exit 1) with the traceback in ``<run>/error.log``.
 
 ``vidgen <tool> ...`` runs the tools listed in ``TOOLS``.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -55,10 +63,19 @@ def _init_args(ns) -> dict:
 def _make_cli_class():
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .runtime import AtomicCheckpointIO, PreemptionCheckpoint, RNGStateCheckpoint
+    from .runtime import (AtomicCheckpointIO, LastCheckpoint, PreemptionCheckpoint, RNGStateCheckpoint,
+                          remove_stale_temporaries)
+
+    class VidgenArgumentParser(LightningArgumentParser):
+        """Parser errors as one line naming the key (and the closest valid key), not a usage wall."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # nested parsers that report to their parent
+                return super().error(message, ex)
+            _parser_error(self, message, ex)
 
     class RunDirSaveConfig(SaveConfigCallback):
         """Writes ``config.yaml`` into the run directory, replacing it on requeue."""
@@ -79,9 +96,18 @@ def _make_cli_class():
             super().__init__(
                 LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                 save_config_callback=RunDirSaveConfig, save_config_kwargs={"overwrite": True},
-                parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=run, auto_configure_optimizers=False,
+                parser_kwargs={"parser_mode": "omegaconf+"}, args=args, run=run, auto_configure_optimizers=False,
                 seed_everything_default=0,  # reproducible by default; the seed is saved in config.yaml
             )
+
+        def init_parser(self, **kwargs):
+            from jsonargparse import ActionConfigFile
+
+            kwargs.setdefault("description", _LINK_NOTE)
+            parser = VidgenArgumentParser(**kwargs)
+            parser.add_argument("-c", "--config", action=ActionConfigFile,
+                                help="a YAML config; several merge left to right")
+            return parser
 
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--name", type=str | None, default=None,
@@ -93,25 +119,42 @@ def _make_cli_class():
         # -------------------------------------------------------------- before any work
         def before_instantiate_classes(self):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            try:
+                _check_flags(cfg)
+                self._link_and_validate(cfg, validate=not _PRINT_CONFIG)
+                if not _PRINT_CONFIG:
+                    self._choose_run_dir(cfg)
+            except Exception as e:  # noqa: BLE001 - reported as a config error before any work
+                if isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)):
+                    _fail(f"config error: {e}")
+                raise
+            if _PRINT_CONFIG:  # --print_config after linking: shows the values the model will get
+                _print_config(self.parser._subcommands_action._name_parser_map[self.subcommand]
+                              if self.subcommand else self.parser, cfg, _PRINT_CONFIG)
+
+        def _choose_run_dir(self, cfg):
+            """``self.run_dir``: where this command writes (see :func:`choose_run_dir`)."""
             name = cfg.get("name")
             if not name:
                 configs = cfg.get("config") or []
                 name = Path(str(configs[0])).stem if configs else "run"
                 cfg.name = name
-            self.run_dir = os.path.abspath(os.path.join(cfg.get("run_root") or "runs", name))
-            if cfg.trainer.get("default_root_dir") in (None, "", os.getcwd()):
-                cfg.trainer.default_root_dir = self.run_dir
-            else:
-                self.run_dir = os.path.abspath(cfg.trainer.default_root_dir)
+            root = cfg.trainer.get("default_root_dir")
+            base = os.path.join(cfg.get("run_root") or "runs", name) if root in (None, "", os.getcwd()) else root
+            self.run_dir, self.train_dir, self.resume_from = choose_run_dir(
+                base, self.subcommand or "fit", cfg.get("ckpt_path"))
+            cfg.trainer.default_root_dir = self.run_dir
+            _STATE["run_dir"] = self.run_dir
+
+        def instantiate_classes(self):
             try:
-                self._link_and_validate(cfg)
-            except Exception as e:  # noqa: BLE001 - reported as a config error before any work
-                if isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)):
-                    print(f"vidgen: config error: {e}", file=sys.stderr)
-                    sys.exit(2)
+                super().instantiate_classes()
+            except Exception as e:  # a model's own config check that needs more than the config (e.g. a VAE)
+                if type(e).__name__.endswith("ConfigError"):
+                    _fail(f"config error: {e}")
                 raise
 
-        def _link_and_validate(self, cfg):
+        def _link_and_validate(self, cfg, validate: bool = True):
             data_ns, model_ns = cfg.get("data"), cfg.get("model")
             data_cls = _import(data_ns.class_path) if data_ns is not None and data_ns.get("class_path") else None
             model_cls = _import(model_ns.class_path) if model_ns is not None and model_ns.get("class_path") else None
@@ -129,6 +172,8 @@ def _make_cli_class():
                             )
                         model_ns.init_args[key] = data_args[key]
                         model_args[key] = data_args[key]
+            if not validate:
+                return
             if data_cls is not None and self.subcommand in (None, "fit", "validate", "test", "predict"):
                 data_cls(**data_args)  # validates choices and resolves shard patterns; reads no samples
             if model_cls is not None and hasattr(model_cls, "validate_config"):
@@ -146,9 +191,9 @@ def _make_cli_class():
                 callbacks = list(callbacks) + [
                     # no version counter: last.ckpt is always *the* latest (the preemption save writes it too);
                     # versioning would leave a stale last.ckpt beside last-v1.ckpt and resume from the stale one
-                    ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                                    every_n_train_steps=every, save_top_k=-1, save_last=True,
-                                    enable_version_counter=False)
+                    LastCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                                   every_n_train_steps=every, save_top_k=-1, save_last=True,
+                                   enable_version_counter=False)
                 ]
             callbacks = list(callbacks) + [PreemptionCheckpoint(os.path.join(ckpt_dir, "last.ckpt")), RNGStateCheckpoint()]
             plugins = config.get("plugins") or []
@@ -162,21 +207,29 @@ def _make_cli_class():
 
         def _resolve_ckpt(self):
             sub = self.config_init[self.subcommand]
-            if sub.get("ckpt_path") == "last":
-                path = os.path.join(self.run_dir, "checkpoints", "last.ckpt")
-                if os.path.exists(path):
-                    print(f"[vidgen] resuming from {path}", flush=True)
-                    sub["ckpt_path"] = path
-                else:
-                    print(f"[vidgen] --ckpt_path last: no checkpoint at {path}; starting fresh", flush=True)
-                    sub["ckpt_path"] = None
+            if sub.get("ckpt_path") != "last":
+                return
+            if self.resume_from is not None:
+                print(f"[vidgen] resuming from {self.resume_from}", flush=True)
+                sub["ckpt_path"] = self.resume_from
+            else:
+                print(f"[vidgen] --ckpt_path last: no checkpoint at {os.path.join(self.train_dir, 'checkpoints')}; "
+                      "starting fresh", flush=True)
+                sub["ckpt_path"] = None
 
         def before_fit(self):
             self._resolve_ckpt()
             if self.trainer.is_global_zero:
+                for p in remove_stale_temporaries(os.path.join(self.run_dir, "checkpoints")):
+                    print(f"[vidgen] removed {p} (left by a save that was killed)", flush=True)
                 print(f"[vidgen] run directory: {self.run_dir}", flush=True)
 
-        before_validate = before_test = before_predict = _resolve_ckpt
+        def _before_eval(self):
+            self._resolve_ckpt()
+            if self.trainer.is_global_zero:
+                print(f"[vidgen] {self.subcommand} outputs: {self.run_dir}", flush=True)
+
+        before_validate = before_test = before_predict = _before_eval
 
     return VidgenCLI
 
@@ -189,10 +242,301 @@ def _norm(v):
     return v
 
 
+# ------------------------------------------------------------------------------------------------ run directories
+RUN_MARKERS = ("config.yaml", "checkpoints", "tb")  # what makes a directory hold a run
+
+
+def holds_run(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS)
+
+
+def run_versions(base: str) -> list[str]:
+    """The versions of a run that exist: ``base`` (version 0), ``base-v1``, ``base-v2``, ... oldest first."""
+    found = [(0, base)] if holds_run(base) else []
+    parent, stem = os.path.split(os.path.abspath(base))
+    if os.path.isdir(parent):
+        for entry in os.listdir(parent):
+            m = re.fullmatch(re.escape(stem) + r"-v(\d+)", entry)
+            if m and holds_run(os.path.join(parent, entry)):
+                found.append((int(m.group(1)), os.path.join(parent, entry)))
+    return [os.path.abspath(p) for _, p in sorted(found)]
+
+
+def next_version(base: str) -> str:
+    """``base`` when it holds no run yet, else the first ``base-vN`` after the latest version."""
+    versions = run_versions(base)
+    if not versions:
+        return os.path.abspath(base)
+    last = versions[-1]
+    m = re.search(r"-v(\d+)$", last) if last != os.path.abspath(base) else None
+    return f"{os.path.abspath(base)}-v{int(m.group(1)) + 1 if m else 1}"
+
+
+def _nonzero_rank() -> bool:
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+def choose_run_dir(base: str, subcommand: str, ckpt_path: str | None) -> tuple[str, str, str | None]:
+    """(where this command writes, the training run it belongs to, the checkpoint ``--ckpt_path last`` resumes).
+
+    ``fit`` never reuses a run directory unless it resumes: a fresh run into ``base`` that holds a run goes to the
+    next version ``base-vN``; ``--ckpt_path last`` continues the latest version. ``validate``/``test``/``predict``
+    belong to the latest version and write into its ``<subcommand>[-vN]/`` subfolder, never into its files.
+    The choice is made before anything is written and handed to ranks launched later through the environment."""
+    inherited = os.environ.get("VIDGEN_RUN_DIR") if _nonzero_rank() else None
+    versions = run_versions(base)
+    latest = versions[-1] if versions else os.path.abspath(base)
+    if subcommand == "fit":
+        train_dir = inherited or (latest if ckpt_path == "last" else next_version(base))
+        run_dir = train_dir
+        if not inherited and versions and ckpt_path != "last" and train_dir != versions[-1]:
+            _say(f"[vidgen] {versions[-1]} holds an earlier run; this fresh run is {train_dir} "
+                 "(resume the latest with --ckpt_path last)")
+    else:
+        train_dir = os.environ.get("VIDGEN_TRAIN_DIR", latest) if inherited else latest
+        run_dir = inherited or next_version(os.path.join(train_dir, subcommand))
+    resume = resume_checkpoint_in(train_dir) if ckpt_path == "last" else None
+    os.environ["VIDGEN_RUN_DIR"], os.environ["VIDGEN_TRAIN_DIR"] = run_dir, train_dir  # for ranks launched later
+    return run_dir, train_dir, resume
+
+
+def resume_checkpoint_in(run_dir: str) -> str | None:
+    from .runtime import resume_checkpoint
+
+    return resume_checkpoint(os.path.join(run_dir, "checkpoints"), warn=_say)
+
+
+def _say(msg: str) -> None:
+    if not _nonzero_rank():
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ errors and checks
+_STATE: dict = {}
+_PRINT_CONFIG: str | None = None  # "--print_config[=flags]" taken off the command line, printed after linking
+_LINK_NOTE = ("Values shared by data and model are linked: data.init_args.{" + ",".join(LINKED_KEYS) + "} -> "
+              "model.init_args.* (set them once under data; --print_config shows the linked values). A later --config's "
+              "trainer.callbacks replaces the earlier list: append with --trainer.callbacks+=CLASS instead.")
+
+
+def _fail(message: str, code: int = 2, hint: str | None = None):
+    print(f"vidgen: {message}", file=sys.stderr)
+    if hint:
+        print(hint, file=sys.stderr)
+    sys.exit(code)
+
+
+def _check_flags(cfg) -> None:
+    every = cfg.get("checkpoint_every_n_steps")
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ConfigError(f"--checkpoint_every_n_steps must be a positive integer (training steps between periodic "
+                          f"checkpoints; last.ckpt is always kept), got {every!r}")
+
+
+def _parser_keys(parser, prefix: str = "") -> list[str]:
+    keys = []
+    for action in getattr(parser, "_actions", []):
+        dest = getattr(action, "dest", None)
+        if dest and dest not in ("help", "config", "print_config") and not dest.startswith("=="):
+            keys.append(prefix + dest)
+    return keys
+
+
+def _class_params(class_path: str) -> list[str]:
+    try:
+        cls = _import(class_path)
+        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")]
+    except Exception:  # noqa: BLE001 - only for suggestions
+        return []
+
+
+_NOISE = ("Parser key", "Does not validate against", "Subtypes:", "Errors:", "Given value type:",
+          "- Expected a <class 'NoneType'>", "Expected a <class 'NoneType'>")
+
+
+def _condense(message: str) -> str:
+    """jsonargparse's nested explanation as one line: the key, the reasons and the given value."""
+    text = str(message)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "invalid arguments"
+    keys = re.findall(r'[Pp]arser key "([^"]+)"', text)
+    classes = re.findall(r"class_path '([\w.]+)'", text)
+    parts = []
+    for ln in lines:
+        if ln.startswith(_NOISE) or "Problem with given class_path" in ln:
+            continue
+        ln = re.sub(r"^- ", "", ln)
+        ln = re.sub(r"NestedArg\(key='([^']*)', val=(.*)\)$", r"\1=\2", ln)
+        if ln.startswith("Given value:") and len(ln) > 80:
+            continue
+        if ln not in parts:
+            parts.append(ln)
+    head = f'key "{keys[-1]}"' if keys else ""
+    if classes:
+        head += f" ({classes[-1]})"
+    out = (head + ": " if head else "") + "; ".join(parts)
+    return out if len(out) <= 600 else out[:600] + "..."
+
+
+def _closest_key(parser, message: str) -> str | None:
+    """"did you mean" for an unknown key: among the parser's keys, or the init_args of a class the message names."""
+    unknown = re.findall(r"--([\w.]+)", message) + re.findall(r'key "([\w.]+)"', message) \
+        + re.findall(r"key '([\w.]+)'", message) + re.findall(r"Option '([\w.]+)' is not accepted", message)
+    if not unknown:
+        return None
+    classes = re.findall(r"class_path '([\w.]+)'", message)
+    for key in unknown:
+        leaf = key.rsplit(".", 1)[-1]
+        for cp in classes:
+            close = difflib.get_close_matches(leaf, _class_params(cp), n=1, cutoff=0.6)
+            if close and close[0] != leaf:
+                return f"did you mean {close[0]!r} (an argument of {cp})?"
+        candidates = _parser_keys(parser)
+        for sub in ("model", "data"):  # init_args of the classes chosen on the command line / in configs
+            cp = _STATE.get(f"{sub}_class_path")
+            if cp:
+                candidates += [f"{sub}.init_args.{k}" for k in _class_params(cp)]
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if close and close[0] != key:
+            return f"did you mean --{close[0]}?"
+    return None
+
+
+def _parser_error(parser, message: str, ex: Exception | None = None):
+    if os.environ.get("VIDGEN_DEBUG_PARSER"):
+        print(f"[raw parser message]\n{message}", file=sys.stderr)
+    line = _condense(message)
+    hint = _closest_key(parser, str(message))
+    prog = (parser.prog or "vidgen").replace(" [options]", "")
+    _fail(f"config error: {line}", 2, (hint + " " if hint else "") + f"(all options: {prog} --help)")
+
+
+def _print_config(parser, cfg, flags: str) -> None:
+    skip_none = "skip_null" in flags
+    sys.stdout.write(parser.dump(cfg, skip_none=skip_none, skip_validation=True))
+    sys.stdout.flush()
+    sys.exit(0)
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+    return files
+
+
+def _callback_names(callbacks) -> list[str]:
+    out = []
+    for c in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cp = c.get("class_path") if isinstance(c, dict) else (c if isinstance(c, str) else None)
+        if cp:
+            out.append(cp.rsplit(".", 1)[-1])
+    return out
+
+
+def check_config_files(argv: list[str]) -> list[str]:
+    """Before LightningCLI parses: a YAML syntax error names its file (exit 2); returns warnings for stacked configs
+    whose ``trainer.callbacks`` replaces (and so drops) callbacks an earlier config had."""
+    import yaml
+
+    warnings_, have, source = [], [], None
+    for path in _config_files(argv):
+        if not os.path.isfile(path):
+            continue  # the parser reports a missing file itself
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            _fail(f"config error: {path}:{where}: YAML syntax error: {problem}")
+        if not isinstance(doc, dict):
+            continue
+        for sub in ("model", "data"):
+            if isinstance(doc.get(sub), dict) and doc[sub].get("class_path"):
+                _STATE[f"{sub}_class_path"] = doc[sub]["class_path"]
+        trainer = doc.get("trainer")
+        if isinstance(trainer, dict) and "callbacks" in trainer:
+            now = _callback_names(trainer["callbacks"] or [])
+            dropped = [c for c in have if c not in now]
+            if dropped:
+                warnings_.append(
+                    f"vidgen: warning: {path} sets trainer.callbacks, which replaces the list of {source} and drops "
+                    f"{', '.join(dropped)}. Repeat them in {path}, or add callbacks on the command line with "
+                    "--trainer.callbacks+=CLASS (which appends).")
+            have, source = now, path
+    return warnings_
+
+
+class _NoTips(logging.Filter):
+    """Lightning's promotional "Tip" lines are not ours to print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.getMessage())[:16]
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "lightning_utilities.core.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
+def _data_error(e: BaseException) -> int:
+    """A dataset that is too broken: its message on one line, the traceback in ``<run>/error.log``; exit 1."""
+    msg = str(e)
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker with the worker's traceback inside
+        msg = msg.rsplit(f"{type(e).__name__}: ", 1)[-1]
+    msg = " ".join(msg.split())
+    where = ""
+    run_dir = _STATE.get("run_dir")
+    if run_dir and not _nonzero_rank():
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            log_path = os.path.join(run_dir, "error.log")
+            with open(log_path, "a") as f:
+                f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            where = f" (traceback in {log_path})"
+        except OSError:
+            pass
+    print(f"vidgen: data error: {msg}{where}", file=sys.stderr)
+    return 1
+
+
 def lightning_main(argv: list[str] | None = None) -> int:
     """The ``lightning`` console script: the same LightningCLI as ``vidgen fit|validate|test|predict``."""
-    argv = sys.argv[1:] if argv is None else argv
-    _make_cli_class()(args=argv)
+    global _PRINT_CONFIG
+    from vidgen.datamodules.stream import BadDataError
+
+    from .runtime import Preempted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _STATE.clear()
+    _PRINT_CONFIG = None
+    for a in list(argv):
+        if a == "--print_config" or a.startswith("--print_config="):
+            argv.remove(a)
+            _PRINT_CONFIG = a.partition("=")[2] or "print"
+    for w in check_config_files(argv):
+        print(w, file=sys.stderr)
+    _quiet_lightning()
+    cli_class = _make_cli_class()
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "vidgen", *argv]  # LightningCLI reads sys.argv (no args warning)
+    try:
+        cli_class(args=None)
+    except Preempted:  # pragma: no cover - Lightning versions without a clean-exit exception
+        pass
+    except BadDataError as e:
+        return _data_error(e)
+    finally:
+        sys.argv = saved_argv
     return 0
 
 

@@ -33,8 +33,9 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs a class that weights-only loading does not allow."""
 
 
-def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Sequence = ()):
-    """Load ``path`` without arbitrary code execution (see the module docstring)."""
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Sequence = (),
+              mmap: bool = False):
+    """Load ``path`` without arbitrary code execution (see the module docstring); ``mmap``: map tensors lazily."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist (weights load from local paths only)")
@@ -44,7 +45,7 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
         return load_file(path, device=str(map_location))
     try:
         with torch.serialization.safe_globals([*ALLOWED_GLOBALS, *extra_globals]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = found.group(1) if found else "an object"

@@ -18,6 +18,7 @@ path (a LightningModule may leave them out of its checkpoints).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -73,6 +74,30 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"unknown vae keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**value)
+
+
+def spatial_factor_of(cfg: VAEConfig) -> int | None:
+    """The VAE's spatial downsampling read from its config alone (no weights): for config checks before any model
+    is built. None when it cannot be known without loading (a missing or unreadable file)."""
+    try:
+        if cfg.kind == "pixels":
+            return int(cfg.factor)
+        if cfg.kind == "diffusers" and cfg.path:
+            for sub in ("vae", ""):
+                p = os.path.join(cfg.path, sub, "config.json")
+                if os.path.isfile(p):
+                    with open(p) as f:
+                        return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        if cfg.kind == "tokenizer" and cfg.path and os.path.isfile(cfg.path):
+            from .checkpoint import safe_load
+            from .conv3d import ArchConfig
+
+            arch = (safe_load(cfg.path, mmap=True).get("hyper_parameters") or {}).get("arch")
+            if arch is not None:
+                return int((arch if isinstance(arch, ArchConfig) else ArchConfig(**dict(arch))).spatial_factor)
+    except Exception:  # noqa: BLE001 - unknown here; the model reports it when it loads the VAE
+        return None
+    return None
 
 
 class LatentAutoencoder(nn.Module):

@@ -63,6 +63,7 @@ def run(ctx) -> dict:
     from lightning.pytorch.callbacks import Callback
 
     from vidgen.callbacks.ema import EMA, ema_weights
+    from vidgen.runtime import run_layout
     from vidgen.datamodules import VideoDataModule
     from vidgen.lightning_modules.latte import Latte
     from vidgen.media import save_video_grid_mp4, write_grid_png
@@ -100,8 +101,8 @@ def run(ctx) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small is bound by per-op overhead: one thread is fastest (restored below)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=150 if ctx.fast else 1500,
-                        max_time={"seconds": budget}, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=0.99), Record()])
+                        max_time={"seconds": budget}, enable_progress_bar=False, enable_model_summary=False,
+                        **run_layout(str(out), [EMA(decay=0.99), Record()]))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True)
     t0 = time.perf_counter()
     try:
@@ -113,7 +114,7 @@ def run(ctx) -> dict:
         ctx.log(f"{steps} steps in {train_s:.0f}s ({steps / train_s:.1f} steps/s); loss {first:.3f} -> {last:.3f} "
                 f"(mean of the first/last {k})")
         (out / "loss.txt").write_text("\n".join(f"{i} {v:.5f}" for i, v in enumerate(losses)) + "\n")
-        trainer.save_checkpoint(str(out / "latte_tiny.ckpt"))
+        trainer.save_checkpoint(str(out / "latte_tiny.ckpt"), weights_only=False)
 
         shown = min(CLASSES_SHOWN, num_classes)
         g = torch.Generator().manual_seed(ctx.seed)

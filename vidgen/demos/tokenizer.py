@@ -33,6 +33,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     from torchmetrics.image import StructuralSimilarityIndexMeasure
 
     from vidgen.callbacks.ema import EMA
+    from vidgen.runtime import run_layout
     from vidgen.datamodules import VideoDataModule
     from vidgen.lightning_modules.nn.quantizers import CodebookUsage
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -55,9 +56,9 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
             else f"latents {model.latent_shape(T, R, R)}")
     ctx.log(f"{title}: {T}x{R}^2 -> {grid}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k params (G + D); {batches} batches")
-    trainer = L.Trainer(max_steps=batches + (batches - batches // 2),  # G steps + D steps accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[EMA(decay=0.99, warmup_steps=batches)], default_root_dir=str(out))
+    trainer = L.Trainer(max_steps=batches + (batches - batches // 2),  # G steps + D steps
+                        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, **run_layout(str(out), [EMA(decay=0.99, warmup_steps=batches)]))
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     dt = time.perf_counter() - t0
@@ -65,7 +66,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     ctx.log(f"trained {model.train_steps} batches in {dt:.0f}s ({model.train_steps / dt:.2f} batches/s); last "
             f"L2 {float(m.get('train/rec_l2', float('nan'))):.4f}, D loss {float(m.get('train/loss_d', float('nan'))):.3f}")
     ckpt = out / f"{subdir}_tiny.ckpt"
-    trainer.save_checkpoint(str(ckpt))
+    trainer.save_checkpoint(str(ckpt), weights_only=False)
 
     tok = VideoTokenizer.load_frozen(str(ckpt))  # EMA weights, eval mode
     usage = CodebookUsage(tok.codebook_size) if tok.codebook_size else None
