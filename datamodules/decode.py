@@ -1,4 +1,5 @@
-"""Sample decoding: clip sampling, decord (PyAV fallback) from memory, resize/crop/flip, metadata.
+"""Sample decoding: clip sampling, decoding from memory (``media.FrameReader``: decord, PyAV fallback),
+resize/crop/flip, metadata.
 
 Runs inside DataLoader workers.  Never ``torchvision.io``, never ``wds.torch_video``, never unpickling: shard
 members are parsed as video/image bytes, UTF-8 text and JSON only.
@@ -16,15 +17,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .media import FrameReader, MediaError, read_image
 from .tario import IMAGE_EXTS, VIDEO_EXTS
-
-try:  # decord wheels exist for x86-64 only; PyAV is the fallback
-    import decord
-
-    decord.bridge.set_bridge("native")
-    HAVE_DECORD = True
-except Exception:  # pragma: no cover - depends on the platform
-    HAVE_DECORD = False
 
 SHORT_POLICIES = ("loop", "pad", "skip")
 CROPS = ("center", "random")
@@ -86,62 +80,27 @@ def clip_indices(n: int, num_frames: int, step: float, offset_u: float | None, p
     return np.minimum(idx, n - 1)  # pad: repeat the last frame
 
 
-def _decode_decord(data: bytes):
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    n = len(vr)
-    if n <= 0:
-        raise SkipSample("corrupt", "video has no frames")
-    return vr, n, float(vr.get_avg_fps() or 0.0)
-
-
 def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
-    """-> (uint8 frames [T,H,W,C], source fps, step)."""
-    backend = spec.backend
-    if backend == "auto":
-        backend = "decord" if HAVE_DECORD else "pyav"
-    if backend == "decord":
-        vr, n, fps = _decode_decord(data)
-        fps = fps or (meta_fps or 0.0)
-        step = _step(spec, fps)
-        idx = clip_indices(n, spec.num_frames, step, offset_u, spec.short_policy)
-        uniq, inv = np.unique(idx, return_inverse=True)
-        try:
-            frames = vr.get_batch(uniq.tolist()).asnumpy()
-        except Exception:  # decord 0.6 fails on some frame widths (8, 12, 16, 24, 48, 72 px)
-            frames = None
-        if frames is not None and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) == len(uniq):
-            return frames[inv], fps, step
-        if spec.backend == "decord":
-            raise SkipSample("corrupt", "decord returned malformed frames")
-    return _read_video_pyav(data, spec, offset_u, meta_fps)
-
-
-def _read_video_pyav(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
-    import av
-
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or 0) or (meta_fps or 0.0)
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    if not frames:
-        raise SkipSample("corrupt", "video has no frames")
+    """-> (uint8 frames [T,H,W,C], source fps, step); decoding is ``media.FrameReader`` (decord, PyAV fallback)."""
+    try:
+        reader = FrameReader(data, backend=spec.backend)
+    except MediaError as e:
+        raise SkipSample("corrupt", str(e)) from e
+    fps = reader.fps or (meta_fps or 0.0)
     step = _step(spec, fps)
-    idx = clip_indices(len(frames), spec.num_frames, step, offset_u, spec.short_policy)
-    return np.stack([frames[i] for i in idx]), fps, step
+    idx = clip_indices(reader.num_frames, spec.num_frames, step, offset_u, spec.short_policy)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    try:
+        frames = reader.get(uniq.tolist())
+    except MediaError as e:
+        raise SkipSample("corrupt", str(e)) from e
+    return frames[inv], fps, step
 
 
 def _step(spec: ClipSpec, src_fps: float) -> float:
     if spec.fps and src_fps > 0:
         return max(src_fps / spec.fps, 1e-3)
     return float(spec.frame_stride)
-
-
-def _read_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))[None]
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int, crop: str, u: tuple[float, float] | None) -> torch.Tensor:
@@ -222,7 +181,7 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
             frames, src_fps, step = read_video(media, spec, None if u is None else float(u[0]), meta_fps)
             fps = src_fps / step if src_fps > 0 else float(spec.fps or 0.0)
         else:
-            frames = _read_image(media)
+            frames = read_image(media)[None]
             fps = 0.0
     except SkipSample:
         raise

@@ -35,7 +35,9 @@ from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
                             LookupFreeQuantizer, VectorQuantizer)
 
-from vidgen.callbacks.ema import EMA, EMA_PREFIX, ema_state_dict
+from .nn.checkpoint import EMA_PREFIX, ema_state_dict
+from .nn.ema import attach_ema
+from .nn.vae import LatentAutoencoder, VAEConfig
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -352,6 +354,18 @@ class VideoTokenizer(L.LightningModule):
             video = video[:num_samples]
         return self._reconstruct(video.to(self.device, self.decoder.conv_in.weight.dtype))[0]
 
+    def prediction_inputs(self) -> dict:
+        """A tokenizer reconstructs clips: ``vidgen predict`` needs ``--data.predict_shards``."""
+        return {"kind": "video"}
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Reconstructions of the batch's clips, the originals as conditioning rows (``vidgen predict`` with
+        ``--data.predict_shards``); the ``PredictionWriter`` callback writes the files."""
+        videos = self.generate(batch).float().clamp(-1, 1)
+        n = videos.shape[0]
+        keys = list(batch.get("key") or [f"r{self.global_rank}_{batch_idx:05d}_{i:03d}" for i in range(n)])[:n]
+        return {"videos": videos, "keys": keys, "cond_videos": batch["video"][:n].float()}
+
     @classmethod
     def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoTokenizer":
         """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint."""
@@ -384,7 +398,7 @@ class VideoTokenizer(L.LightningModule):
                                   f"the per-frame image model of the same layout (arch.kind={self.arch.kind!r}, dims: 2)")
         src = ckpt.get("state_dict", ckpt)
         if any(k.startswith(EMA_PREFIX) for k in src):
-            EMA.attach(self)
+            attach_ema(self)
         causal = causal_param_names(self)
         causal |= {EMA_PREFIX + k for k in causal}
         try:
@@ -549,3 +563,11 @@ SIZES: dict[str, dict] = {
                     bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None),
                     discriminator=DiscriminatorConfig(filters=128, blur=True), batch=256),
 }
+
+
+def latent_autoencoder(config: VAEConfig | dict | None) -> LatentAutoencoder:
+    """The frozen ``LatentAutoencoder`` of a VAE config; kind ``tokenizer`` loads our checkpoint here (EMA weights), so
+    the block in ``nn/vae.py`` needs no LightningModule."""
+    cfg = VAEConfig.coerce(config)
+    cfg.validate()
+    return LatentAutoencoder(cfg, tokenizer=VideoTokenizer.load_frozen(cfg.path) if cfg.kind == "tokenizer" else None)

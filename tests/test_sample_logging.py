@@ -74,7 +74,7 @@ def test_samples_are_written_and_deterministic(shards, tmp_path):
         for ext in ("mp4", "png"):
             assert (out / f"step{step:08d}.{ext}").stat().st_size > 0
     assert (out / "step00000002.png").read_bytes() == (out / "step00000004.png").read_bytes()
-    from vidgen.media import read_video
+    from vidgen.datamodules.media import read_video
 
     a, b = (np.asarray(read_video(str(out / f"step{s:08d}.mp4"))) for s in (2, 4))
     assert a.shape[0] == 4 and np.array_equal(a, b)

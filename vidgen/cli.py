@@ -178,6 +178,20 @@ def _make_cli_class():
 
         before_validate = before_test = before_predict = _resolve_ckpt
 
+        # -------------------------------------------------------------- predict: input options and the writer
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            if subcommand == "predict":
+                from .predict import add_predict_arguments
+
+                add_predict_arguments(parser)
+            return parser
+
+        def predict(self, **kwargs):
+            from .predict import run_predict
+
+            return run_predict(self, **kwargs)
+
     return VidgenCLI
 
 

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from vidgen.datamodules.tario import INDEX_FORMAT, INDEX_NAME, index_entry, make_index, write_index
-from vidgen import media
+from vidgen.datamodules import media
 VIDEO_EXTS, IMAGE_EXTS = media.VIDEO_EXTS, media.IMAGE_EXTS
 _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 _BLOCK = tarfile.BLOCKSIZE
