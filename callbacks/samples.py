@@ -199,7 +199,10 @@ class VideoSampleLogger(Callback):
         pl_module.eval()
         try:
             ema_ctx = ema_weights(pl_module, enabled=self.use_ema) if ema_weights is not None else _null()
-            with torch.no_grad(), ema_ctx, trainer.precision_plugin.forward_context():
+            # the global RNG streams are left as they were: logging samples never changes the training run
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), ema_ctx, \
+                    trainer.precision_plugin.forward_context():
                 videos = pl_module.generate(batch=batch, num_samples=self.num_samples, generator=gen)
         finally:
             pl_module.train(was_training)

@@ -47,6 +47,7 @@ class ClipSpec:
     short_policy: str = "loop"  # videos shorter than the clip: loop | pad (repeat last frame) | skip
     image_frames: str = "single"  # images: single (T=1) | repeat (T=num_frames)
     require_text: bool = False
+    require_label: bool = False  # class-conditional training: a sample without a label is skipped and counted
     backend: str = "auto"  # auto | decord | pyav
 
 
@@ -170,6 +171,8 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
             raise SkipSample("missing_text", "no caption (txt member or json 'caption')")
         text = ""
     label = parse_label(sample, meta)
+    if label < 0 and spec.require_label:
+        raise SkipSample("missing_label", "no label (.cls member or json 'label') for a class-conditional model")
     if kind is None:  # a token/latent shard written by `vidgen tokenize`
         return {**read_array(sample["npy"]), "text": text, "label": label, "key": key,
                 "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}

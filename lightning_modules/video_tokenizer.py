@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import lightning as L
@@ -31,6 +32,7 @@ from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from .nn.inflation import MODES as INFLATION_MODES
 from .nn.inflation import inflate_state_dict
+from .nn.perceptual import KINDS as PERCEPTUAL_KINDS
 from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
                             LookupFreeQuantizer, VectorQuantizer)
@@ -93,6 +95,7 @@ class LossConfig:
     l1_weight: float = 0.0
     perceptual_weight: float = 0.1
     perceptual_weights: str | None = None  # local torchvision state dict; null → perceptual loss off (one warning)
+    perceptual_kind: str = "logits"        # logits: ImageNet-classifier logit L2 (MAGVIT); lpips: LPIPS-VGG (SD VAE)
     perceptual_arch: str = "resnet50"
     perceptual_resize: int = 224
     adversarial_weight: float = 0.1
@@ -215,7 +218,7 @@ class VideoTokenizer(L.LightningModule):
                 self.lecam = LeCamEMA(self.lcfg.lecam_decay)
             if self.lcfg.perceptual_weight > 0:
                 self.perceptual = PerceptualLoss(self.lcfg.perceptual_weights, self.lcfg.perceptual_arch,
-                                                 self.lcfg.perceptual_resize)
+                                                 self.lcfg.perceptual_resize, kind=self.lcfg.perceptual_kind)
             self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
             self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
             if self.codebook_size is not None:
@@ -234,6 +237,13 @@ class VideoTokenizer(L.LightningModule):
         _coerce(BottleneckConfig, init_args.get("bottleneck")).validate()
         for group, kind in (("discriminator", DiscriminatorConfig), ("loss", LossConfig), ("optim", OptimConfig)):
             _coerce(kind, init_args.get(group))
+        loss = _coerce(LossConfig, init_args.get("loss"))
+        if loss.perceptual_kind not in PERCEPTUAL_KINDS:
+            raise ConfigError(f"loss.perceptual_kind must be one of {PERCEPTUAL_KINDS}, got {loss.perceptual_kind!r}")
+        if loss.perceptual_weight > 0 and loss.perceptual_weights and not os.path.isfile(loss.perceptual_weights):
+            raise ConfigError(f"loss.perceptual_weights={loss.perceptual_weights!r} is not a file: put the "
+                              f"{'VGG-16' if loss.perceptual_kind == 'lpips' else loss.perceptual_arch} weights there "
+                              "(README: external inputs) or set it to null (perceptual loss off)")
         cls.validate_frames(init_args.get("num_frames", 16), arch)
         cls.validate_resolution(init_args.get("resolution", 128), arch)
         if init_args.get("inflation", "central") not in INFLATION_MODES:
@@ -425,7 +435,10 @@ class VideoTokenizer(L.LightningModule):
         if self.discriminator is not None:
             opts.append(torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr or o.lr,
                                           betas=tuple(o.betas), weight_decay=o.weight_decay))
-        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(o.warmup_steps, o.total_steps)) for opt in opts]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], WarmupCosine(o.warmup_steps, o.total_steps))]
+        if len(opts) > 1:  # D's schedule counts D's steps, which start at discriminator.start_step
+            total_d = None if o.total_steps is None else max(1, o.total_steps - self.dcfg.start_step)
+            scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[1], WarmupCosine(o.warmup_steps, total_d)))
         return opts, scheds
 
     def _listed(self, x):
@@ -503,10 +516,14 @@ class VideoTokenizer(L.LightningModule):
             self.lecam.update(real_logits.detach(), fake_logits.detach())
             logs.update(d_adv=d_adv.detach(), loss_d=loss_d.detach(), logits_real=real_logits.detach().mean(),
                         logits_fake=fake_logits.detach().mean())
-        for s in scheds:
-            s.step()
+        # each schedule counts its own optimizer's steps: D's warmup starts at its first step (dcfg.start_step)
+        scheds[0].step()
+        if gan_on and len(scheds) > 1:
+            scheds[1].step()
         self.train_steps += 1
         logs["lr"] = torch.tensor(scheds[0].get_last_lr()[0])
+        if len(scheds) > 1:
+            logs["lr_d"] = torch.tensor(scheds[1].get_last_lr()[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=video.shape[0])
         self.log("train/rec", logs["rec_l2"], prog_bar=True, batch_size=video.shape[0])
         return loss_g.detach()

@@ -151,6 +151,11 @@ def _make_cli_class():
                                     enable_version_counter=False)
                 ]
             callbacks = list(callbacks) + [PreemptionCheckpoint(os.path.join(ckpt_dir, "last.ckpt")), RNGStateCheckpoint()]
+            if self.subcommand in (None, "fit"):  # LR, throughput, samples: logged unless the recipe has its own
+                from .logging_defaults import default_callbacks
+
+                callbacks += default_callbacks(list(config.get("callbacks") or []) + callbacks, every or 500,
+                                               config.get("max_steps"), config.get("logger") is not False)
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             from lightning.pytorch.plugins.io import CheckpointIO
