@@ -65,7 +65,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from vidgen.parallel import reshard_all
+from vidgen.lightning_modules.nn.sharding import reshard_all
 
 __all__ = ["StagedCurriculum", "CurriculumConfigError"]
 

@@ -38,6 +38,7 @@ from torchmetrics import Metric
 from vidgen.datamodules import tario
 from vidgen.datamodules.decode import ClipSpec, SkipSample, read_video
 from vidgen.datamodules.tario import VIDEO_EXTS
+from vidgen.lightning_modules.nn.checkpoint import default_cache_dir
 
 # ---------------------------------------------------------------------------------------------- protocol (pinned)
 FVD_NUM_FRAMES = 16  # the first 16 frames of each clip, at the clip's own frame rate
@@ -356,8 +357,6 @@ def real_stats_path(spec: Any, num_samples: int, extractor: str, cache_dir: str 
     key = json.dumps({"data": _data_fingerprint(spec), "protocol": FVD_PROTOCOL, "extractor": extractor,
                       "num_samples": int(num_samples)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    from vidgen.convert_i3d import default_cache_dir
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "fvd"
     return root / f"real_{digest}_n{num_samples}.npz"
 

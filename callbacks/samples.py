@@ -6,8 +6,8 @@ Every ``every_n_steps`` optimizer steps it calls the model's contract method
 the trainer's precision context, EMA weights when ``vidgen.callbacks.ema`` is in use and ``use_ema``) and writes, on global
 rank 0 only:
 
-* ``<run dir>/<out_subdir>/step{N:08d}.mp4`` -- the batch tiled into one video (``vidgen.media.save_video_grid_mp4``);
-* ``<run dir>/<out_subdir>/step{N:08d}.png`` -- one row of frames per sample (``vidgen.media.write_grid_png``);
+* ``<run dir>/<out_subdir>/step{N:08d}.mp4`` -- the batch tiled into one video (``vidgen.datamodules.media.save_video_grid_mp4``);
+* ``<run dir>/<out_subdir>/step{N:08d}.png`` -- one row of frames per sample (``vidgen.datamodules.media.write_grid_png``);
 * a TensorBoard video ``samples/video`` at step N: ``SummaryWriter.add_video`` when moviepy (with ``moviepy.editor``,
   i.e. moviepy < 2) is installed; otherwise the same kind of summary (an animated GIF image) is encoded with PIL
   here, which TensorBoard shows identically -- moviepy is not needed.
@@ -90,7 +90,7 @@ def tb_add_video(writer, tag: str, videos: torch.Tensor, step: int, fps: float) 
         return "add_video"
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    from vidgen.media import make_video_grid
+    from vidgen.datamodules.media import make_video_grid
 
     grid = make_video_grid(videos)  # [T, H, W, 3] uint8, the batch tiled
     img = Summary.Image(height=grid.shape[1], width=grid.shape[2], colorspace=3,
@@ -199,7 +199,10 @@ class VideoSampleLogger(Callback):
         pl_module.eval()
         try:
             ema_ctx = ema_weights(pl_module, enabled=self.use_ema) if ema_weights is not None else _null()
-            with torch.no_grad(), ema_ctx, trainer.precision_plugin.forward_context():
+            # the global RNG streams are left as they were: logging samples never changes the training run
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), ema_ctx, \
+                    trainer.precision_plugin.forward_context():
                 videos = pl_module.generate(batch=batch, num_samples=self.num_samples, generator=gen)
         finally:
             pl_module.train(was_training)
@@ -212,7 +215,7 @@ class VideoSampleLogger(Callback):
         videos = self.generate(trainer, pl_module)
         if not trainer.is_global_zero:
             return {}
-        from vidgen.media import save_video_grid_mp4, write_grid_png
+        from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
         out = os.path.join(trainer.default_root_dir, self.out_subdir)
         os.makedirs(out, exist_ok=True)

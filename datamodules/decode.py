@@ -1,4 +1,5 @@
-"""Sample decoding: clip sampling, decord (PyAV fallback) from memory, resize/crop/flip, metadata.
+"""Sample decoding: clip sampling, decoding from memory (``media.FrameReader``: decord, PyAV fallback),
+resize/crop/flip, metadata.
 
 Runs inside DataLoader workers.  Never ``torchvision.io``, never ``wds.torch_video``, never unpickling: shard
 members are parsed as video/image bytes, UTF-8 text and JSON only.
@@ -6,31 +7,18 @@ members are parsed as video/image bytes, UTF-8 text and JSON only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import math
-import os
-import re
-import tempfile
-import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .media import FrameReader, MediaError, printable, read_image
 from .tario import IMAGE_EXTS, VIDEO_EXTS
-
-try:  # decord wheels exist for x86-64 only; PyAV is the fallback
-    import decord
-
-    decord.bridge.set_bridge("native")
-    decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines; decord's errors: see _quiet_stderr
-    HAVE_DECORD = True
-except Exception:  # pragma: no cover - depends on the platform
-    HAVE_DECORD = False
 
 SHORT_POLICIES = ("loop", "pad", "skip")
 CROPS = ("center", "random")
@@ -59,6 +47,7 @@ class ClipSpec:
     short_policy: str = "loop"  # videos shorter than the clip: loop | pad (repeat last frame) | skip
     image_frames: str = "single"  # images: single (T=1) | repeat (T=num_frames)
     require_text: bool = False
+    require_label: bool = False  # class-conditional training: a sample without a label is skipped and counted
     backend: str = "auto"  # auto | decord | pyav
 
 
@@ -92,112 +81,27 @@ def clip_indices(n: int, num_frames: int, step: float, offset_u: float | None, p
     return np.minimum(idx, n - 1)  # pad: repeat the last frame
 
 
-_STDERR_LOCK = threading.Lock()
-_CAPTURE: dict = {}  # pid -> temporary file (one per process; workers are forked)
-
-
-@contextlib.contextmanager
-def _quiet_stderr(captured: list):
-    """Route file descriptor 2 to a temporary file while native decoder code runs.
-
-    decord prints its errors from C++ and names the in-memory "file" it was given, i.e. the raw video bytes, straight
-    onto the terminal. What it wrote is appended to ``captured`` (the caller puts a printable summary into the
-    sample's skip reason, which the counters and logs keep)."""
-    with _STDERR_LOCK:
-        tmp = _CAPTURE.get(os.getpid())
-        try:
-            if tmp is None:
-                tmp = _CAPTURE[os.getpid()] = tempfile.TemporaryFile()
-            saved = os.dup(2)
-        except OSError:  # no stderr or no temporary directory: decode without the guard
-            yield
-            return
-        try:
-            tmp.seek(0)
-            tmp.truncate()
-            os.dup2(tmp.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.append(tmp.read(4096))
-
-
-def printable(raw: bytes | str, limit: int = 120) -> str:
-    """Decoder output reduced to one printable line (binary runs become ``?``)."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = re.sub(r"[^\x20-\x7e]+", "?", text.replace("\n", " | ")).strip(" |?")
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _decode_decord(data: bytes):
-    captured: list[bytes] = []
-    try:
-        with _quiet_stderr(captured):
-            vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    except Exception as e:
-        said = b"".join(captured)
-        if b"ERROR opening: " in said:  # "ERROR opening: <the video bytes>, <FFmpeg's reason>": keep the reason
-            tail = [x for x in said.split(b"ERROR opening: ", 1)[1].split(b"\n") if x.strip()]
-            said = b"cannot open: " + (tail[-1].rsplit(b", ", 1)[-1] if tail else b"")
-        said = printable(said)
-        raise SkipSample("corrupt", f"decord: {printable(str(e))}" + (f" ({said})" if said else "")) from None
-    n = len(vr)
-    if n <= 0:
-        raise SkipSample("corrupt", "video has no frames")
-    return vr, n, float(vr.get_avg_fps() or 0.0)
-
-
 def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
-    """-> (uint8 frames [T,H,W,C], source fps, step)."""
-    backend = spec.backend
-    if backend == "auto":
-        backend = "decord" if HAVE_DECORD else "pyav"
-    if backend == "decord":
-        vr, n, fps = _decode_decord(data)
-        fps = fps or (meta_fps or 0.0)
-        step = _step(spec, fps)
-        idx = clip_indices(n, spec.num_frames, step, offset_u, spec.short_policy)
-        uniq, inv = np.unique(idx, return_inverse=True)
-        try:
-            with _quiet_stderr([]):
-                frames = vr.get_batch(uniq.tolist()).asnumpy()
-        except Exception:  # decord 0.6 fails on some frame widths (8, 12, 16, 24, 48, 72 px)
-            frames = None
-        if frames is not None and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) == len(uniq):
-            return frames[inv], fps, step
-        if spec.backend == "decord":
-            raise SkipSample("corrupt", "decord returned malformed frames")
-    return _read_video_pyav(data, spec, offset_u, meta_fps)
-
-
-def _read_video_pyav(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
-    import av
-
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or 0) or (meta_fps or 0.0)
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    if not frames:
-        raise SkipSample("corrupt", "video has no frames")
+    """-> (uint8 frames [T,H,W,C], source fps, step); decoding is ``media.FrameReader`` (decord, PyAV fallback)."""
+    try:
+        reader = FrameReader(data, backend=spec.backend)
+    except MediaError as e:
+        raise SkipSample("corrupt", str(e)) from e
+    fps = reader.fps or (meta_fps or 0.0)
     step = _step(spec, fps)
-    idx = clip_indices(len(frames), spec.num_frames, step, offset_u, spec.short_policy)
-    return np.stack([frames[i] for i in idx]), fps, step
+    idx = clip_indices(reader.num_frames, spec.num_frames, step, offset_u, spec.short_policy)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    try:
+        frames = reader.get(uniq.tolist())
+    except MediaError as e:
+        raise SkipSample("corrupt", str(e)) from e
+    return frames[inv], fps, step
 
 
 def _step(spec: ClipSpec, src_fps: float) -> float:
     if spec.fps and src_fps > 0:
         return max(src_fps / spec.fps, 1e-3)
     return float(spec.frame_stride)
-
-
-def _read_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))[None]
 
 
 def resize_crop(frames: np.ndarray, height: int, width: int, crop: str, u: tuple[float, float] | None) -> torch.Tensor:
@@ -267,6 +171,8 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
             raise SkipSample("missing_text", "no caption (txt member or json 'caption')")
         text = ""
     label = parse_label(sample, meta)
+    if label < 0 and spec.require_label:
+        raise SkipSample("missing_label", "no label (.cls member or json 'label') for a class-conditional model")
     if kind is None:  # a token/latent shard written by `vidgen tokenize`
         return {**read_array(sample["npy"]), "text": text, "label": label, "key": key,
                 "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}
@@ -278,7 +184,7 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
             frames, src_fps, step = read_video(media, spec, None if u is None else float(u[0]), meta_fps)
             fps = src_fps / step if src_fps > 0 else float(spec.fps or 0.0)
         else:
-            frames = _read_image(media)
+            frames = read_image(media)[None]
             fps = 0.0
     except SkipSample:
         raise

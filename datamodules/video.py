@@ -66,6 +66,9 @@ class VideoDataModule(L.LightningDataModule):
             shard and keeps every S-th sample; balanced for few shards) or auto (shard when that is balanced).
         resampled: draw shards with replacement forever (no epochs; use ``max_steps``); else finite epochs of
             ``samples_per_epoch`` (default: all samples) per pass, equal in length on every rank.
+        require_labels: every training sample must carry a label (class-conditional models; their recipes set it):
+            a sample without one is skipped and counted as ``missing_label`` (so ``max_bad_fraction`` is the policy
+            for mixing unlabelled data), and shards whose ``index.json`` says they hold none are a config error.
         max_bad_fraction: above this fraction of unusable samples (after ``bad_min_samples``) the run stops with an
             error naming example keys; below it they are skipped and counted.
     """
@@ -88,6 +91,7 @@ class VideoDataModule(L.LightningDataModule):
         short_video_policy: str = "loop",
         image_frames: str = "single",
         require_text: bool = False,
+        require_labels: bool = False,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -149,13 +153,32 @@ class VideoDataModule(L.LightningDataModule):
                 self._urls[f"__{split}"] = _expand(spec, f"data.{split}_shards")
         self.spec = ClipSpec(num_frames=num_frames, frame_stride=frame_stride, fps=fps, height=self.height,
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
-                             image_frames=image_frames, require_text=require_text, backend=decoder)
+                             image_frames=image_frames, require_text=require_text, require_label=require_labels,
+                             backend=decoder)
+        if require_labels:
+            self._check_labelled()
         self._sources: list[Source] | None = None
         self._stages: StageTable | None = None
         self._stage_rows: list[tuple] | None = None
         self._train_state = _fresh_state()
         self._loaded_ranks: list[dict] | None = None
         self._warned: set[str] = set()
+
+    def _check_labelled(self) -> None:
+        """``require_labels``: training shards whose index says they hold no labels are a config error (before any
+        sample is read); shards without that count are checked per sample (unlabelled ones skipped and counted)."""
+        for name, urls in self._urls.items():
+            if name.startswith("__"):
+                continue
+            indexes = {os.path.dirname(os.path.abspath(u)): tario.read_index(u) for u in urls}
+            counts = [ix.get("num_labelled") for ix in indexes.values() if isinstance(ix, dict)]
+            if counts and len(counts) == len(indexes) and all(c == 0 for c in counts):
+                raise DataConfigError(
+                    f"data.require_labels: the training shards of {name!r} ({next(iter(indexes))}) hold no labels "
+                    "(index.json num_labelled: 0), but this recipe trains a class-conditional model. Build labelled "
+                    "shards (`vidgen shards <root with one subfolder per class> OUT`, or a CSV/JSONL label column), or "
+                    "train unconditionally. To mix labelled and unlabelled data, keep require_labels and raise "
+                    "data.max_bad_fraction to the unlabelled share (those samples are skipped and counted)")
 
     # ------------------------------------------------------------------ setup
     @property

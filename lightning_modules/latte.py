@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,8 +50,8 @@ from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention, atten
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
-from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig, spatial_factor_of
-from vidgen.parallel import ParallelizableMixin
+from vidgen.lightning_modules.nn.vae import VAEConfig, spatial_factor_of
+from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
 __all__ = [
     "LatteConfig",
@@ -686,7 +685,7 @@ def _frozen_load_hook(module: Latte, incompatible_keys) -> None:
     missing[:] = [k for k in missing if not any(k.startswith(p) or f".{p}" in k for p in module.frozen_prefixes)]
 
 
-class Latte(ParallelizableMixin, L.LightningModule):
+class Latte(L.LightningModule):
     """Latte training (L_simple + L_vlb, §2), sampling (DDPM-250 / DDIM, CFG) and checkpoint import.
 
     Args:
@@ -705,7 +704,7 @@ class Latte(ParallelizableMixin, L.LightningModule):
         grad_clip_norm, grad_clip_start_step: clip at max-norm from this optimizer step on (official: 0.1 from
             ``start_clip_iter``); the norm is logged every step.
         init_from, init_kind: official Latte checkpoint ('latte', strict) or ImageNet DiT ('dit') to start from.
-        num_samples: how many videos ``generate()`` makes without a batch. predict_dir, sample_fps: predict outputs.
+        num_samples: how many videos ``generate()`` makes without a batch (predict files: ``PredictionWriter``).
     """
 
     fsdp_block_classes = (TransformerBlock, FactorizedBlock)
@@ -744,14 +743,12 @@ class Latte(ParallelizableMixin, L.LightningModule):
         grad_clip_start_step: int = 0,
         init_from: str | None = None,
         init_kind: Literal["auto", "latte", "dit"] = "auto",
-        predict_dir: str | None = None,
-        sample_fps: float = 8.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         args = dict(self.hparams)
         self.validate_config(args)
-        self.vae = LatentAutoencoder(vae or {})
+        self.vae = latent_autoencoder(vae)
         h_px = _square(resolution)
         c, t, h, w = self.vae.latent_shape(num_frames, h_px, h_px)
         if use_image_num and self.vae.temporal_factor != 1:
@@ -993,24 +990,28 @@ class Latte(ParallelizableMixin, L.LightningModule):
             self.model.train(was_training)
         return self.vae.decode(rearrange(z, "b f c h w -> b c f h w")).clamp(-1, 1)
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        """Generate for the batch's labels/captions; write one mp4 per sample plus a PNG and an mp4 grid."""
-        from vidgen import media
+    def prediction_inputs(self) -> dict:
+        """What ``vidgen predict`` samples from without input clips: class labels, captions or nothing."""
+        return {"kind": self.config.condition, "num_classes": self.config.num_classes}
 
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Generate for the batch's labels/captions (random labels where absent); the ``PredictionWriter`` callback
+        writes the files."""
         g = torch.Generator().manual_seed(batch_idx * 100003 + self.global_rank)
-        videos = self.generate(batch, generator=g)
-        root = self.hparams.predict_dir or os.path.join(self.trainer.default_root_dir if self._trainer else ".",
-                                                        "predictions")
-        keys = list(batch.get("key") or [])
-        paths = []
-        for i, v in enumerate(videos):
-            key = keys[i] if i < len(keys) else f"{batch_idx:05d}_{i:03d}"
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key))
-            paths.append(media.write_video(os.path.join(root, f"{key}.mp4"), v, fps=self.hparams.sample_fps))
-        stem = os.path.join(root, f"grid_r{self.global_rank}_{batch_idx:05d}")
-        media.write_grid_png(stem + ".png", videos)
-        media.save_video_grid_mp4(stem + ".mp4", videos, fps=self.hparams.sample_fps)
-        return paths
+        batch = dict(batch)
+        n = next((len(batch[k]) for k in ("label", "text", "video", "latents", "key") if batch.get(k) is not None),
+                 self.num_samples)
+        kwargs, _ = self.sampling_kwargs(batch, n, g)  # fixes the labels that generate() will use
+        if "y" in kwargs:
+            batch["label"] = kwargs["y"]
+        videos = self.generate(batch, num_samples=n, generator=g)
+        keys = list(batch.get("key") or [f"r{self.global_rank}_{batch_idx:05d}_{i:03d}" for i in range(n)])[:n]
+        out: dict[str, Any] = {"videos": videos, "keys": keys}
+        if "y" in kwargs:
+            out["labels"] = kwargs["y"]
+        if self.config.condition == "text":
+            out["captions"] = list(batch["text"])[:n]
+        return out
 
 
 def _square(resolution: int | list[int] | tuple[int, int]) -> int:

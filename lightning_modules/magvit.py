@@ -33,7 +33,6 @@ import inspect
 import math
 import os
 import random
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from vidgen.parallel import ParallelizableMixin
 
 from .nn.attention import KVCache, MultiHeadAttention
 from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
@@ -486,10 +484,6 @@ class MagvitConfig:
     total_steps: int | None = None                  # cosine to 0 here (None: trainer.estimated_stepping_batches)
     seed: int = 0
     predict_task: str | None = None
-    predict_class: int | None = None
-    predict_video: str | None = None
-    predict_num_samples: int = 4
-    sample_fps: float = 8.0
 
     def validate(self) -> None:
         """Raise :class:`MagvitConfigError` naming the setting and the fix; reads no files."""
@@ -538,10 +532,6 @@ class MagvitConfig:
                                     "token_shape [t, h, w] to train on token batches only")
         if self.token_shape is not None and (len(self.token_shape) != 3 or min(self.token_shape) < 1):
             raise MagvitConfigError(f"token_shape must be [t, h, w], got {self.token_shape}")
-        if self.predict_class is not None and not 0 <= self.predict_class < max(self.num_classes, 1):
-            raise MagvitConfigError(f"predict_class {self.predict_class} is outside [0, num_classes={self.num_classes})")
-        if self.predict_video is not None and not os.path.isfile(self.predict_video):
-            raise MagvitConfigError(f"predict_video {self.predict_video!r} does not exist")
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             raise MagvitConfigError(f"tokenizer_path {self.tokenizer_path!r} does not exist: train the tokenizer "
                                     "first (e.g. vidgen fit --config configs/magvit/tokenizer_ucf101_tiny.yaml) or point at its checkpoint")
@@ -576,7 +566,7 @@ def _frozen_load_hook(module: nn.Module, incompatible_keys) -> None:
 # ====================================================================================================================
 # LightningModule
 # ====================================================================================================================
-class MaskedVideoTransformer(ParallelizableMixin, L.LightningModule):
+class MaskedVideoTransformer(L.LightningModule):
     """MAGVIT MTM: COMMIT training over a frozen tokenizer (§2.3–2.6) and COMMIT decoding (Part 3).
 
     Batches: ``video`` [B, C, T, H, W] in [−1, 1] (tokenised on the fly by the frozen tokenizer), or ``tokens``
@@ -628,10 +618,6 @@ class MaskedVideoTransformer(ParallelizableMixin, L.LightningModule):
         total_steps: int | None = None,
         seed: int = 0,
         predict_task: str | None = None,
-        predict_class: int | None = None,
-        predict_video: str | None = None,
-        predict_num_samples: int = 4,
-        sample_fps: float = 8.0,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -939,70 +925,42 @@ class MaskedVideoTransformer(ParallelizableMixin, L.LightningModule):
         return out
 
     # ---------------------------------------------------------------------------------------------------- predict
-    def predict_dataloader(self):
-        """Used when no datamodule gives predict batches: ``predict_video`` (a file) or class-only batches."""
+    def prediction_inputs(self) -> dict:
+        """What ``vidgen predict`` needs for ``predict_task``: clips (tasks with a pixel condition), labels or nothing."""
         c = self.config
-        n = c.predict_num_samples
-        item: dict[str, Any] = {"key": [f"sample{i:03d}" for i in range(n)]}
-        if c.predict_class is not None:
-            item["label"] = torch.full((n,), c.predict_class, dtype=torch.long)
-        if c.predict_video is not None:
-            item["video"] = repeat(load_clip(c.predict_video, c.num_frames, c.resolution), "c t h w -> b c t h w", b=n)
-        return [item]
+        task = get_task(c.predict_task or c.sample_task or c.tasks[0])
+        kind = ("video" if task.has_interior_condition else
+                "class" if task.class_conditional and self.vocab.num_classes > 0 else "none")
+        return {"kind": kind, "num_classes": self.vocab.num_classes}
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        """Generate for ``predict_task`` (class ``predict_class`` and/or the batch's conditioning video); write one
-        mp4 per sample plus a PNG grid and an mp4 grid (conditions in the first rows) under
-        ``<run dir>/predictions``."""
-        from vidgen import media
-
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Generate for ``predict_task`` from the batch's labels / conditioning video (``vidgen predict``:
+        ``--data.predict_shards`` or ``--num_samples/--classes``); the ``PredictionWriter`` callback writes the files."""
         c = self.config
-        batch = dict(batch)
         name = c.predict_task or c.sample_task or c.tasks[0]
+        task = get_task(name)
         n = self._batch_size(batch, None)
-        if c.predict_class is not None:
-            batch["label"] = torch.full((n,), c.predict_class, dtype=torch.long)
         g = torch.Generator().manual_seed(c.seed + batch_idx * 100003 + self.global_rank)
+        batch = dict(batch)
+        labels = self._labels(task, batch, n, g)  # the batch's labels; random classes where it has none
+        if labels is not None:
+            batch["label"] = labels
         videos = self.generate(batch, generator=g, task=name)
-        root = os.path.join(self.trainer.default_root_dir if self._trainer else ".", "predictions")
-        keys = list(batch.get("key") or [])
-        paths = []
-        for i, v in enumerate(videos):
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(keys[i] if i < len(keys) else f"{batch_idx:05d}_{i:03d}"))
-            paths.append(media.write_video(os.path.join(root, f"{name}_{key}.mp4"), v, fps=c.sample_fps))
-        grid = videos
-        if get_task(name).has_interior_condition and batch.get("video") is not None:
+        keys = [f"{name}_{k}" for k in (batch.get("key") or [f"r{self.global_rank}_{batch_idx:05d}_{i:03d}"
+                                                                 for i in range(n)])][:n]
+        out: dict[str, Any] = {"videos": videos, "keys": keys, "task": name}
+        if labels is not None:
+            out["labels"] = labels
+        if task.has_interior_condition and batch.get("video") is not None:
             frames = c.interpolation_frames if name == "FI" else c.condition_frames
-            cond_video, _ = get_task(name).condition_video(batch["video"][:n].to(videos.device).float(), frames,
-                                                           c.pad_value)
-            grid = torch.cat([cond_video, videos])
-        stem = os.path.join(root, f"{name}_grid_r{self.global_rank}_{batch_idx:05d}")
-        paths.append(media.write_grid_png(stem + ".png", grid))
-        paths.append(media.save_video_grid_mp4(stem + ".mp4", grid, fps=c.sample_fps, nrow=n))
-        paths.append(media.save_video_grid_mp4(stem + ".gif", grid, fps=c.sample_fps, nrow=n))
-        return paths
-
-
-def load_clip(path: str, num_frames: int, resolution: int) -> Tensor:
-    """First ``num_frames`` frames of a video file, short side resized and centre-cropped, [C, T, H, W] in [−1, 1]
-    (shorter videos repeat their last frame)."""
-    from vidgen import media
-
-    info = media.probe_video(path)
-    w, h = info["width"], info["height"]
-    nw, nh = media.short_side_size(w, h, resolution, even=False)
-    total = int(info.get("num_frames") or num_frames)
-    idx = [min(i, max(total - 1, 0)) for i in range(num_frames)]
-    frames = torch.from_numpy(media.read_video(path, idx, width=nw, height=nh))  # [T, H, W, 3] uint8
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    frames = frames[:, top : top + resolution, left : left + resolution]
-    return rearrange(frames.float() / 127.5 - 1.0, "t h w c -> c t h w")
+            out["cond_videos"], _ = task.condition_video(batch["video"][:n].to(videos.device).float(), frames,
+                                                         c.pad_value)
+        return out
 
 
 #: arguments that only affect sampling / predict (not saved as hyper-parameters; see ``__init__``)
 INFERENCE_ARGS = ("decode_steps", "temperature", "choice_temperature", "decode_schedule", "guidance_scale",
-                  "replace_condition_pixels", "sample_task", "num_samples", "predict_task", "predict_class",
-                  "predict_video", "predict_num_samples", "sample_fps")
+                  "replace_condition_pixels", "sample_task", "num_samples", "predict_task")
 
 
 # ====================================================================================================================

@@ -16,10 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from vidgen.parallel import ParallelizableMixin
 
-
-class StreamProbe(ParallelizableMixin, L.LightningModule):
+class StreamProbe(L.LightningModule):
     fsdp_block_classes = (nn.Conv2d, nn.ConvTranspose2d)  # so the probe also exercises the FSDP2 path
 
     def __init__(self, channels: int = 8, lr: float = 3e-3, keys_log: str | None = None, num_frames: int | None = None,
@@ -50,7 +48,7 @@ class StreamProbe(ParallelizableMixin, L.LightningModule):
         self.log("test/loss", F.mse_loss(self(batch["video"]), batch["video"]), sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
-        return self.generate(batch)
+        return {"videos": self.generate(batch), "keys": list(batch["key"])}
 
     @torch.no_grad()
     def generate(self, batch: dict | None = None, num_samples: int | None = None, generator=None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import lightning as L
@@ -32,11 +33,14 @@ from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from .nn.inflation import MODES as INFLATION_MODES
 from .nn.inflation import inflate_state_dict
+from .nn.perceptual import KINDS as PERCEPTUAL_KINDS
 from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
                             LookupFreeQuantizer, VectorQuantizer)
 
-from vidgen.callbacks.ema import EMA, EMA_PREFIX, ema_state_dict
+from .nn.checkpoint import EMA_PREFIX, ema_state_dict
+from .nn.ema import attach_ema
+from .nn.vae import LatentAutoencoder, VAEConfig
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -92,6 +96,7 @@ class LossConfig:
     l1_weight: float = 0.0
     perceptual_weight: float = 0.1
     perceptual_weights: str | None = None  # local torchvision state dict; null → perceptual loss off (one warning)
+    perceptual_kind: str = "logits"        # logits: ImageNet-classifier logit L2 (MAGVIT); lpips: LPIPS-VGG (SD VAE)
     perceptual_arch: str = "resnet50"
     perceptual_resize: int = 224
     adversarial_weight: float = 0.1
@@ -214,7 +219,7 @@ class VideoTokenizer(L.LightningModule):
                 self.lecam = LeCamEMA(self.lcfg.lecam_decay)
             if self.lcfg.perceptual_weight > 0:
                 self.perceptual = PerceptualLoss(self.lcfg.perceptual_weights, self.lcfg.perceptual_arch,
-                                                 self.lcfg.perceptual_resize)
+                                                 self.lcfg.perceptual_resize, kind=self.lcfg.perceptual_kind)
             self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
             self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
             if self.codebook_size is not None:
@@ -233,6 +238,13 @@ class VideoTokenizer(L.LightningModule):
         _coerce(BottleneckConfig, init_args.get("bottleneck")).validate()
         for group, kind in (("discriminator", DiscriminatorConfig), ("loss", LossConfig), ("optim", OptimConfig)):
             _coerce(kind, init_args.get(group))
+        loss = _coerce(LossConfig, init_args.get("loss"))
+        if loss.perceptual_kind not in PERCEPTUAL_KINDS:
+            raise ConfigError(f"loss.perceptual_kind must be one of {PERCEPTUAL_KINDS}, got {loss.perceptual_kind!r}")
+        if loss.perceptual_weight > 0 and loss.perceptual_weights and not os.path.isfile(loss.perceptual_weights):
+            raise ConfigError(f"loss.perceptual_weights={loss.perceptual_weights!r} is not a file: put the "
+                              f"{'VGG-16' if loss.perceptual_kind == 'lpips' else loss.perceptual_arch} weights there "
+                              "(README: external inputs) or set it to null (perceptual loss off)")
         cls.validate_frames(init_args.get("num_frames", 16), arch)
         cls.validate_resolution(init_args.get("resolution", 128), arch)
         if init_args.get("inflation", "central") not in INFLATION_MODES:
@@ -353,6 +365,18 @@ class VideoTokenizer(L.LightningModule):
             video = video[:num_samples]
         return self._reconstruct(video.to(self.device, self.decoder.conv_in.weight.dtype))[0]
 
+    def prediction_inputs(self) -> dict:
+        """A tokenizer reconstructs clips: ``vidgen predict`` needs ``--data.predict_shards``."""
+        return {"kind": "video"}
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Reconstructions of the batch's clips, the originals as conditioning rows (``vidgen predict`` with
+        ``--data.predict_shards``); the ``PredictionWriter`` callback writes the files."""
+        videos = self.generate(batch).float().clamp(-1, 1)
+        n = videos.shape[0]
+        keys = list(batch.get("key") or [f"r{self.global_rank}_{batch_idx:05d}_{i:03d}" for i in range(n)])[:n]
+        return {"videos": videos, "keys": keys, "cond_videos": batch["video"][:n].float()}
+
     @classmethod
     def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoTokenizer":
         """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint."""
@@ -385,7 +409,7 @@ class VideoTokenizer(L.LightningModule):
                                   f"the per-frame image model of the same layout (arch.kind={self.arch.kind!r}, dims: 2)")
         src = ckpt.get("state_dict", ckpt)
         if any(k.startswith(EMA_PREFIX) for k in src):
-            EMA.attach(self)
+            attach_ema(self)
         causal = causal_param_names(self)
         causal |= {EMA_PREFIX + k for k in causal}
         try:
@@ -412,7 +436,10 @@ class VideoTokenizer(L.LightningModule):
         if self.discriminator is not None:
             opts.append(torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr or o.lr,
                                           betas=tuple(o.betas), weight_decay=o.weight_decay))
-        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(o.warmup_steps, o.total_steps)) for opt in opts]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], WarmupCosine(o.warmup_steps, o.total_steps))]
+        if len(opts) > 1:  # D's schedule counts D's steps, which start at discriminator.start_step
+            total_d = None if o.total_steps is None else max(1, o.total_steps - self.dcfg.start_step)
+            scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[1], WarmupCosine(o.warmup_steps, total_d)))
         return opts, scheds
 
     def _listed(self, x):
@@ -554,3 +581,11 @@ SIZES: dict[str, dict] = {
                     bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None),
                     discriminator=DiscriminatorConfig(filters=128, blur=True), batch=256),
 }
+
+
+def latent_autoencoder(config: VAEConfig | dict | None) -> LatentAutoencoder:
+    """The frozen ``LatentAutoencoder`` of a VAE config; kind ``tokenizer`` loads our checkpoint here (EMA weights), so
+    the block in ``nn/vae.py`` needs no LightningModule."""
+    cfg = VAEConfig.coerce(config)
+    cfg.validate()
+    return LatentAutoencoder(cfg, tokenizer=VideoTokenizer.load_frozen(cfg.path) if cfg.kind == "tokenizer" else None)

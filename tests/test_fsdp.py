@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 import lightning as L  # noqa: E402
 
 from vidgen.callbacks.ema import EMA, EMA_PREFIX, ema_decay, ema_state_dict, raw_state_dict  # noqa: E402
-from vidgen.parallel import FSDP2Strategy, ParallelizableMixin, apply_fsdp2  # noqa: E402
+from vidgen.parallel import FSDP2Strategy, apply_fsdp2  # noqa: E402
 
 K, N, BATCH, IN, HID, OUT = 4, 8, 2, 5, 6, 3
 DECAY, WARMUP = 0.8, 3
@@ -67,7 +67,7 @@ class TinyNet(nn.Module):
         return self.out(h)
 
 
-class TinyModule(ParallelizableMixin, L.LightningModule):
+class TinyModule(L.LightningModule):
     fsdp_block_classes = (TinyBlock,)
 
     def __init__(self) -> None:

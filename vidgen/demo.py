@@ -57,7 +57,7 @@ def stage_stream(ctx: DemoContext) -> dict:
     import torch
 
     from vidgen.datamodules import VideoDataModule
-    from vidgen.media import save_video_grid_mp4, write_grid_png
+    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
     out = ctx.out_dir / "stream"
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from vidgen import media, shards
+from vidgen import shards
+from vidgen.datamodules import media
 
 DEMO_SHAPES = ("square", "circle", "triangle")
 DEMO_DIRECTIONS = ("left", "right", "up", "down")

@@ -1,14 +1,12 @@
-"""FSDP2 sharding and activation checkpointing, applied to a model from the outside.
+"""FSDP2 sharding and activation checkpointing, applied to a model from the outside by the strategy.
 
-How a model opts in (the model file imports nothing from ``torch.distributed``)::
+How a model opts in (the model file imports nothing for it, neither this module nor ``torch.distributed``)::
 
-    from vidgen.parallel import ParallelizableMixin
-
-    class Latte(ParallelizableMixin, L.LightningModule):
+    class Latte(L.LightningModule):
         fsdp_block_classes = (LatteBlock,)        # the repeated transformer blocks
 
-That is all. Under DDP / a single device ``configure_model()`` does nothing; under
-:class:`FSDP2Strategy` (or Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``) it calls
+That is all. Under DDP / a single device the attribute is unused. Under :class:`FSDP2Strategy` the strategy's
+``setup`` (after Lightning's ``configure_model`` hook, so lazily built layers exist) calls
 :func:`configure_model_parallel`, which
 
 1. shards every (outermost) instance of ``fsdp_block_classes`` with ``fully_shard`` (one all-gather per block),
@@ -21,9 +19,9 @@ That is all. Under DDP / a single device ``configure_model()`` does nothing; und
    without this the root parameters would never be unsharded. A method that touches root parameters and is
    called from elsewhere (e.g. ``decode`` from a callback) must be listed in ``fsdp_forward_methods``.
 
-A LightningModule that defines its own ``configure_model`` (lazy layer construction) calls
-``super().configure_model()`` at its end. ``configure_model`` is idempotent (Lightning calls it once per
-``fit``/``validate``/``test``).
+Sharding is idempotent (the strategy's ``setup`` runs once per ``fit``/``validate``/``test``/``predict``).
+Lightning's plain ``ModelParallelStrategy`` expects the model to shard itself in ``configure_model``; vidgen models
+do not, so use :class:`FSDP2Strategy` (``configs/trainer/fsdp*.yaml``).
 
 Options come from the strategy, so the trainer recipe (``configs/trainer/fsdp*.yaml``) is the only place
 that mentions them::
@@ -32,11 +30,10 @@ that mentions them::
       class_path: vidgen.parallel.FSDP2Strategy
       init_args: {mixed_precision: bf16, activation_checkpointing: true}
 
-:class:`FSDP2Strategy` is Lightning's ``ModelParallelStrategy`` (sharded DCP checkpoints, ``configure_model``
-hook, works on CPU/gloo) with FSDP defaults: the data-parallel mesh spans all processes
-(``ModelParallelStrategy``'s own default makes every GPU of a node a *tensor*-parallel rank, which with FSDP
-alone would feed identical batches to all of them) and the FSDP2 options above. With plain
-``ModelParallelStrategy`` the defaults (fp32, no activation checkpointing) apply.
+:class:`FSDP2Strategy` is Lightning's ``ModelParallelStrategy`` (sharded DCP checkpoints, works on CPU/gloo) with
+FSDP defaults: the data-parallel mesh spans all processes (``ModelParallelStrategy``'s own default makes every GPU of
+a node a *tensor*-parallel rank, which with FSDP alone would feed identical batches to all of them) and the FSDP2
+options above.
 
 Mixed precision: ``mixed_precision: bf16`` gives FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)``: fp32 sharded master weights and optimizer state, bf16 all-gathers and compute, fp32
@@ -61,13 +58,13 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
 __all__ = [
     "FSDP2Strategy",
-    "ParallelizableMixin",
     "apply_fsdp2",
     "configure_model_parallel",
     "mixed_precision_policy",
@@ -214,13 +211,13 @@ def _fsdp_mesh(device_mesh: "DeviceMesh") -> "DeviceMesh":
     return device_mesh
 
 
-def configure_model_parallel(pl_module: nn.Module) -> None:
-    """Shard ``pl_module`` with FSDP2 when its strategy provides a device mesh; otherwise do nothing.
+def configure_model_parallel(pl_module: nn.Module, mesh: Optional["DeviceMesh"] = None) -> None:
+    """Shard ``pl_module`` with FSDP2 over ``mesh`` (default: the mesh its strategy gave it); no mesh: do nothing.
 
     Reads ``type(pl_module).fsdp_block_classes``, optional ``fsdp_forward_methods``, and the options of the
     trainer's :class:`FSDP2Strategy` (``mixed_precision``, ``activation_checkpointing``, ``reshard_after_forward``).
     """
-    mesh = getattr(pl_module, "_device_mesh", None)
+    mesh = mesh if mesh is not None else getattr(pl_module, "_device_mesh", None)
     if mesh is None:
         return
     from torch.distributed.fsdp import FSDPModule
@@ -249,16 +246,6 @@ def configure_model_parallel(pl_module: nn.Module) -> None:
         activation_checkpointing=opts.get("activation_checkpointing", False),
         forward_methods=forward_methods,
     )
-
-
-class ParallelizableMixin:
-    """Put before ``LightningModule`` in the bases and set ``fsdp_block_classes``; FSDP2 then applies itself."""
-
-    fsdp_block_classes: tuple[type, ...] = ()
-    fsdp_forward_methods: tuple[str, ...] = ()
-
-    def configure_model(self) -> None:
-        configure_model_parallel(self)  # type: ignore[arg-type]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -308,6 +295,31 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def setup(self, trainer) -> None:
+        """Shard the model from its ``fsdp_block_classes`` (after ``configure_model``), then Lightning's setup.
+
+        ``ModelParallelStrategy.setup`` insists that the LightningModule overrides ``configure_model`` to shard itself;
+        here the strategy does the sharding, so that check is satisfied by what the strategy has just done."""
+        from lightning.fabric.utilities.init import _materialize_distributed_module
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        configure_model_parallel(self.lightning_module, self.device_mesh)
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            raise TypeError("FSDP2Strategy found modules wrapped in FSDP1 `FullyShardedDataParallel`; it applies FSDP2.")
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Sharded save into ``<path>.tmp``, then renamed over ``<path>`` by rank 0 (like ``AtomicCheckpointIO``).
 
@@ -340,18 +352,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def reshard_all(module) -> None:
-    """Return FSDP2 modules to their sharded parameters (no-op without FSDP2).
-
-    While gathered, an FSDP2 module's registered parameters are the unsharded tensors, and the root stays gathered
-    after a no-grad forward (validation, ``generate``).  Code that reads or writes the shards (EMA) or toggles
-    ``requires_grad`` on them (curricula) reshards first."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()

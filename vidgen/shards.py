@@ -38,8 +38,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from vidgen.datamodules.tario import INDEX_FORMAT, INDEX_NAME, index_entry, make_index, write_index
-from vidgen import media
+from vidgen.datamodules.tario import INDEX_NAME, index_entry, make_index, write_index
+from vidgen.datamodules import media
 VIDEO_EXTS, IMAGE_EXTS = media.VIDEO_EXTS, media.IMAGE_EXTS
 _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 _BLOCK = tarfile.BLOCKSIZE
@@ -57,18 +57,70 @@ class Item:
     path: str
     caption: str | None = None
     label: int | None = None
+    class_name: str | None = None  # a string label (class folder, CSV/JSONL); mapped to ``label`` by ``assign_labels``
 
 
-def _parse_label(v: Any, where: str) -> int | None:
+def _parse_label(v: Any, where: str) -> int | str | None:
+    """An int class id, a class name (str, mapped through ``classes.json``), or None (no label)."""
     if v is None or (isinstance(v, str) and v.strip() == ""):
         return None
+    if isinstance(v, bool):
+        raise ShardsError(f"{where}: label {v!r} is a boolean; give a class id (int) or a class name (str)")
+    if isinstance(v, (int, float)):
+        if v != int(v) or v < 0:
+            raise ShardsError(f"{where}: label {v!r} is not a class id (an integer >= 0)")
+        return int(v)
+    text = str(v).strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    return text
+
+
+def _item(path: str, caption: str | None, label: Any, where: str) -> Item:
+    lab = _parse_label(label, where)
+    return Item(path, caption, lab if isinstance(lab, int) else None, lab if isinstance(lab, str) else None)
+
+
+CLASSES_NAME = "classes.json"
+CLASSES_FORMAT = "vidgen-classes/1"
+
+
+def read_class_map(path: str) -> list[str]:
+    """Class names by id from a ``classes.json`` (``{"format": ..., "classes": [name0, name1, ...]}``)."""
     try:
-        f = float(v)
-        if f != int(f):
-            raise ValueError
-        return int(f)
-    except (TypeError, ValueError):
-        raise ShardsError(f"{where}: label {v!r} is not an integer; labels are class ids (int), leave empty for none") from None
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardsError(f"--class-map {path}: cannot read it ({e})") from None
+    names = doc.get("classes") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ShardsError(f"--class-map {path}: expected {{\"classes\": [unique names, by id]}}")
+    return names
+
+
+def assign_labels(items: list[Item], classes: list[str] | None = None) -> list[str] | None:
+    """Map class names to ids in place; returns the class map (names by id), or None when no item has a name.
+
+    Without ``classes`` the map is the sorted set of names (the order ``torchvision.ImageFolder`` uses); a split
+    built later passes the first split's map (``--class-map``) so ids agree.  Mixing names and integer ids is an
+    error (which id would a name get?)."""
+    named = [it for it in items if it.class_name is not None]
+    if not named:
+        if classes is not None:
+            raise ShardsError("--class-map given, but the input has no class names (class folders or a label column)")
+        return None
+    numbered = [it for it in items if it.label is not None and it.class_name is None]
+    if numbered:
+        raise ShardsError(f"labels mix class names ({named[0].class_name!r}) and integer ids ({numbered[0].label}); "
+                          "use one kind (names are mapped to ids in classes.json)")
+    names = list(classes) if classes is not None else sorted({it.class_name for it in named})
+    ids = {n: i for i, n in enumerate(names)}
+    unknown = sorted({it.class_name for it in named} - set(ids))
+    if unknown:
+        raise ShardsError(f"class names {unknown[:5]} are not in the --class-map ({len(names)} classes)")
+    for it in named:
+        it.label = ids[it.class_name]
+    return names
 
 
 def _media_kind(path: str) -> str | None:
@@ -76,10 +128,17 @@ def _media_kind(path: str) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
-def collect_items(source: str | os.PathLike) -> list[Item]:
+def collect_items(source: str | os.PathLike, folder_labels: str = "auto") -> list[Item]:
     """Items from a folder (recursive, sorted; a ``{stem}.txt`` beside a file is its caption), a CSV or JSONL list
-    (columns ``path``, optional ``caption``, ``label``; relative paths are relative to the list file) or one file."""
+    (columns ``path``, optional ``caption``, ``label`` -- an int id or a class name; relative paths are relative to the
+    list file) or one file.
+
+    Folder labels (``folder_labels``): ``auto`` names each file's class by its top-level subfolder when every media
+    file sits in one (the UCF-101 / ImageFolder layout ``root/<class>/<file>``), ``folders`` insists on that layout,
+    ``none`` gives no labels."""
     source = os.fspath(source)
+    if folder_labels not in ("auto", "folders", "none"):
+        raise ShardsError(f"labels must be auto, folders or none, got {folder_labels!r}")
     if os.path.isdir(source):
         items = []
         for root, dirs, files in os.walk(source):
@@ -95,6 +154,13 @@ def collect_items(source: str | os.PathLike) -> list[Item]:
                         caption = f.read().strip()
                 items.append(Item(path, caption))
         items.sort(key=lambda it: os.path.relpath(it.path, source))
+        top = [it for it in items if os.sep not in os.path.relpath(it.path, source)]
+        if folder_labels == "folders" and (top or not items):
+            raise ShardsError(f"--labels folders: {source} must hold class subfolders only "
+                              f"({len(top)} media file(s) sit at its top level, e.g. {top[0].path if top else '-'})")
+        if folder_labels != "none" and items and not top:
+            for it in items:
+                it.class_name = os.path.relpath(it.path, source).split(os.sep)[0]
         return items
     if not os.path.isfile(source):
         raise ShardsError(f"input {source!r} does not exist; give a folder of videos/images, a .csv or a .jsonl list")
@@ -133,13 +199,13 @@ def collect_items(source: str | os.PathLike) -> list[Item]:
             p = os.path.join(base, p)
         cap = row.get("caption")
         cap = None if cap is None or str(cap) == "" else str(cap)
-        items.append(Item(p, cap, _parse_label(row.get("label"), where)))
+        items.append(_item(p, cap, row.get("label"), where))
     return items
 
 
-def _as_items(items: Any) -> list[Item]:
+def _as_items(items: Any, folder_labels: str = "auto") -> list[Item]:
     if isinstance(items, (str, os.PathLike)):
-        return collect_items(items)
+        return collect_items(items, folder_labels)
     out = []
     for it in items:
         if isinstance(it, Item):
@@ -147,7 +213,7 @@ def _as_items(items: Any) -> list[Item]:
         elif isinstance(it, (str, os.PathLike)):
             out.append(Item(os.fspath(it)))
         elif isinstance(it, dict):
-            out.append(Item(os.fspath(it["path"]), it.get("caption"), _parse_label(it.get("label"), str(it["path"]))))
+            out.append(_item(os.fspath(it["path"]), it.get("caption"), it.get("label"), str(it["path"])))
         else:
             raise ShardsError(f"items must be paths, dicts with 'path' or Item, got {type(it).__name__}")
     return out
@@ -343,6 +409,8 @@ def _members(key: str, ext: str, data: bytes, item: Item, info: dict, kind: str 
     )
     if item.caption is not None:
         meta["caption"] = item.caption
+    if item.class_name is not None:
+        meta["class_name"] = item.class_name
     out = {ext: data}
     if item.caption is not None:
         out["txt"] = item.caption.encode("utf-8")
@@ -489,10 +557,17 @@ def write_shards(
     overwrite: bool = False,
     progress: bool | None = None,
     verbose: bool = False,
+    labels: str = "auto",
+    class_map: str | None = None,
 ) -> dict:
     """Pack ``items`` (a folder/CSV/JSONL path, or a list of paths / ``{"path", "caption", "label"}`` dicts / Item)
     into shards in ``out_dir``; writes ``index.json`` and returns it (``"skipped"``: [{path, reason}] of inputs that
-    gave no sample).  ``workers`` > 1 decodes/encodes in a process pool; output order never depends on it."""
+    gave no sample).  ``workers`` > 1 decodes/encodes in a process pool; output order never depends on it.
+
+    Class names (class subfolders with ``labels`` auto/folders, or string labels in a CSV/JSONL) become integer labels
+    (``.cls`` and json ``label``, json ``class_name``) through ``out_dir/classes.json``, which ``index.json`` names
+    (``"classes"``; plus ``"num_classes"`` and ``"num_labelled"``).  ``class_map``: an existing ``classes.json`` (e.g.
+    the train split's, when packing val) so the ids agree."""
     out_dir = os.fspath(out_dir)
     opts = ShardOptions(
         clip_len_s=clip_len_s,
@@ -506,10 +581,15 @@ def write_shards(
         max_clips_per_video=max_clips_per_video,
     )
     opts.validate()
-    item_list = _as_items(items)
+    item_list = _as_items(items, labels)
+    if labels == "none":
+        for it in item_list:
+            it.class_name = None
+    class_names = assign_labels(item_list, read_class_map(class_map) if class_map else None)
     writer = ShardWriter(out_dir, prefix, max_samples_per_shard, parse_size(max_bytes_per_shard))
     clear_old_shards(out_dir, prefix, overwrite)
     skipped: list[dict] = []
+    labelled = [0]
     t0 = time.time()
     jobs = [(i, it, opts) for i, it in enumerate(item_list)]
     try:
@@ -532,6 +612,7 @@ def write_shards(
                 skipped.append({"path": item_list[idx].path, "reason": reason})
             for key, members in samples:
                 writer.write(key, members)
+                labelled[0] += "cls" in members
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(samples=writer.num_samples, skipped=len(skipped), refresh=False)
@@ -545,7 +626,13 @@ def write_shards(
         if pool is not None:
             pool.terminate()
             pool.join()
-    index = make_index(shards, skipped)
+    extra: dict[str, Any] = {"num_labelled": labelled[0]}
+    if class_names is not None:
+        cpath = os.path.join(out_dir, CLASSES_NAME)
+        media.atomic_write(cpath, (json.dumps({"format": CLASSES_FORMAT, "classes": class_names}, indent=1) + "\n")
+                           .encode("utf-8"))
+        extra.update(classes=CLASSES_NAME, num_classes=len(class_names))
+    index = make_index(shards, skipped, **extra)
     write_index(out_dir, index)
     if verbose:
         print(summary(index, out_dir, time.time() - t0), file=sys.stderr)
@@ -579,7 +666,8 @@ def reindex(shard_dir: str) -> dict:
         except (OSError, json.JSONDecodeError):
             old = {}
     shards = {os.path.basename(t): index_entry(t) for t in tars}
-    index = make_index(shards, old.get("skipped"))
+    keep = {k: old[k] for k in ("classes", "num_classes") if k in old}  # the class map stays with the shards
+    index = make_index(shards, old.get("skipped"), **keep)
     write_index(shard_dir, index)
     return index
 
@@ -606,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=None, help="drop frames down to this fps")
     g.add_argument("--crf", type=int, default=18, help="x264 quality of re-encoded clips (lower: better, bigger)")
     g.add_argument("--max-clips-per-video", type=int, default=None)
+    p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
+                   help="folder input: class = top-level subfolder (auto: when every file sits in one)")
+    p.add_argument("--class-map", default=None, help="an existing classes.json (e.g. the train split's) for the ids")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing {prefix}-*.tar shards in out_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -646,11 +737,16 @@ def main(argv: list[str] | None = None) -> int:
             max_clips_per_video=args.max_clips_per_video,
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
+            labels=args.labels,
+            class_map=args.class_map,
         )
     except ShardsError as e:
         print(f"vidgen shards: error: {e}", file=sys.stderr)
         return 2
     print(summary(index, args.out_dir, time.time() - t0))
+    if index.get("classes"):
+        print(f"labels: {index['num_labelled']} samples in {index['num_classes']} classes "
+              f"({os.path.join(args.out_dir, index['classes'])})")
     return 0 if index["num_samples"] > 0 else 1
 
 

@@ -9,7 +9,7 @@ float16/float32) plus the input's ``{key}.txt`` / ``{key}.cls`` copied and its `
 ``"tokenizer"`` entry (checkpoint, kind, shape, codebook size).  Shards are ``{tokens|latents}-{000000}.tar`` beside an
 ``index.json`` (DEVELOPERS.md format) that also records the tokenizer.
 
-    vidgen tokenize --checkpoint runs/video_tokenizer_tiny/checkpoints/last.ckpt \\
+    vidgen tokenize --checkpoint runs/tokenizer_ucf101_tiny/checkpoints/last.ckpt \\
         --shards data/demo/train --out data/demo_tokens/train --batch-size 8
 """
 

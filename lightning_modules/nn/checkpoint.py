@@ -20,9 +20,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+def default_cache_dir() -> Path:
+    """``$VIDGEN_CACHE`` or ``~/.cache/vidgen``: converted weights (``vidgen convert-i3d``) and cached statistics."""
+    return Path(os.environ.get("VIDGEN_CACHE") or Path.home() / ".cache" / "vidgen")
+
 
 # Classes that known official checkpoints pickle beside their tensors (Latte, DiT and Open-Sora files store their
 # argparse arguments). Extend knowingly, for files you trust: ALLOWED_GLOBALS.append(MyClass).

@@ -5,8 +5,9 @@
 - ``"diffusers"``: a diffusers ``AutoencoderKL`` from a LOCAL directory (``path`` or ``path/vae``; e.g. the SD VAE
   ``sd-vae-ft-ema`` Latte uses). Frames are encoded one by one (per-frame 2D VAE, ``chunk`` frames per call):
   ``z = latent_dist.sample() * scale_factor`` (0.18215, as Latte), decoded as ``vae.decode(z / scale_factor)``.
-- ``"tokenizer"``: our ``VideoTokenizer`` KL (or plain AE) checkpoint (``VideoTokenizer.load_frozen(path)``): the
-  whole clip goes through it (per-frame when the tokenizer is 2D, ``arch.dims: 2``); ``z = latents * scale_factor``.
+- ``"tokenizer"``: our ``VideoTokenizer`` KL (or plain AE), loaded by the caller (``VideoTokenizer.load_frozen(path)``)
+  and passed as ``tokenizer=``, so this block imports no LightningModule: the whole clip goes through it (per-frame
+  when the tokenizer is 2D, ``arch.dims: 2``); ``z = latents * scale_factor``.
 - ``"pixels"``: NOT an autoencoder. A pixel-space stand-in for CPU smoke tests only: "latents" are the frames
   average-pooled by ``factor`` (3 channels), decoded by nearest upsampling. Results trained on it say nothing
   about a real latent model.
@@ -103,7 +104,7 @@ def spatial_factor_of(cfg: VAEConfig) -> int | None:
 class LatentAutoencoder(nn.Module):
     """Frozen video <-> latent adapter (see the module docstring)."""
 
-    def __init__(self, config: VAEConfig | dict | None = None):
+    def __init__(self, config: VAEConfig | dict | None = None, tokenizer: nn.Module | None = None):
         super().__init__()
         cfg = VAEConfig.coerce(config)
         cfg.validate()
@@ -124,9 +125,10 @@ class LatentAutoencoder(nn.Module):
             self.spatial_factor = 2 ** (len(self.model.config.block_out_channels) - 1)
             self.temporal_factor = 1
         elif cfg.kind == "tokenizer":
-            from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
-
-            tok = VideoTokenizer.load_frozen(cfg.path)
+            if tokenizer is None:
+                raise ValueError("vae.kind='tokenizer': pass the frozen tokenizer, "
+                                 "LatentAutoencoder(cfg, tokenizer=VideoTokenizer.load_frozen(cfg.path))")
+            tok = tokenizer
             if tok.bcfg.kind not in ("kl", "none"):
                 raise ValueError(
                     f"{cfg.path} is a {tok.bcfg.kind!r} tokenizer: its codes are discrete. Latent diffusion needs a "

@@ -28,10 +28,10 @@ def _vae_config(ctx) -> tuple[dict, int, int, str]:
         if ckpt and Path(ckpt).exists():
             break
     if ckpt and Path(ckpt).exists():
-        from vidgen.lightning_modules.nn.vae import LatentAutoencoder
+        from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
         try:
-            vae = LatentAutoencoder({"kind": "tokenizer", "path": str(ckpt)})
+            vae = latent_autoencoder({"kind": "tokenizer", "path": str(ckpt)})
         except ValueError as e:  # a VQ / LFQ tokenizer: discrete codes
             ctx.log(f"tokenizer checkpoint not usable for latent diffusion ({str(e).split(':')[0]})")
         else:
@@ -66,7 +66,7 @@ def run(ctx) -> dict:
     from vidgen.runtime import run_layout
     from vidgen.datamodules import VideoDataModule
     from vidgen.lightning_modules.latte import Latte
-    from vidgen.media import save_video_grid_mp4, write_grid_png
+    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "latte"
     out.mkdir(parents=True, exist_ok=True)

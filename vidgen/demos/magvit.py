@@ -57,7 +57,7 @@ def run(ctx) -> dict:
     from vidgen.datamodules import VideoDataModule
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
-    from vidgen.media import save_video_grid_mp4, write_grid_png
+    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "magvit"
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     from vidgen.datamodules import VideoDataModule
     from vidgen.lightning_modules.nn.quantizers import CodebookUsage
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
-    from vidgen.media import save_video_grid_mp4, write_grid_png
+    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / subdir
     out.mkdir(parents=True, exist_ok=True)
