@@ -743,11 +743,17 @@ class STDiT(L.LightningModule):
         return {"y": y, "mask": mask, "fps": fps.contiguous(), "height": height, "width": width}
 
     def timestep_shift(self, kwargs: Mapping[str, Any], latent_frames: int) -> Tensor | float:
-        """§3.2 shift r per sample (1.0 when ``use_timestep_transform`` is off)."""
+        """§3.2 shift r per sample (1.0 when ``use_timestep_transform`` is off): ``sqrt(H W / 512^2) sqrt(T')`` with
+        Open-Sora's ``T' = num_frames // 17 * 5``. Clips shorter than 17 frames (outside Open-Sora's buckets, where
+        that rule gives T' = 0) use T' = their latent frame count [our choice]."""
         if not self.hparams.use_timestep_transform:
             return 1.0
-        frames = torch.full_like(kwargs["height"], self.pixel_frames(latent_frames), dtype=torch.long)
-        return opensora_timestep_shift(kwargs["height"], kwargs["width"], frames).to(self.device)
+        frames = self.pixel_frames(latent_frames)
+        if 1 < frames < 17:
+            r = opensora_timestep_shift(kwargs["height"], kwargs["width"], 1) * math.sqrt(latent_frames)
+        else:
+            r = opensora_timestep_shift(kwargs["height"], kwargs["width"], frames)
+        return r.to(self.device)
 
     # -- training ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
