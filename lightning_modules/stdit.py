@@ -715,11 +715,8 @@ class STDiT(L.LightningModule):
         return self.vae.encode(batch["video"].to(self.device))
 
     def pixel_frames(self, latent_frames: int) -> int:
-        """Video frames behind ``latent_frames`` (causal VAE: 1 + 4(t - 1); 17 -> 5)."""
-        tf = self.vae.temporal_factor
-        if tf == 1:
-            return latent_frames
-        return 1 + tf * (latent_frames - 1) if getattr(self.vae, "_causal", True) else tf * latent_frames
+        """Video frames behind ``latent_frames`` (causal 4x VAE: 5 -> 17; with micro chunks of 17: 15 -> 51)."""
+        return self.vae.video_frames(latent_frames)
 
     def encode_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Caption states ``[B, L, C]`` and mask ``[B, L]`` from the frozen text encoder (suffix appended)."""

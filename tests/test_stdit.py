@@ -555,3 +555,25 @@ def test_config_errors_name_the_key():
         with pytest.raises(STDiTConfigError, match=match):
             STDiT.validate_config(bad)
     assert set(STDIT3_MODELS) >= {"S/2", "XL/2"} and OPEN_SORA_MASK_RATIOS["stage1"]["image_head"] == 0.05
+
+
+def test_causal_vae_micro_chunks_17_frames_to_5_latents(tmp_path):
+    from vidgen.lightning_modules.nn.vae import LatentAutoencoder
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+
+    tok = VideoTokenizer(arch={"kind": "magvit2", "filters": 4, "channel_multipliers": [1, 1, 1],
+                               "temporal_downsample": [True, True], "num_res_blocks": 1, "norm_groups": 2,
+                               "zero_centered": True},
+                         bottleneck={"kind": "kl", "dim": 4}, discriminator={"enabled": False},
+                         loss={"perceptual_weight": 0}, num_frames=17, resolution=8)
+    path = tmp_path / "vae.ckpt"
+    torch.save({"hyper_parameters": dict(tok.hparams), "state_dict": tok.state_dict()}, path)
+    with pytest.warns(UserWarning, match="no EMA"):
+        vae = LatentAutoencoder({"kind": "tokenizer", "path": str(path), "micro_frame_size": 17, "sample": False})
+    assert vae.latent_shape(17, 8, 8)[1] == 5 and vae.latent_shape(34, 8, 8)[1] == 10  # 17 -> 5, 34 -> 2 x 5
+    assert vae.video_frames(5) == 17 and vae.video_frames(10) == 34
+    video = torch.rand(1, 3, 34, 8, 8) * 2 - 1
+    z = vae.encode(video)
+    with torch.no_grad():  # each 17-frame chunk is coded on its own
+        torch.testing.assert_close(z[:, :, 5:], tok.encode(video[:, :, 17:], sample=False))
+    assert vae.decode(z).shape == video.shape
