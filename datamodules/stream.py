@@ -352,7 +352,7 @@ class VideoStream(IterableDataset):
                     bkey = bucket_key((si, sid, sample["kind"], main_tensor(sample).shape))
                     bucket = buckets.setdefault(bkey, [])
                     bucket.append((sample, [si, *pos]))
-                    if len(bucket) >= bs:
+                    if len(bucket) >= self.bucket_batch_size(bkey, bs):
                         batch = buckets.pop(bkey)
                 emitted += 1
                 produced += 1
@@ -370,6 +370,11 @@ class VideoStream(IterableDataset):
         finally:
             for s in streams:
                 s.close()
+
+    def bucket_batch_size(self, bkey: tuple, default: int) -> int:
+        """Samples per batch of bucket ``bkey`` (here the source's or global batch size; ``BucketedVideoStream`` gives
+        each Open-Sora bucket its own)."""
+        return default
 
     def _choose_source(self, g: int, weights) -> int:
         w = np.asarray(weights, dtype=np.float64)
