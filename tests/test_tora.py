@@ -1,0 +1,155 @@
+"""Tora (spec latte_tora.md §4): displacement maps, colour wheel, sparse sampling, TrajError, extractor and fusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen.lightning_modules.nn.trajectory import (
+    TrajError,
+    displacement_maps,
+    flow_visualisation,
+    gaussian_kernel,
+    load_trajectory_json,
+    sample_sparse_trajectories,
+    traj_error,
+)
+from vidgen.lightning_modules.tora import (
+    FUSERS,
+    FuserConfig,
+    TrajectoryExtractor,
+    build_fuser,
+)
+
+
+# ---------------------------------------------------------------------------------------------- displacement maps
+def test_gaussian_kernel_centre_weight_one():
+    k = gaussian_kernel(99, 10.0)
+    assert k.shape == (99, 99)
+    assert k[49, 49].item() == 1.0 and k.max().item() == 1.0
+    # isotropic exp(-r^2 / 2 sigma^2): one sigma away along an axis and along a diagonal
+    assert k[49, 59].item() == pytest.approx(np.exp(-0.5), rel=1e-6)
+    assert k[59, 59].item() == pytest.approx(np.exp(-1.0), rel=1e-6)
+
+
+def test_straight_trajectory_map():
+    """One trajectory moving 3 px right per frame: g[t+1] holds (3, 0) at p_t only; frame 0 is zero (§4.2)."""
+    T, H, W = 6, 32, 48
+    traj = np.stack([5.0 + 3 * np.arange(T), np.full(T, 10.0)], 1)
+    g = displacement_maps(traj[None], H, W, blur=False)
+    assert g.shape == (T, 2, H, W)
+    assert g[0].abs().sum() == 0
+    for t in range(T - 1):
+        expect = torch.zeros(2, H, W)
+        expect[0, 10, 5 + 3 * t] = 3.0
+        torch.testing.assert_close(g[t + 1], expect)
+    # two trajectories through the same point add up
+    g2 = displacement_maps(np.stack([traj, traj]), H, W, blur=False)
+    torch.testing.assert_close(g2, 2 * g)
+    # the Gaussian with centre weight 1 keeps the value at the point and spreads exp(-r^2/200) around it
+    gb = displacement_maps(traj[None], H, W)
+    assert gb[0].abs().sum() == 0
+    assert gb[1, 0, 10, 5].item() == pytest.approx(3.0, rel=1e-5)
+    assert gb[1, 0, 10, 15].item() == pytest.approx(3.0 * np.exp(-100 / 200), rel=1e-4)
+    assert gb[1, 1].abs().max() == 0
+
+
+def test_colour_wheel_range_and_normalisation():
+    T, H, W = 4, 16, 16
+    traj = np.stack([2.0 + 2 * np.arange(T), np.full(T, 8.0)], 1)
+    g = displacement_maps(traj[None], H, W, blur=False)
+    v = flow_visualisation(g)
+    assert v.shape == (3, T, H, W)
+    assert v.min() >= -1 and v.max() <= 1
+    assert (v[:, 0] == 1).all()  # zero flow is white
+    # normalised by the clip's maximum: scaling the flow does not change the picture
+    torch.testing.assert_close(flow_visualisation(5 * g), v)
+    assert not torch.equal(v[:, 1], v[:, 0])
+
+
+def test_trajectory_json_canvas_and_interpolation():
+    t = load_trajectory_json([[[0, 0], [128, 64], [256, 256]]], num_frames=5, width=64, height=32)
+    assert t.shape == (1, 5, 2)
+    np.testing.assert_allclose(t[0, 0], [0, 0])
+    np.testing.assert_allclose(t[0, 2], [32, 8])   # the middle canvas point, rescaled to 64x32
+    np.testing.assert_allclose(t[0, -1], [64, 32])
+    with pytest.raises(ValueError, match="list of objects"):
+        load_trajectory_json({"trajectories": []}, 5, 64, 32)
+
+
+def test_sparse_sampling_deterministic_per_seed():
+    rng = np.random.default_rng(0)
+    flow = rng.normal(0, 2, size=(7, 2, 96, 128)).astype(np.float32)
+    a = sample_sparse_trajectories(flow, 123)
+    b = sample_sparse_trajectories(flow, 123)
+    np.testing.assert_array_equal(a, b)
+    c = sample_sparse_trajectories(flow, 124)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+    assert 1 <= a.shape[0] <= 16 and a.shape[1] == 8
+    assert (a[..., 0] >= 0).all() and (a[..., 0] <= 127).all() and (a[..., 1] >= 0).all() and (a[..., 1] <= 95).all()
+    # tracking with the rounded flow: constant flow (2.4, -1) moves every point by (2, -1) per frame until clamped
+    const = np.zeros((5, 2, 64, 64), np.float32)
+    const[:, 0], const[:, 1] = 2.4, -1.0
+    tr = sample_sparse_trajectories(const, 0, max_tracks=3)
+    step = np.diff(tr, axis=1)
+    assert np.all((step[..., 0] == 2) | (tr[:, 1:, 0] == 63)) and np.all((step[..., 1] == -1) | (tr[:, 1:, 1] == 0))
+
+
+# ---------------------------------------------------------------------------------------------- TrajError
+def _render_along(traj: np.ndarray, size: int = 64) -> torch.Tensor:
+    from vidgen.demo_data import _coverage
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    rng = np.random.default_rng(0)
+    bg = np.clip(rng.normal(40, 12, (size, size, 1)), 0, 255).astype(np.float32)  # static texture, as the demo
+    frames = []
+    for cx, cy in traj:
+        a = _coverage("square", xx, yy, cx + 0.5, cy + 0.5, 7.0)[..., None]
+        frames.append(bg * (1 - a) + np.array([230, 40, 40], np.float32) * a)
+    v = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2) / 127.5 - 1
+    return v
+
+
+def test_traj_error_zero_along_trajectory_and_grows_when_shifted():
+    T = 9
+    traj = np.stack([16.0 + 3 * np.arange(T), 20.0 + 1.5 * np.arange(T)], 1)[None]
+    video = _render_along(traj[0])
+    s, n = traj_error(video, traj)
+    assert n == T - 1 and s / n < 0.5
+    errors = []
+    for shift in (2.0, 4.0, 8.0):  # the given trajectory drifts away from the rendered one
+        shifted = traj.copy()
+        shifted[0, :, 0] += shift * np.arange(T) / (T - 1)
+        s, n = traj_error(video, shifted)
+        errors.append(s / n)
+    assert errors[0] > 0.5 and errors[0] < errors[1] < errors[2]
+    m = TrajError()
+    m.update(video[None], [traj])
+    assert m.compute().item() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- extractor and fusers
+def test_extractor_levels_and_token_grid():
+    te = TrajectoryExtractor({"in_channels": 4, "channels": 16, "patch_size": 2, "res_blocks": 2, "levels": 3})
+    f = te(torch.randn(2, 4, 3, 8, 12))
+    assert len(f) == 3 and all(x.shape == (2 * 3, 16, 4, 6) for x in f)
+
+
+@pytest.mark.parametrize("kind", FUSERS)
+def test_fuser_identity_at_init_and_motion_reaches_output_after_update(kind):
+    torch.manual_seed(0)
+    B, T, hh, ww, d, c = 2, 3, 4, 5, 64, 16
+    fuser = build_fuser(FuserConfig(kind=kind, groups=8, heads=4), d, c)
+    h = torch.randn(B, T * hh * ww, d)
+    f = torch.randn(B * T, c, hh, ww)
+    torch.testing.assert_close(fuser(h, f, T=T, S=hh * ww), h, rtol=0, atol=0)
+    # after one gradient step the motion features change the output (the zero init is not a dead end)
+    opt = torch.optim.SGD(fuser.parameters(), lr=0.1)
+    fuser(h, f, T=T, S=hh * ww).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(fuser(h, f, T=T, S=hh * ww), h)
+        f2 = f.clone()
+        f2[:B * T // 2] = 0
+        assert not torch.allclose(fuser(h, f, T=T, S=hh * ww), fuser(h, f2, T=T, S=hh * ww))
