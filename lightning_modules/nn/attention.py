@@ -301,8 +301,10 @@ class MultiHeadAttention(nn.Module):
 
     ``qk_norm``: RMSNorm (True/'rms', STDiT3) or LayerNorm ('layer') per head on q and k, before RoPE.
     ``rope``: a shared ``RotaryEmbedding``, True (one over the full head dim), or None.
-    ``forward(x, mask=None, kv_cache=None, positions=None)``: returns ``out``, or ``(out, kv_cache)`` when a cache is
-    passed (its keys/values are extended in place; RoPE positions continue from ``kv_cache.length``).
+    ``forward(x, mask=None, kv_cache=None, positions=None, rope=None)``: returns ``out``, or ``(out, kv_cache)`` when a
+    cache is passed (its keys/values are extended in place; RoPE positions continue from ``kv_cache.length``).
+    ``rope`` given to ``forward`` is a rotary embedding owned by the caller (STDiT3's one top-level ``rope`` shared by
+    its temporal blocks); it replaces ``self.rope`` for that call.
     """
 
     def __init__(
@@ -337,14 +339,16 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         positions: Tensor | None = None,
+        rope: RotaryEmbedding | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
+        rope = self.rope if rope is None else rope
+        if rope is not None:
             if positions is None:
                 offset = kv_cache.length if kv_cache is not None else 0
                 positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = rope(q, positions), rope(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         out = attention(

@@ -170,3 +170,21 @@ class KeyReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def keep_out_of_checkpoints(module, prefixes: Sequence[str]) -> None:
+    """Leave the submodules named by ``prefixes`` (e.g. ``("vae.", "text_encoder.")``: frozen nets loaded from a
+    path given in config) out of ``module``'s state dict, and do not report them missing when loading one."""
+    prefixes = tuple(prefixes)
+
+    def _save_hook(mod, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for key in [k for k in state_dict if any(k.startswith(prefix + p) for p in prefixes)]:
+            del state_dict[key]
+
+    def _load_hook(mod, incompatible_keys) -> None:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not any(k.startswith(p) or f".{p}" in k for p in prefixes)]
+
+    module.register_state_dict_post_hook(_save_hook)
+    module.register_load_state_dict_post_hook(_load_hook)
+

@@ -182,7 +182,7 @@ class RotaryEmbedding(nn.Module):
     ``[B, N]`` for ``x`` ``[B, heads, N, d]``; default ``offset + arange(N)``). ``dim`` may be smaller than the head dim (the rest passes through).
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = True):
+    def __init__(self, dim: int, theta: float = 10000.0, interleaved: bool = True, persistent: bool = False):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even dim, got {dim}")
@@ -190,12 +190,16 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.interleaved = interleaved
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        # not persistent: fixed by (dim, theta) and keeps checkpoints free of RoPE keys
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # Default: not persistent (fixed by (dim, theta); keeps checkpoints free of RoPE keys). persistent=True stores
+        # them in the state dict under rotary-embedding-torch's name ``freqs`` (Open-Sora STDiT3 files carry
+        # ``rope.freqs``), so such files load strictly.
+        self._freq_name = "freqs" if persistent else "inv_freq"
+        self.register_buffer(self._freq_name, inv_freq.float(), persistent=persistent)
 
     def angles(self, positions: Tensor) -> Tensor:
         """``[..., N] -> [..., N, dim/2]`` rotation angles ``p * f_k`` (float32)."""
-        return positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        inv_freq = self._buffers[self._freq_name]
+        return positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         ang = self.angles(positions)

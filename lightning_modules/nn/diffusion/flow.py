@@ -173,8 +173,17 @@ class RectifiedFlow:
         device: torch.device | str | None = None,
         shift: float | Tensor | None = None,
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
     ) -> Tensor:
-        """Euler integration of ``dx/dt`` from pure noise (t = T) to data (t = 0); returns x0 ``[shape]``."""
+        """Euler integration of ``dx/dt`` from pure noise (t = T) to data (t = 0); returns x0 ``[shape]``.
+
+        Frame conditioning (Open-Sora v1.2 with a 0/1 mask; Tora image conditioning): where ``known_mask`` (bool,
+        broadcastable to ``shape``, True = generated) is False, ``x`` is the clean ``known`` at every step and is
+        returned unchanged. The model is told which frames are given through its own kwargs (STDiT3 ``x_mask``).
+        """
+        if (known is None) != (known_mask is None):
+            raise ValueError("frame conditioning needs both known (the clean latents) and known_mask (True = generate)")
         if (sampler or "euler") != "euler":
             raise ValueError(f"rectified flow samples with 'euler', got {sampler!r} ('ddpm'/'ddim' are Gaussian)")
         steps = self.sample_steps if steps is None else int(steps)
@@ -184,11 +193,16 @@ class RectifiedFlow:
         if isinstance(shift, Tensor):
             shift = shift.to(x.device)
         ts = self.sampling_timesteps(steps, x.shape[0], x.device, shift)
+        if known is not None:
+            known, known_mask = known.to(x.device, x.dtype), known_mask.to(x.device).bool()
+            x = torch.where(known_mask, x, known)
         for i in progress_bar(range(steps), progress, "euler sampling"):
             t = ts[i]
             v = self.velocity(fn(x, t, **(model_kwargs or {})), x)
             dt = (t - ts[i + 1]) if i < steps - 1 else t
             x = x + v * per_sample(dt / self.num_timesteps, x.ndim)
+            if known is not None:
+                x = torch.where(known_mask, x, known)
             if callback is not None:
                 callback(i, x, v)
         return x
