@@ -153,3 +153,121 @@ def test_fuser_identity_at_init_and_motion_reaches_output_after_update(kind):
         f2 = f.clone()
         f2[:B * T // 2] = 0
         assert not torch.allclose(fuser(h, f, T=T, S=hh * ww), fuser(h, f2, T=T, S=hh * ww))
+
+
+# ---------------------------------------------------------------------------------------------- the Tora module
+from vidgen.lightning_modules.tora import PLACEMENTS, Tora, ToraConfigError  # noqa: E402
+
+TINY_TORA = dict(size="S/2", depth=2, hidden_size=32, num_heads=4, text_encoder={"kind": "minilm", "max_length": 8},
+                 vae={"kind": "pixels", "factor": 4}, num_frames=5, resolution=16, sample_steps=2, warmup_steps=0,
+                 fuser={"groups": 8, "heads": 4}, extractor={"channels": 8}, gaussian_size=7, gaussian_sigma=2.0)
+
+
+def _line(x0, y0, dx, dy, T=5):
+    return np.stack([x0 + dx * np.arange(T), y0 + dy * np.arange(T)], 1)
+
+
+def _shape_clips(trajs: list[np.ndarray], size: int = 16) -> torch.Tensor:
+    """Clips of a bright disc on a dark background whose centre follows each trajectory."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    clips = []
+    for tr in trajs:
+        frames = [np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0) * 2 - 1 for x, y in tr]
+        clips.append(np.repeat(np.stack(frames)[None], 3, 0))
+    return torch.from_numpy(np.stack(clips)).float()
+
+
+def _batch(n: int = 2) -> dict:
+    trajs = [_line(3, 3 + 4 * i, 2, 1) for i in range(n)]
+    return {"video": _shape_clips(trajs), "text": ["a ball"] * n, "fps": torch.full((n,), 8.0),
+            "trajectories": torch.from_numpy(np.stack([t[None] for t in trajs])).float()}
+
+
+@pytest.mark.parametrize("kind,placement", [("adaptive_norm", "temporal"), ("extra_channel", "spatial"),
+                                            ("cross_attention", "both")])
+def test_tora_equals_its_base_model_at_init(kind, placement):
+    torch.manual_seed(0)
+    tora = Tora(**{**TINY_TORA, "fuser": {**TINY_TORA["fuser"], "kind": kind, "placement": placement}}).eval()
+    batch = _batch()
+    z = tora.latents(batch)
+    kw = tora.model_kwargs(batch, z)
+    assert ("motion" in kw) == (placement != "spatial") and ("motion_spatial" in kw) == (placement != "temporal")
+    base_kw = {k: v for k, v in kw.items() if k not in ("motion", "motion_spatial")}
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        out, base = tora.model(z, t, **kw), tora.model(z, t, **base_kw)
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    assert len(kw.get("motion", kw.get("motion_spatial"))) == tora.config.depth  # extractor levels = blocks
+    with pytest.raises(ToraConfigError, match="fuser.placement"):
+        Tora(**{**TINY_TORA, "fuser": {"placement": "everywhere"}})
+
+
+def test_only_named_parameters_train_and_frozen_ones_stay_bit_identical():
+    import lightning as L
+
+    from vidgen.callbacks.ema import EMA, EMA_PREFIX
+
+    torch.manual_seed(0)
+    tora = Tora(**TINY_TORA, lr=1e-2)
+    trainable = {n for n, p in tora.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.temporal_blocks.", "extractor.")) for n in trainable)
+    assert any(".fuser." in n for n in trainable) and not any("spatial_blocks" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in tora.named_parameters()}
+    batches = [_batch() for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=0.9)])
+    trainer.fit(tora, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    for n, p in tora.named_parameters():
+        if n in trainable:
+            assert id(p) in opt_params
+        else:
+            assert id(p) not in opt_params and torch.equal(p, before[n]), n
+    changed = {n for n in trainable if not torch.equal(before[n], dict(tora.named_parameters())[n])}
+    assert any(".fuser." in n for n in changed) and any(n.startswith("extractor.") for n in changed)
+    ema = {k[len(EMA_PREFIX):] for k in tora.state_dict() if k.startswith(EMA_PREFIX)}
+    assert ema == trainable
+
+
+def test_curriculum_switches_dense_to_sparse():
+    from vidgen.callbacks.curriculum import CurriculumConfigError, StagedCurriculum
+
+    tora = Tora(**TINY_TORA)
+    assert tora.motion_mode == "dense"
+    tora.set_curriculum_settings({"motion_mode": "sparse"})
+    assert tora.motion_mode == "sparse"
+    with pytest.raises(ToraConfigError, match="motion_mode"):
+        tora.set_curriculum_settings({"motion_mode": "dots"})
+    with pytest.raises(CurriculumConfigError, match="model must be a mapping"):
+        StagedCurriculum([{"at_step": 0}, {"at_step": 5, "model": "sparse"}])
+    # dense flow -> maps with a zero first frame, no filter; sparse trajectories sampled from the same flow
+    flow = torch.zeros(1, 4, 2, 16, 16)
+    flow[:, :, 0] = 2.0
+    tora.motion_mode = "dense"
+    g = tora.displacement({"flow": flow}, 1, 5, 16, 16)
+    assert g.shape == (1, 5, 2, 16, 16) and g[0, 0].abs().sum() == 0 and torch.equal(g[0, 1:], flow[0])
+    tora.motion_mode = "sparse"
+    gs = tora.displacement({"flow": flow}, 1, 5, 16, 16)
+    assert gs[0, 0].abs().sum() == 0 and 0 < (gs[0, 1, 0] > 0).float().mean() < 1
+
+
+def test_tiny_tora_overfits_a_few_clips():
+    torch.manual_seed(0)
+    tora = Tora(**{**TINY_TORA, "hidden_size": 64, "fuser": {"groups": 8}, "trainable": [".*"], "lr": 3e-3,
+                   "class_dropout_prob": 0.0, "cfg_scale": 1.0})
+    batch = _batch(3)
+    y, mask = tora.encode_text(batch["text"])
+    tora.encode_text = lambda texts: (y[: len(texts)], mask[: len(texts)])  # one caption: encode once
+    opt = tora.configure_optimizers()
+
+    def eval_loss():  # a fixed set of (t, noise)
+        with torch.no_grad():
+            return tora.loss_terms(batch, generator=torch.Generator().manual_seed(0))["loss"].mean().item()
+
+    before = eval_loss()
+    for _ in range(150):
+        opt.zero_grad()
+        tora.loss_terms(batch)["loss"].mean().backward()
+        opt.step()
+    after = eval_loss()
+    assert after < before / 5, (before, after)
