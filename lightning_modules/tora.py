@@ -407,6 +407,14 @@ class Tora(STDiT):
 
     def motion_features(self, batch: Mapping[str, Any], z: Tensor) -> dict[str, tuple[Tensor, ...]]:
         """The network's motion kwargs for latents ``z``: maps -> colour wheel -> motion VAE -> TE levels (§4.2)."""
+        if batch.get("motion_latents") is not None:  # cached motion-VAE latents (scaled), e.g. the demo's
+            m = batch["motion_latents"][: z.shape[0]].to(self.device, torch.float32)
+        else:
+            m = self.motion_latents(batch, z)
+        return {} if m is None else self._fuse_kwargs(m, z)
+
+    def motion_latents(self, batch: Mapping[str, Any], z: Tensor) -> Tensor | None:
+        """g_m: the motion VAE's (scaled) latents of the batch's motion, or None without motion (§4.2 items 1-4)."""
         n, _, t, h, w = z.shape
         video = batch.get("video")
         if isinstance(video, Tensor) and video.ndim == 5:
@@ -415,10 +423,13 @@ class Tora(STDiT):
             frames, height, width = self.pixel_frames(t), h * self.vae.spatial_factor, w * self.vae.spatial_factor
         g = self.displacement(batch, n, frames, height, width)
         if g is None:
-            return {}
+            return None
         mvae = self.motion_vae if self.motion_vae is not None else self.vae
         with torch.no_grad():
-            m = mvae.encode(flow_visualisation(g).to(self.device))
+            return mvae.encode(flow_visualisation(g).to(self.device))
+
+    def _fuse_kwargs(self, m: Tensor, z: Tensor) -> dict[str, tuple[Tensor, ...]]:
+        n = z.shape[0]
         if m.shape[2:] != z.shape[2:]:
             raise ValueError(f"motion latents {tuple(m.shape[1:])} do not align with the video latents "
                              f"{tuple(z.shape[1:])} (§4.2 item 4)")
