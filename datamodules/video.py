@@ -61,6 +61,8 @@ class VideoDataModule(L.LightningDataModule):
         flip: random horizontal flip in training; leave it off when captions or labels name a horizontal direction
             ("moving left").
         short_video_policy: loop | pad | skip for videos shorter than the clip.
+        motion: Tora: only samples with the ``traj.npy`` of ``vidgen trajectories`` (others skipped and counted as
+            ``no_motion``); ``batch["trajectories"]`` / ``batch["flow"]`` follow the clip (``datamodules/motion.py``).
         image_frames: single (images give T=1) | repeat (T=num_frames).
         split_by: how shards are divided over ranks x workers: shard (whole shards), sample (every slot reads every
             shard and keeps every S-th sample; balanced for few shards) or auto (shard when that is balanced).
@@ -88,6 +90,7 @@ class VideoDataModule(L.LightningDataModule):
         short_video_policy: str = "loop",
         image_frames: str = "single",
         require_text: bool = False,
+        motion: bool = False,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -149,7 +152,8 @@ class VideoDataModule(L.LightningDataModule):
                 self._urls[f"__{split}"] = _expand(spec, f"data.{split}_shards")
         self.spec = ClipSpec(num_frames=num_frames, frame_stride=frame_stride, fps=fps, height=self.height,
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
-                             image_frames=image_frames, require_text=require_text, backend=decoder)
+                             image_frames=image_frames, require_text=require_text, backend=decoder,
+                             motion=motion)
         self._sources: list[Source] | None = None
         self._stages: StageTable | None = None
         self._stage_rows: list[tuple] | None = None

@@ -25,6 +25,7 @@ STAGES = [
     ("vae", "vidgen.demos.tokenizer:run_vae", "train the tiny KL VAE whose latents the Latte stage learns"),
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
+    ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
 ]
 
 
