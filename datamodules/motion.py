@@ -62,7 +62,7 @@ def clip_motion(sample: dict, meta: dict, spec, u, step: float, height: int, wid
     sx, sy = width / cw, height / ch
     if traj is not None:
         t = traj[:, idx]
-        t = np.stack([(t[..., 0] - x0) * sx, (t[..., 1] - y0) * sy], -1)
+        t = np.stack([(t[..., 0] - x0 + 0.5) * sx - 0.5, (t[..., 1] - y0 + 0.5) * sy - 0.5], -1)  # pixel centres
         if flipped:
             t[..., 0] = width - 1 - t[..., 0]
         out["trajectories"] = torch.from_numpy(t.astype(np.float32))

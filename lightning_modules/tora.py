@@ -21,6 +21,7 @@ trajectories (``motion_mode``: dense | sparse, switched at a step by ``StagedCur
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,10 +39,11 @@ from vidgen.lightning_modules.nn.trajectory import (
     dense_displacement,
     displacement_maps,
     flow_visualisation,
+    load_trajectory_json,
     sample_sparse_trajectories,
 )
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
-from vidgen.lightning_modules.stdit import STDiT, STDiT3Block, STDiTConfigError
+from vidgen.lightning_modules.stdit import STDiT, STDiTConfigError, _pixel_size
 
 __all__ = [
     "ToraConfigError",
@@ -273,6 +275,10 @@ class Tora(STDiT):
             extractor, fusers). Everything else is frozen: out of the optimizer and of the EMA.
         motion_dropout: probability of training a sample without motion (motion-free guidance is not in the paper:
             0 by default).
+        trajectory_file, first_frame: inference (``vidgen predict``): a JSON of trajectories drawn on a 256 x 256
+            canvas (one list of [x, y] points per object; ``load_trajectory_json``) used for every prompt without its
+            own ``batch["trajectories"]``, and an optional image for the first frame. Without a datamodule,
+            ``vidgen predict`` makes one batch per prompt of ``prompts``.
 
     Batch: ``batch["flow"]`` float ``[B, T-1, 2, H', W']`` (pixels, between consecutive frames; resized to the clip)
     and/or ``batch["trajectories"]`` float ``[B, N, T, 2]`` (x, y pixels of the clip; NaN rows = no object).
@@ -290,6 +296,8 @@ class Tora(STDiT):
         gaussian_sigma: float = 10.0,
         trainable: list[str] | None = None,
         motion_dropout: float = 0.0,
+        trajectory_file: str | None = None,
+        first_frame: str | None = None,
         **kwargs: Any,
     ):
         self._check_tora_args(motion_mode, max_tracks, track_stride, gaussian_size, gaussian_sigma, motion_dropout,
@@ -340,6 +348,9 @@ class Tora(STDiT):
         if not isinstance(gaussian_size, int) or gaussian_size < 1 or gaussian_size % 2 == 0 or gaussian_sigma <= 0:
             raise ToraConfigError(f"gaussian_size must be a positive odd integer and gaussian_sigma > 0 (99 and 10, "
                                   f"§4.2), got {gaussian_size!r} and {gaussian_sigma!r}")
+        for key, path in (("trajectory_file", trajectory_file), ("first_frame", first_frame)):
+            if path is not None and not os.path.isfile(path):
+                raise ToraConfigError(f"{key} {path!r} does not exist; give a local file")
         if not 0 <= motion_dropout < 1:
             raise ToraConfigError(f"motion_dropout must be in [0, 1), got {motion_dropout!r}")
         for key, value, cls in (("fuser", fuser, FuserConfig), ("extractor", extractor, TrajectoryExtractorConfig)):
@@ -471,6 +482,7 @@ class Tora(STDiT):
         conditions on a given first frame (x_mask False for the first latent frame, §4.6 image conditioning).
         The motion features go to both guidance branches: only the text is guided (the port's sampler)."""
         batch = dict(batch or {})
+        self._inference_inputs(batch)
         first = batch.pop("first_frame", None)
         if first is not None:
             n = first.shape[0]
@@ -487,8 +499,34 @@ class Tora(STDiT):
         finally:
             self._generate_batch = None
 
+    def _inference_inputs(self, batch: dict) -> None:
+        """Fill ``trajectories`` / ``first_frame`` of a sampling batch from ``trajectory_file`` / ``first_frame``."""
+        hp = self.hparams
+        texts = list(batch.get("text") or hp.prompts or [])
+        n = max(1, len(texts))
+        height, width = _pixel_size(hp.resolution)
+        if batch.get("trajectories") is None and hp.trajectory_file:
+            trajs = load_trajectory_json(hp.trajectory_file, int(hp.num_frames), width, height)
+            batch["trajectories"] = torch.from_numpy(trajs)[None].expand(n, -1, -1, -1)
+        if batch.get("first_frame") is None and hp.first_frame:
+            from PIL import Image
+
+            with Image.open(hp.first_frame) as im:
+                img = im.convert("RGB").resize((width, height), Image.BICUBIC)
+            frame = torch.from_numpy(np.asarray(img).copy()).float().div(127.5).sub(1)
+            batch["first_frame"] = rearrange(frame, "h w c -> 1 c h w").expand(n, -1, -1, -1).to(self.device)
+
+    def predict_dataloader(self):
+        """Without a datamodule: one batch per prompt (``vidgen predict --model.prompts [...]``)."""
+        prompts = list(self.hparams.prompts or [])
+        if not prompts:
+            raise ToraConfigError("vidgen predict without data needs model.prompts (a list of captions)")
+        return [{"text": [p], "key": [f"prompt{i:03d}"]} for i, p in enumerate(prompts)]
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{"videos", "keys", "captions", "trajectories"}`` (the writer draws the trajectories over the videos)."""
+        batch = dict(batch)
+        self._inference_inputs(batch)
         out = super().predict_step(batch, batch_idx, dataloader_idx)
         if batch.get("trajectories") is not None:
             out["trajectories"] = torch.as_tensor(batch["trajectories"])[: out["videos"].shape[0]].float().cpu()

@@ -273,3 +273,49 @@ def test_tiny_tora_overfits_a_few_clips():
         opt.step()
     after = eval_loss()
     assert after < before / 5, (before, after)
+
+
+def test_datamodule_carries_trajectories_and_flow_through_the_clip(tmp_path):
+    """Shards with traj.npy / flow.npy (as `vidgen trajectories` writes them): the batch's trajectories follow the
+    clip's frames, crop and resize (the shape's centroid in the decoded frames is on them); missing ones are skipped."""
+    import io
+    import json
+
+    from vidgen import media
+    from vidgen.datamodules import VideoDataModule
+    from vidgen.demo_data import render_moving_shape
+    from vidgen.shards import ShardWriter
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+
+    writer = ShardWriter(str(tmp_path / "s"), "traj")
+    for i, direction in enumerate(("right", "down")):
+        frames, p = render_moving_shape("square", "yellow", direction, np.random.default_rng(i), size=64, frames=17,
+                                        noisy=False)
+        start, end = np.array(p["start"]), np.array(p["end"])
+        path = start + (end - start) * (np.arange(17)[:, None] / 16) - 0.5  # pixel-index coordinates
+        flow = np.zeros((16, 2, 32, 32), np.float16)
+        flow[:, 0], flow[:, 1] = (end - start) / 16 / 2  # stored at 32x32: displacements halved
+        writer.write(f"c{i}", {"mp4": media.encode_video(frames, 8.0, layout="thwc", crf=10),
+                               "json": json.dumps({"width": 64, "height": 64, "fps": 8.0}).encode(),
+                               "traj.npy": npy(path[None].astype(np.float32)), "flow.npy": npy(flow)})
+    writer.write("plain", {"mp4": media.encode_video(frames, 8.0, layout="thwc", crf=10)})
+    writer.close()
+    dm = VideoDataModule(val_shards=str(tmp_path / "s"), seed=0, num_frames=8, frame_stride=2, resolution=32,
+                         crop="center", batch_size=2, num_workers=0, shuffle=False, motion=True)
+    dm.setup("validate")
+    b = next(iter(dm.val_dataloader()))
+    assert b["trajectories"].shape == (2, 1, 8, 2) and b["flow"].shape == (2, 7, 2, 32, 32)
+    for i in range(2):
+        v = b["video"][i].float().mean(0)  # [T, H, W] brightness: the yellow square on a dark background
+        w = (v > v.mean()).float()
+        yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        cx = (w * xx).sum((1, 2)) / w.sum((1, 2))
+        cy = (w * yy).sum((1, 2)) / w.sum((1, 2))
+        torch.testing.assert_close(torch.stack([cx, cy], -1), b["trajectories"][i, 0], atol=0.6, rtol=0)
+        step = b["trajectories"][i, 0, 1] - b["trajectories"][i, 0, 0]  # 2 source frames per clip frame
+        torch.testing.assert_close(b["flow"][i, :, :, 5, 5], step.expand(7, 2), atol=1e-2, rtol=0)
+    assert dm.data_counters().get("no_motion", 0) >= 1 if hasattr(dm, "data_counters") else True
