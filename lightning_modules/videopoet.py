@@ -283,20 +283,20 @@ def build_sequences(layout: Layout, vocab: Vocabulary, parts: Mapping[str, tuple
     B = batch_size
     pos = 0
 
-    def put(ids: Tensor, modality: str | list[str], is_output: bool, is_forced: bool, name: str | None = None):
+    def put(ids: Tensor, modality: str | list[str], has_loss: bool, is_forced: bool, name: str | None = None):
         nonlocal pos
         n = ids.shape[1]
         cols.append(ids)
         kinds.extend([modality] * n if isinstance(modality, str) else modality)
-        loss.extend([is_output and not is_forced] * n)
-        forced.extend([is_forced or not is_output] * n)
+        loss.extend([has_loss] * n)
+        forced.extend([is_forced] * n)
         if name is not None:
             spans[name] = (pos, pos + n)
         pos += n
 
     def special(name: str, is_output: bool):
-        put(torch.full((B, 1), vocab.special(name), dtype=torch.long, device=device), "special", is_output,
-            is_output, None)
+        # output specials (<bov_o>, <eov_o>, <eos>, ...) carry the loss; sampling writes them (the layout fixes them)
+        put(torch.full((B, 1), vocab.special(name), dtype=torch.long, device=device), "special", is_output, True)
 
     for section, items in (("prefix", layout.prefix), ("output", layout.output)):
         is_output = section == "output"
@@ -326,7 +326,8 @@ def build_sequences(layout: Layout, vocab: Vocabulary, parts: Mapping[str, tuple
                     mods = [f"audio:{i}" for i in range(lv) for _ in range(fr)]
                 else:
                     mods = mod
-                put(ids.to(device), mods, is_output, is_output and item in layout.forced, item)
+                given = not is_output or item in layout.forced
+                put(ids.to(device), mods, is_output and not given, given, item)
     tokens = torch.cat(cols, dim=1)
     key_valid = torch.ones(B, pos, dtype=torch.bool, device=tokens.device)
     if text_span is not None:
