@@ -544,6 +544,7 @@ class VideoPoetConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "t2v": 1.0, "i2v": 1.0, "fp": 1.0})
     tokenizer_path: str | None = None
     visual_codes: int | None = None               # needed only without tokenizer_path (token batches, tests)
+    init_from: str | None = None                  # task adaptation: start from these LM weights (EMA when present)
     audio_levels: int = 4
     audio_codes: int = 1024
     text_vocab: int = 0                           # reserved text entries after the audio codes (unused here)
@@ -602,6 +603,9 @@ class VideoPoetConfig:
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             raise VideoPoetConfigError(f"tokenizer_path {self.tokenizer_path!r} does not exist: train one (vidgen fit "
                                        "--config configs/videopoet/tokenizer_lfq_tiny.yaml) or point at its checkpoint")
+        if self.init_from is not None and not os.path.isfile(self.init_from):
+            raise VideoPoetConfigError(f"init_from {self.init_from!r} is not a file: point it at the pretrained "
+                                       "VideoPoet checkpoint (e.g. runs/videopoet/checkpoints/last.ckpt)")
         if self.text_encoder is None and self.text_dim is None:
             raise VideoPoetConfigError("set text_encoder (e.g. {kind: hf, path: /local/t5-v1_1-xl}) or text_dim (the "
                                        "width of the cached text embeddings in the token shards)")
@@ -649,6 +653,7 @@ class VideoPoet(L.LightningModule):
         tasks: dict[str, float] | None = None,
         tokenizer_path: str | None = None,
         visual_codes: int | None = None,
+        init_from: str | None = None,
         audio_levels: int = 4,
         audio_codes: int = 1024,
         text_vocab: int = 0,
@@ -712,7 +717,7 @@ class VideoPoet(L.LightningModule):
             cfg.text_dim = self.text_model.token_dim
         self.vocab = Vocabulary(int(cfg.visual_codes), cfg.audio_levels, cfg.audio_codes, cfg.text_vocab)
         self.net = PrefixLM(cfg.lm(self.vocab.size))
-        self.sampler = GroupSampler({k: v for k, v in cfg.tasks.items()}, cfg.seed)
+        self.init_report = self.load_lm_weights(cfg.init_from) if cfg.init_from else None
 
     # ---------------------------------------------------------------------------------------------------- config
     @staticmethod
@@ -734,6 +739,19 @@ class VideoPoet(L.LightningModule):
         if unknown:
             raise VideoPoetConfigError(f"unknown VideoPoet arguments {sorted(unknown)}; allowed: {sorted(sig)}")
         cls.make_config(init_args).validate()
+
+    def load_lm_weights(self, path: str):
+        """§2.7 task adaptation: the LM weights of a VideoPoet checkpoint (EMA when it has them), with a key report;
+        the optimizer, schedule and step start fresh."""
+        from .nn.checkpoint import KeyReport, read_state_dict
+
+        sd = {k[len("net."):]: v for k, v in read_state_dict(path).items() if k.startswith("net.")}
+        report = KeyReport.compare(sd, self.net.state_dict(), source=path, kind="VideoPoet LM", model="net")
+        if not report.exact:
+            raise VideoPoetConfigError(f"init_from {path!r} does not match this model (size / vocabulary):\n"
+                                       f"{report.table()}")
+        self.net.load_state_dict(sd)
+        return report
 
     def attach_tokenizer(self, tokenizer: nn.Module) -> None:
         """Use ``tokenizer`` (frozen, eval) to encode conditions and decode samples; never saved in checkpoints."""
