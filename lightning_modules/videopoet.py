@@ -410,11 +410,12 @@ class PrefixLM(nn.Module):
             x = torch.cat([x[:, :text_start], proj, x[:, text_start + L_:]], dim=1)
         return x
 
-    def forward(self, tokens: Tensor, prefix_len: int, key_valid: Tensor | None = None, text: Tensor | None = None,
+    def forward(self, tokens: Tensor, prefix_len: int | Tensor, key_valid: Tensor | None = None, text: Tensor | None = None,
                 text_start: int | None = None, kv_caches: list[KVCache] | None = None, start: int = 0,
                 logits_at: slice | Tensor | None = None) -> Tensor:
         """Logits ``[B, n, V]`` for ``tokens [B, n]`` at absolute positions ``start .. start+n``.
 
+        ``prefix_len``: one int for the batch (a task group), or ``[B]`` per row (mixed, padded batches).
         ``key_valid [B, start+n]``: False for keys never attended (unused text slots). ``kv_caches`` (one per block)
         hold positions ``[0, start)``. ``logits_at``: positions (relative to ``tokens``) whose logits are needed.
         """
@@ -424,8 +425,9 @@ class PrefixLM(nn.Module):
         if rel_text is not None and rel_text < 0:
             text, rel_text = None, None  # the text slots are already in the cache
         x = self.embed_tokens(tokens, text, rel_text)
-        mask = prefix_lm_mask(prefix_len, total, device=tokens.device, n_q=n)  # [n, total]
-        mask = rearrange(mask, "i j -> 1 1 i j")
+        mask = prefix_lm_mask(prefix_len, total, device=tokens.device, n_q=n)  # [n, total] or [B, 1, n, total]
+        if mask.ndim == 2:
+            mask = rearrange(mask, "i j -> 1 1 i j")
         if key_valid is not None:
             mask = mask & rearrange(key_valid[:, :total], "b j -> b 1 1 j")
         positions = torch.arange(start, total, device=tokens.device)
@@ -762,6 +764,13 @@ class VideoPoet(L.LightningModule):
             raise VideoPoetConfigError(f"tokenizer has {tokenizer.codebook_size} codes; the model was built for "
                                        f"{self.vocab.visual_codes}")
         _hidden(self, "tokenizer", tokenizer)
+
+    def attach_text_encoder(self, encoder: nn.Module) -> None:
+        """Use ``encoder`` (a frozen ``nn.text_encoders.TextEncoder``) for prompts; never saved in checkpoints."""
+        if encoder.token_dim != self.net.cfg.text_dim:
+            raise VideoPoetConfigError(f"text encoder width {encoder.token_dim} != the model's text_dim "
+                                       f"{self.net.cfg.text_dim}")
+        _hidden(self, "text_model", encoder)
 
     def _tok(self) -> nn.Module:
         if self.tokenizer is None:
