@@ -176,7 +176,7 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     if label < 0 and spec.require_label:
         raise SkipSample("missing_label", "no label (.cls member or json 'label') for a class-conditional model")
     if kind is None:  # a token/latent shard written by `vidgen tokenize`
-        return {**read_array(sample["npy"]), "text": text, "label": label, "key": key,
+        return {**read_array(sample["npy"]), **read_extras(sample, meta), "text": text, "label": label, "key": key,
                 "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}
     u = rng.random(4) if rng is not None else None
     if spec.motion and "traj.npy" not in sample:
@@ -223,7 +223,32 @@ def read_array(data: bytes) -> dict:
     raise SkipSample("corrupt", f"npy of dtype {arr.dtype} is neither tokens nor latents")
 
 
+#: optional members of a token shard sample (``vidgen tokenize --text-encoder``; audio tokens from an audio
+#: tokenizer): member extension -> batch key. ``text.npy`` is float [max_text_tokens, D] zero-padded, its valid
+#: length in the json's ``text_len``; ``audio.npy`` is int [levels, frames] (VideoPoet §2.2).
+EXTRA_ARRAYS = {"text.npy": "text_emb", "audio.npy": "audio_tokens"}
+
+
+def read_extras(sample: dict[str, bytes], meta: dict) -> dict:
+    """The optional arrays of a token shard sample (``EXTRA_ARRAYS``) plus ``text_len``; never unpickles."""
+    out = {}
+    for ext, name in EXTRA_ARRAYS.items():
+        if ext not in sample:
+            continue
+        try:
+            arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise SkipSample("corrupt", f"{ext}: {e}") from e
+        dtype = np.float32 if name == "text_emb" else np.int64
+        out[name] = torch.from_numpy(arr.astype(dtype))
+    if "text_emb" in out:
+        n = meta.get("text_len")
+        out["text_len"] = int(n) if isinstance(n, int) else int(out["text_emb"].shape[0])
+    return out
+
+
 ARRAY_KEYS = ("video", "tokens", "latents")
+STACKED_EXTRAS = ("text_emb", "audio_tokens", "text_len")
 
 
 def main_tensor(sample: dict) -> torch.Tensor:

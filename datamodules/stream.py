@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import tario
-from .decode import ARRAY_KEYS, ClipSpec, SkipSample, decode_sample, main_tensor
+from .decode import ARRAY_KEYS, STACKED_EXTRAS, ClipSpec, SkipSample, decode_sample, main_tensor
 from .motion import collate_motion
 
 MAX_STAGES = 32
@@ -418,6 +418,10 @@ class VideoStream(IterableDataset):
     def _collate(self, samples: list[dict], snap: dict) -> dict:
         # one bucket = one kind and shape; video stays uint8 (4x less to ship between processes than float)
         arrays = {k: torch.stack([s[k] for s in samples]) for k in ARRAY_KEYS if k in samples[0]}
+        for k in STACKED_EXTRAS:  # token shards' cached text embeddings / audio tokens, when every sample has them
+            if all(k in s for s in samples):
+                arrays[k] = torch.stack([s[k] for s in samples]) if k != "text_len" else \
+                    torch.tensor([s[k] for s in samples], dtype=torch.long)
         return {
             **arrays,
             **collate_motion(samples),  # Tora: trajectories / flow when every sample has them

@@ -24,6 +24,8 @@ STAGES = [
     ("tokenizer", "vidgen.demos.tokenizer:run", "train the tiny video tokenizer, write reconstructions"),
     ("vae", "vidgen.demos.tokenizer:run_vae", "train the tiny KL VAE whose latents the Latte stage learns"),
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
+    ("videopoet", "vidgen.demos.videopoet:run",
+     "train a tiny VideoPoet prefix LM on the tokenizer's tokens (AGD over T2V/I2V/FP), sample, extend a long video"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
     ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
 ]

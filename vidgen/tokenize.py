@@ -11,6 +11,12 @@ float16/float32) plus the input's ``{key}.txt`` / ``{key}.cls`` copied and its `
 
     vidgen tokenize --checkpoint runs/tokenizer_ucf101_tiny/checkpoints/last.ckpt \\
         --shards data/demo/train --out data/demo_tokens/train --batch-size 8
+
+Cached text embeddings (VideoPoet §2.2, trained from token shards without re-encoding anything per step):
+``--text-encoder minilm|hf|open_clip`` (``--text-encoder-path`` a LOCAL directory/file, e.g. T5-XL) adds
+``{key}.text.npy`` (float16 ``[max_text_tokens, D]``, zero-padded) and ``"text_len"`` in the json. Input shards that
+already hold tokens (a previous ``vidgen tokenize`` output) pass their ``.npy`` (and ``.audio.npy``) through unchanged
+and only get what is missing, so ``--checkpoint`` is needed only when the input holds videos/images.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ class TokenizeError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidgen tokenize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="VideoTokenizer training checkpoint (EMA weights are used)")
+    p.add_argument("--checkpoint", default=None,
+                   help="VideoTokenizer training checkpoint (EMA weights are used); needed unless the input shards "
+                        "already hold tokens")
     p.add_argument("--shards", required=True, help="input shards: directory, brace pattern, glob or .tar")
     p.add_argument("--out", required=True, help="output shard directory")
     p.add_argument("--num-frames", type=int, default=None, help="clip length (default: the tokenizer's)")
@@ -48,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
+    p.add_argument("--text-encoder", choices=("none", "minilm", "hf", "open_clip"), default="none",
+                   help="cache caption embeddings as {key}.text.npy (VideoPoet: hf with a local T5-XL directory)")
+    p.add_argument("--text-encoder-path", default=None, help="local weights for --text-encoder hf/open_clip")
+    p.add_argument("--max-text-tokens", type=int, default=64, help="text slots kept per caption (VideoPoet: 64)")
     return p
 
 
@@ -76,7 +88,7 @@ class _ShardClips(torch.utils.data.IterableDataset):
                 listing = tario.scan_local(url)
                 items = ((ref.key, tario.read_sample(url, ref)) for ref in listing.samples)
             for key, raw in items:
-                keep = {e: raw[e] for e in ("txt", "cls", "json") if e in raw}
+                keep = {e: raw[e] for e in ("txt", "cls", "json", "npy", "audio.npy", "text.npy") if e in raw}
                 try:
                     sample = decode_sample(key, raw, self.spec, None)
                 except SkipSample as e:
@@ -89,7 +101,7 @@ class _ShardClips(torch.utils.data.IterableDataset):
 def _members(sample: dict, info: dict) -> dict[str, bytes]:
     """txt/cls copied; json extended with the tokenizer entry (created from the decoded fields when absent)."""
     raw = sample["members"]
-    out = {e: raw[e] for e in ("txt", "cls") if e in raw}
+    out = {e: raw[e] for e in ("txt", "cls", "audio.npy") if e in raw}
     meta: object = {}
     if "json" in raw:
         try:
@@ -100,9 +112,47 @@ def _members(sample: dict, info: dict) -> dict[str, bytes]:
         meta = {"fps": sample["fps"], "label": sample["label"]}
     if not isinstance(meta, dict):
         meta = {"source_meta": meta}
-    meta["tokenizer"] = info
+    if info is not None:
+        meta["tokenizer"] = info
+    if "text_len" in sample:
+        meta["text_len"] = int(sample["text_len"])
     out["json"] = json.dumps(meta).encode("utf-8")
     return out
+
+
+def _text_member(sample: dict) -> dict[str, bytes]:
+    return {"text.npy": sample["members"]["text.npy"]} if "text.npy" in sample["members"] else {}
+
+
+def _text_encoder(args: argparse.Namespace):
+    """The frozen text encoder of ``--text-encoder`` (None for "none"); local weights only."""
+    if args.text_encoder == "none":
+        return None
+    from vidgen.lightning_modules.nn.text_encoders import build_text_encoder
+
+    if args.text_encoder in ("hf",) and not args.text_encoder_path:
+        raise TokenizeError("--text-encoder hf needs --text-encoder-path (a LOCAL transformers directory, e.g. T5-XL)")
+    kw: dict = {"kind": args.text_encoder}
+    if args.text_encoder == "hf":
+        kw["path"] = args.text_encoder_path
+    elif args.text_encoder == "open_clip":
+        kw["checkpoint"] = args.text_encoder_path
+    return build_text_encoder(kw)
+
+
+def _add_text(samples: list[dict], encoder, max_tokens: int, device) -> None:
+    """Caption embeddings ``[max_tokens, D]`` float16 (zero-padded) and their valid length, per sample."""
+    if encoder is None or not samples:
+        return
+    with torch.no_grad():
+        enc = encoder.to(device)([s.get("text") or "" for s in samples])
+    emb, mask = enc.tokens[:, :max_tokens].float().cpu(), enc.mask[:, :max_tokens].cpu()
+    for i, s in enumerate(samples):
+        arr = np.zeros((max_tokens, emb.shape[-1]), dtype=np.float16)
+        n = int(mask[i].sum())
+        arr[: emb.shape[1]] = (emb[i] * mask[i, :, None]).numpy().astype(np.float16)
+        s["members"]["text.npy"] = _npy(arr)
+        s["text_len"] = n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,19 +173,28 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.samples_per_shard < 1 or args.batch_size < 1:
         raise TokenizeError("--samples-per-shard and --batch-size must be >= 1")
-    if not os.path.isfile(args.checkpoint):
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise TokenizeError(f"--checkpoint {args.checkpoint!r} is not a file")
+    if args.checkpoint is None and args.text_encoder == "none":
+        raise TokenizeError("nothing to write: give --checkpoint (tokenise videos) and/or --text-encoder (cache "
+                            "caption embeddings of token shards)")
+    if not 1 <= args.max_text_tokens <= 512:
+        raise TokenizeError(f"--max-text-tokens must be in [1, 512], got {args.max_text_tokens}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    tok = VideoTokenizer.load_frozen(args.checkpoint).to(device)
-    num_frames = args.num_frames or tok.num_frames
-    resolution = args.resolution or tok.resolution
-    grid = tok.latent_shape(num_frames, resolution, resolution)  # raises with the fix for a bad clip shape
-    discrete = tok.codebook_size is not None
-    kind = "tokens" if discrete else "latents"
-    info = {"checkpoint": os.path.abspath(args.checkpoint), "kind": kind, "bottleneck": tok.bcfg.kind,
-            "codebook_size": tok.codebook_size, "shape": list(grid[1:] if discrete else grid),
-            "num_frames": num_frames, "resolution": resolution, "frame_stride": args.frame_stride}
+    text_encoder = _text_encoder(args)
+    tok, info = None, None
+    num_frames, resolution, discrete, kind = args.num_frames or 1, args.resolution or 1, True, "tokens"
+    if args.checkpoint is not None:
+        tok = VideoTokenizer.load_frozen(args.checkpoint).to(device)
+        num_frames = args.num_frames or tok.num_frames
+        resolution = args.resolution or tok.resolution
+        grid = tok.latent_shape(num_frames, resolution, resolution)  # raises with the fix for a bad clip shape
+        discrete = tok.codebook_size is not None
+        kind = "tokens" if discrete else "latents"
+        info = {"checkpoint": os.path.abspath(args.checkpoint), "kind": kind, "bottleneck": tok.bcfg.kind,
+                "codebook_size": tok.codebook_size, "shape": list(grid[1:] if discrete else grid),
+                "num_frames": num_frames, "resolution": resolution, "frame_stride": args.frame_stride}
 
     os.makedirs(args.out, exist_ok=True)
     old = [f for f in os.listdir(args.out) if f.endswith(".tar")]
@@ -149,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(_ShardClips(urls, spec), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=list)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    dtype = np.int16 if discrete and tok.codebook_size <= 2 ** 15 else np.int32
+    dtype = np.int16 if discrete and tok is not None and tok.codebook_size <= 2 ** 15 else np.int32
     writer = ShardWriter(args.out, kind, max_samples=args.samples_per_shard)
     t0, n, skipped = time.perf_counter(), 0, {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -160,8 +219,17 @@ def _run(args: argparse.Namespace) -> int:
                 skipped[smp["skip"]] = skipped.get(smp["skip"], 0) + 1
             else:
                 good.append(smp)
+        _add_text(good, text_encoder, args.max_text_tokens, device)
         groups: dict[tuple, list[dict]] = {}
-        for smp in good:  # stills (T = 1) and clips are encoded separately
+        for smp in good:  # stills (T = 1) and clips are encoded separately; token samples pass through
+            if "video" not in smp:
+                if "npy" not in smp["members"]:
+                    raise TokenizeError(f"sample {smp['key']} holds latents without their .npy member")
+                writer.write(smp["key"], {"npy": smp["members"]["npy"], **_members(smp, info), **_text_member(smp)})
+                n += 1
+                continue
+            if tok is None:
+                raise TokenizeError(f"sample {smp['key']} is a video/image: tokenising it needs --checkpoint")
             groups.setdefault(tuple(smp["video"].shape), []).append(smp)
         for group in groups.values():
             video = to_float(torch.stack([g["video"] for g in group]).to(device, non_blocking=True))
@@ -172,13 +240,18 @@ def _run(args: argparse.Namespace) -> int:
             for i, smp in enumerate(group):
                 arr = out[i].numpy().astype(dtype) if discrete else \
                     out[i].float().numpy().astype(np.float16 if args.float16 else np.float32)
-                writer.write(smp["key"], {"npy": _npy(arr), **_members(smp, info)})
+                writer.write(smp["key"], {"npy": _npy(arr), **_members(smp, info), **_text_member(smp)})
                 n += 1
     shards = writer.close()  # counts and sizes known while writing: no re-scan
-    index = make_index(shards, skipped=[{"reason": k, "count": v} for k, v in sorted(skipped.items())], tokenizer=info)
+    extra = {"tokenizer": info} if info is not None else {}
+    if text_encoder is not None:
+        extra["text_encoder"] = {"kind": args.text_encoder, "path": args.text_encoder_path,
+                                 "max_text_tokens": args.max_text_tokens, "dim": int(text_encoder.token_dim)}
+    index = make_index(shards, skipped=[{"reason": k, "count": v} for k, v in sorted(skipped.items())], **extra)
     write_index(args.out, index)
     dt = time.perf_counter() - t0
-    print(f"vidgen tokenize: {n} clips -> {len(shards)} shard(s) of {kind} {info['shape']} in {args.out} "
+    print(f"vidgen tokenize: {n} clips -> {len(shards)} shard(s) of {kind} {info['shape'] if info else '(kept)'} "
+          f"{'+ text embeddings ' if text_encoder is not None else ''}in {args.out} "
           f"({n / max(dt, 1e-9):.1f} clips/s; skipped {sum(skipped.values())})")
     return 0
 

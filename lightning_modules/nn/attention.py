@@ -114,14 +114,17 @@ def causal_mask(n_q: int, n_k: int | None = None, device: torch.device | None = 
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(diagonal=n_k - n_q)
 
 
-def prefix_lm_mask(prefix_len: int | Tensor, n: int, device: torch.device | None = None) -> Tensor:
+def prefix_lm_mask(prefix_len: int | Tensor, n: int, device: torch.device | None = None, n_q: int | None = None) -> Tensor:
     """Prefix-LM mask (VideoPoet): bidirectional over the first ``prefix_len`` tokens, causal after.
 
     ``prefix_len`` int -> bool ``[n, n]``; a ``[B]`` tensor -> ``[B, 1, n, n]`` (one prefix per sample).
+    ``n_q``: only the last ``n_q`` query rows (bottom-aligned: new tokens attending to a KV cache plus themselves).
     """
     device = prefix_len.device if isinstance(prefix_len, Tensor) else device
+    n_q = n if n_q is None else n_q
     j = torch.arange(n, device=device)
-    causal = j[None, :] <= j[:, None]
+    i = torch.arange(n - n_q, n, device=device)
+    causal = j[None, :] <= i[:, None]
     if isinstance(prefix_len, Tensor):
         return rearrange(causal, "i j -> 1 1 i j") | (j < prefix_len[:, None])[:, None, None, :]
     return causal | (j < prefix_len)[None, :]

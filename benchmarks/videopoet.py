@@ -1,0 +1,252 @@
+"""VideoPoet prefix LM (spec make_a_video_videopoet.md §2.7, §2.9): training tokens/s with length grouping (AGD:
+one task group per step, no padding) vs naive padding (tasks mixed inside a batch, padded to the longest row), and
+sampling tokens/s with and without the KV cache. Printed side by side as ratios.
+
+CPU (default; a small model so it runs on a laptop; numbers on a shared machine are inflated by contention):
+
+    python benchmarks/videopoet.py
+    python benchmarks/videopoet.py --width 256 --depth 4 --steps 5
+
+The mixture is the paper's: text-to-image rows (1 latent frame) and text-to-video / frame-prediction rows
+(``--frames`` latent frames) with 5x more images than videos per grouped batch (§2.7); "useful tokens" are the
+non-padding tokens, so both arms are charged for the same work.
+
+GPU (``--gpu``): the 1B configuration (``VIDEOPOET_SIZES``) under FSDP2 (``vidgen.parallel.apply_fsdp2``: bf16
+parameters/compute, fp32 reduction, activation checkpointing of every block), one T2V group at the paper's lengths
+(64 text slots, 5x16x16 = 1280 video tokens); reports tokens/s, MFU (model FLOPs = 3 x forward FLOPs from
+``FlopCounterMode``, over the GPU's bf16 dense peak) and peak memory:
+
+    python benchmarks/videopoet.py --gpu --size 1B --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "4090": 165.2}
+
+
+def build(args, device="cpu"):
+    import torch
+
+    from vidgen.lightning_modules.videopoet import VideoPoet
+
+    torch.manual_seed(0)
+    kw = dict(size=args.size) if args.size else dict(size="tiny", width=args.width, depth=args.depth, heads=args.heads)
+    m = VideoPoet(**kw, visual_codes=args.codes, text_dim=args.text_dim, max_text_tokens=args.text_tokens,
+                  tasks={"t2i": 1.0, "t2v": 1.0, "fp": 1.0}, text_dropout=0.0, condition_latents=1)
+    return m.to(device)
+
+
+def rows(m, args, task: str, n: int, g):
+    """``n`` packed rows of ``task`` (random codes, random caption lengths)."""
+    import torch
+
+    from vidgen.lightning_modules.videopoet import LAYOUTS, build_sequences, cut_parts
+
+    t = 1 if task == "t2i" else args.frames
+    codes = torch.randint(0, args.codes, (n, t, args.grid, args.grid), generator=g)
+    parts = cut_parts(LAYOUTS[task], m.vocab, codes, condition_latents=1)
+    ln = torch.randint(4, args.text_tokens + 1, (n,), generator=g)
+    return build_sequences(LAYOUTS[task], m.vocab, parts, n, ln, args.text_tokens)
+
+
+def padded_loss(m, seqs, text):
+    """Naive padding: rows of different tasks right-padded to the longest; per-row prefix; masked loss."""
+    import torch
+    import torch.nn.functional as F
+
+    n_max = max(s.length for s in seqs)
+    toks, valid, lmask, plen = [], [], [], []
+    for s in seqs:
+        pad = n_max - s.length
+        toks.append(F.pad(s.tokens, (0, pad)))
+        valid.append(F.pad(s.key_valid, (0, pad)))
+        lmask.append(F.pad(s.loss_mask, (0, pad))[None].expand(s.tokens.shape[0], -1))
+        plen.append(torch.full((s.tokens.shape[0],), s.prefix_len))
+    toks, valid, lmask, plen = torch.cat(toks), torch.cat(valid), torch.cat(lmask), torch.cat(plen)
+    start = seqs[0].text_span[0]
+    logits = m.net(toks, plen, valid, text[: toks.shape[0]], start)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="none")
+    keep = lmask[:, 1:].flatten().float()
+    return (ce * keep).sum() / keep.sum(), int(valid.sum()), toks.numel()
+
+
+def cpu_main(args):
+    import torch
+
+    from vidgen.lightning_modules.videopoet import GroupSampler
+
+    torch.set_num_threads(args.threads)
+    m = build(args)
+    opt = torch.optim.AdamW(m.net.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    weights = {"t2i": 0.5, "t2v": 0.3, "fp": 0.2}
+    bs = {"t2i": 5 * args.batch, "t2v": args.batch, "fp": args.batch}
+    sampler = GroupSampler(weights, 0)
+    text = torch.randn(5 * args.batch * 3, args.text_tokens, args.text_dim)
+
+    def grouped(step):
+        task = sampler.group_at(step)
+        s = rows(m, args, task, bs[task], g)
+        loss, _ = m.lm_loss(s, text[: s.tokens.shape[0]])
+        return loss, int(s.key_valid.sum()), s.tokens.numel()
+
+    def naive(step):
+        # the same mixture drawn per row; a batch holds as many tokens as an average grouped batch
+        per = {k: 0 for k in weights}
+        rng = torch.Generator().manual_seed(step)
+        n_rows = round(sum(weights[k] * bs[k] for k in weights))
+        for _ in range(n_rows):
+            u = float(torch.rand((), generator=rng))
+            k = "t2i" if u < 0.5 else ("t2v" if u < 0.8 else "fp")
+            per[k] += 1
+        seqs = [rows(m, args, k, c, g) for k, c in per.items() if c]
+        return padded_loss(m, seqs, text)
+
+    res = {}
+    for name, fn in (("grouped (AGD)", grouped), ("naive padding", naive)):
+        for s in range(args.warmup):
+            loss, _, _ = fn(10_000 + s)
+            opt.zero_grad(); loss.backward(); opt.step()
+        useful = total = 0
+        t0 = time.perf_counter()
+        for s in range(args.steps):
+            loss, u, tot = fn(s)
+            opt.zero_grad(); loss.backward(); opt.step()
+            useful += u
+            total += tot
+        dt = time.perf_counter() - t0
+        res[name] = (useful / dt, 1 - useful / total)
+        print(f"train {name:14s}: {useful / dt:9.0f} useful tokens/s, padding (incl. unused text slots) "
+              f"{(1 - useful / total) * 100:5.1f}%", flush=True)
+    print(f"  grouping speed-up: {res['grouped (AGD)'][0] / res['naive padding'][0]:.2f}x")
+
+    m.eval()
+    n = args.sample_batch
+    emb = torch.randn(n, args.text_tokens, args.text_dim)
+    ln = torch.full((n,), args.text_tokens)
+    grid = (args.sample_frames, args.grid, args.grid)
+    out = {}
+    for kv in (True, False):
+        t0 = time.perf_counter()
+        m.sample("t2v", n, grid, batch={"text_emb": emb, "text_len": ln}, generator=torch.Generator().manual_seed(0),
+                 use_kv_cache=kv, guidance_scale=1.0)
+        dt = time.perf_counter() - t0
+        ntok = n * (args.sample_frames * args.grid ** 2 + 3)
+        out[kv] = ntok / dt
+        print(f"sample {'with' if kv else 'without'} KV cache: {ntok / dt:8.1f} tokens/s ({ntok} tokens in {dt:.1f}s)",
+              flush=True)
+    print(f"  KV-cache speed-up: {out[True] / out[False]:.1f}x")
+
+
+def gpu_main(args):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vidgen.lightning_modules.videopoet import VideoPoet
+    from vidgen.parallel import apply_fsdp2, mixed_precision_policy
+
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29519")):
+        os.environ.setdefault(k, v)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--gpu needs CUDA (use --device cpu for a gloo smoke run of the same code path)")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.device(device):
+        m = build(args, device)
+    g = torch.Generator().manual_seed(0)
+    s = rows(m, args, "t2v", args.batch, g)
+    s.tokens, s.key_valid, s.loss_mask = s.tokens.to(device), s.key_valid.to(device), s.loss_mask.to(device)
+    text = torch.randn(args.batch, args.text_tokens, args.text_dim, device=device)
+    params = sum(p.numel() for p in m.net.parameters())
+    with torch.autocast(device.type, dtype=torch.bfloat16), FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            m.lm_loss(s, text)
+    model_flops = 3 * fc.get_total_flops()
+    apply_fsdp2(m.net, VideoPoet.fsdp_block_classes, init_device_mesh(device.type, (world,)),
+                mp_policy=mixed_precision_policy("bf16"), activation_checkpointing=True)
+    opt = torch.optim.AdamW(m.net.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = m.lm_loss(s, text)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if cuda else "cpu (gloo smoke run)"
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        mfu = model_flops / dt / (peak * 1e12) if peak else float("nan")
+        ntok = s.tokens.numel()
+        print(f"VideoPoet-{args.size} LM {params / 1e6:.0f}M params, T2V rows of {s.length} tokens x batch "
+              f"{args.batch}/GPU x {world} GPU(s), FSDP2 bf16 + activation checkpointing, {name}")
+        print(f"  {ntok * world / dt:.0f} tokens/s ({dt * 1000:.0f} ms/step), model {model_flops / 1e12:.2f} "
+              f"TFLOP/step/GPU, MFU {mfu * 100:.1f}% (peak {peak} TFLOP/s), peak memory "
+              f"{torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float('nan'):.1f} GiB, "
+              f"loss {float(loss.detach()):.3f}")
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="FSDP2 bf16 path (default size 1B)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="--gpu only: cpu = gloo smoke run")
+    p.add_argument("--size", default=None, help="a VIDEOPOET_SIZES row (300M/1B/8B); default: a small custom model")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--codes", type=int, default=1024)
+    p.add_argument("--text-dim", type=int, default=64)
+    p.add_argument("--text-tokens", type=int, default=16)
+    p.add_argument("--grid", type=int, default=8, help="latent h = w")
+    p.add_argument("--frames", type=int, default=3, help="latent frames of a video")
+    p.add_argument("--batch", type=int, default=2, help="videos per grouped batch (images: 5x)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sample-batch", type=int, default=2)
+    p.add_argument("--sample-frames", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.gpu:
+        args.size = args.size or "1B"
+        if args.size != "tiny":
+            args.codes, args.text_dim, args.text_tokens, args.grid, args.frames = 262144, 2048, 64, 16, 5
+            args.batch = args.batch if args.batch != 2 else 8
+            args.steps, args.warmup = max(args.steps, 10), max(args.warmup, 3)
+        gpu_main(args)
+    else:
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()
