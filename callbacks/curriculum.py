@@ -18,7 +18,8 @@ A stage is a mapping with
   run was configured with comes first);
 * what changes (every field not given is inherited from the previous stage):
   ``weights`` (mixture weights, a list in ``data.sources`` order or a mapping ``{source name: weight}``),
-  ``num_frames``, ``resolution`` (int or [h, w]) -- passed to ``VideoDataModule.set_stages``;
+  ``num_frames``, ``resolution`` (int or [h, w]), ``fps_range`` ([lo, hi] of the per-clip fps draw; Make-A-Video
+  §3.4 starts at high fps (little motion) and moves to low fps) -- passed to ``VideoDataModule.set_stages``;
   ``trainable`` / ``frozen`` (regex patterns, ``re.search`` over ``named_parameters()`` names): with ``trainable``
   only the matching parameters train (minus those matching ``frozen``); with only ``frozen`` everything but the
   matching ones trains; ``frozen: []`` unfreezes everything again;
@@ -69,9 +70,9 @@ from vidgen.parallel import reshard_all
 
 __all__ = ["StagedCurriculum", "CurriculumConfigError"]
 
-STAGE_KEYS = ("name", "at_step", "at_fraction", "weights", "num_frames", "resolution", "trainable", "frozen",
-              "lr_scale")
-DATA_KEYS = ("weights", "num_frames", "resolution")
+STAGE_KEYS = ("name", "at_step", "at_fraction", "weights", "num_frames", "resolution", "fps_range", "trainable",
+              "frozen", "lr_scale")
+DATA_KEYS = ("weights", "num_frames", "resolution", "fps_range")
 
 
 class CurriculumConfigError(ValueError):
@@ -164,6 +165,10 @@ class StagedCurriculum(Callback):
             v = s["lr_scale"]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise CurriculumConfigError(f"{where}: lr_scale must be a positive number, got {v!r}")
+        fr = s.get("fps_range")
+        if fr is not None and not (isinstance(fr, (list, tuple)) and len(fr) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in fr) and 0 < fr[0] <= fr[1]):
+            raise CurriculumConfigError(f"{where}: fps_range must be [lo, hi] with 0 < lo <= hi, got {fr!r}")
         _patterns(s.get("trainable"), f"{where}.trainable")
         _patterns(s.get("frozen"), f"{where}.frozen")
         return s
@@ -221,11 +226,11 @@ class StagedCurriculum(Callback):
         if changes_grad:
             self._check_strategy(trainer)
         # resolve inheritance
-        resolved, prev = [], {"weights": None, "num_frames": None, "resolution": None, "trainable": None,
-                              "frozen": None, "lr_scale": 1.0}
+        resolved, prev = [], {"weights": None, "num_frames": None, "resolution": None, "fps_range": None,
+                              "trainable": None, "frozen": None, "lr_scale": 1.0}
         for i, (s, st) in enumerate(zip(self.stages, steps)):
             r = dict(prev)
-            for k in ("weights", "num_frames", "resolution", "lr_scale"):
+            for k in ("weights", "num_frames", "resolution", "fps_range", "lr_scale"):
                 if s.get(k) is not None:
                     r[k] = s[k]
             if s.get("trainable") is not None or s.get("frozen") is not None:
@@ -289,7 +294,7 @@ class StagedCurriculum(Callback):
         """The ``VideoDataModule.set_stages`` schedule: boundaries in rank-local batches."""
         bps = self._batches_per_step(trainer)
         return [{"start_batch": s["at_step"] * bps, "weights": s["weights"], "num_frames": s["num_frames"],
-                 "resolution": s["resolution"]} for s in self._resolved]
+                 "resolution": s["resolution"], "fps_range": s["fps_range"]} for s in self._resolved]
 
     def _clock(self, trainer) -> int:
         """Step of the batch about to run (called from on_train_batch_start)."""
