@@ -19,6 +19,7 @@ from pathlib import Path
 # (name, "module:function", what it shows)
 STAGES = [
     ("data", "vidgen.demo:stage_data", "build the embedded dataset (real footage + procedural shapes)"),
+    ("probe", "vidgen.demos.probe:run", "train the probe (3D-CNN classifier of class/shape/colour/direction) on real clips"),
     ("stream", "vidgen.demo:stage_stream", "stream the demo shards end to end, save decoded clips, report clips/s"),
     ("tokenizer", "vidgen.demos.tokenizer:run", "train the tiny video tokenizer, write reconstructions"),
     ("vae", "vidgen.demos.tokenizer:run_vae", "train the tiny KL VAE whose latents the Latte stage learns"),
@@ -148,9 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, summary, dt, outputs in rows:
         lines.append(f"{name:<10} {dt:6.1f}s  {summary}")
         lines += [f"{'':<18}-> {o}" for o in outputs]
+    probe_rows = [(name, r) for name, r in ctx.results.items() if isinstance(r, dict) and r.get("probe")]
+    if probe_rows:
+        lines += ["", "probe accuracy on each generator's samples (real val clips = the ceiling; chance):"]
+        for name, r in probe_rows:
+            lines.append(f"{name:<10} " + "; ".join(
+                f"{k} {v['accuracy'] * 100:.0f}% (real {v['ceiling'] * 100:.0f}%, chance {v['chance'] * 100:.0f}%)"
+                if v.get("ceiling") is not None else f"{k} {v['accuracy'] * 100:.0f}% (chance {v['chance'] * 100:.0f}%)"
+                for k, v in r["probe"].items()))
     print("\n".join(lines), flush=True)
     with open(ctx.out_dir / "summary.json", "w") as f:
-        json.dump({n: {"summary": s, "seconds": round(d, 1), "outputs": o} for n, s, d, o in rows}, f, indent=1)
+        json.dump({n: {"summary": s, "seconds": round(d, 1), "outputs": o,
+                       **{k: ctx.results.get(n, {}).get(k) for k in ("probe", "metrics") if ctx.results.get(n, {}).get(k)}}
+                   for n, s, d, o in rows}, f, indent=1)
     return 1 if failed else 0
 
 
