@@ -70,6 +70,35 @@ def _check_clip(config: Mapping | None) -> None:
                                     "last.ckpt (configs/make_a_video/clip_tiny.yaml trains one)")
 
 
+class CLIPConditionedDiffusion(L.LightningModule):
+    """What P and D share: a frozen CLIP beside the module, and the diffusion training/validation steps over
+    ``model_inputs(batch, train) -> (x0, kwargs)`` with the network ``self.denoiser``."""
+
+    denoiser_name: str  # the attribute holding the trained network
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.denoiser_name)
+
+    def _clip_on_device(self) -> nn.Module:
+        if self.clip.device != self.device:
+            self.clip.to(self.device)
+        return self.clip
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kw = self.model_inputs(batch, train=True)
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw)["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kw = self.model_inputs(batch, train=False)
+        g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g)["loss"].mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        return loss
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The prior P (§1.2): DALL-E 2's diffusion prior
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,7 +192,7 @@ class DiffusionPriorNetwork(nn.Module):
         return self.out(self.transformer(seq)[:, -1])
 
 
-class DiffusionPrior(L.LightningModule):
+class DiffusionPrior(CLIPConditionedDiffusion):
     """P (§1.2): (x̂, x_e) -> y_e with a DALL-E 2 diffusion prior; trained on captioned stills and single frames.
 
     Args:
@@ -180,6 +209,7 @@ class DiffusionPrior(L.LightningModule):
     """
 
     fsdp_block_classes = (PriorBlock,)
+    denoiser_name = "network"
 
     def __init__(
         self,
@@ -228,11 +258,6 @@ class DiffusionPrior(L.LightningModule):
         except ValueError as e:
             raise MakeAVideoConfigError(f"prior: {e}") from None
 
-    def _clip_on_device(self) -> nn.Module:
-        if self.clip.device != self.device:
-            self.clip.to(self.device)
-        return self.clip
-
     # -- data --------------------------------------------------------------------------------------------------------
     def text_conditions(self, texts: list[str]) -> dict[str, Tensor]:
         """x̂ (token encodings + mask) and x_e (text embedding) from the frozen CLIP text tower."""
@@ -261,19 +286,6 @@ class DiffusionPrior(L.LightningModule):
     # -- training ----------------------------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         return self.network(x_t, t, **kwargs)
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kw = self.model_inputs(batch, train=True)
-        loss = self.diffusion.training_losses(self.network, x0, kw)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kw = self.model_inputs(batch, train=False)
-        g = torch.Generator().manual_seed(1000 + batch_idx)
-        loss = self.diffusion.training_losses(self.network, x0, kw, generator=g)["loss"].mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        return loss
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -318,7 +330,7 @@ class DiffusionPrior(L.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------------
 # The decoder D / D^t (§1.2-§1.5)
 # ----------------------------------------------------------------------------------------------------------------------
-class MakeAVideoDecoder(L.LightningModule):
+class MakeAVideoDecoder(CLIPConditionedDiffusion):
     """D (``stage='image'``) and D^t (``stage='video'``): a pseudo-3D U-Net diffusion model conditioned on y_e and fps.
 
     Args:
@@ -342,6 +354,7 @@ class MakeAVideoDecoder(L.LightningModule):
     """
 
     fsdp_block_classes = (ResBlock, PseudoAttention3d)
+    denoiser_name = "unet"
 
     def __init__(
         self,
@@ -437,11 +450,6 @@ class MakeAVideoDecoder(L.LightningModule):
             sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
         return self.unet.load_image_weights(sd, source=path)
 
-    def _clip_on_device(self) -> nn.Module:
-        if self.clip.device != self.device:
-            self.clip.to(self.device)
-        return self.clip
-
     # -- data --------------------------------------------------------------------------------------------------------
     def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[Tensor, dict[str, Any]]:
         """(x0, U-Net kwargs). Image stage: one frame per clip (a random one in training) as an image; video stage:
@@ -470,19 +478,6 @@ class MakeAVideoDecoder(L.LightningModule):
     # -- training ----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         return self.unet(x, t, **kwargs)
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kw = self.model_inputs(batch, train=True)
-        loss = self.diffusion.training_losses(self.unet, x0, kw)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, kw = self.model_inputs(batch, train=False)
-        g = torch.Generator().manual_seed(1000 + batch_idx)
-        loss = self.diffusion.training_losses(self.unet, x0, kw, generator=g)["loss"].mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        return loss
 
     def configure_optimizers(self):
         """AdamW; in the video stage the pretrained spatial layers run at ``spatial_lr_scale`` x lr (0: frozen)."""

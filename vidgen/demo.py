@@ -25,6 +25,8 @@ STAGES = [
     ("vae", "vidgen.demos.tokenizer:run_vae", "train the tiny KL VAE whose latents the Latte stage learns"),
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
+    ("make_a_video", "vidgen.demos.make_a_video:run",
+     "text-to-video with no text-video pairs: tiny CLIP, prior on frames+captions, D then D^t on uncaptioned clips"),
 ]
 
 
