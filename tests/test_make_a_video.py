@@ -197,6 +197,24 @@ def test_x0_prediction_loss_closed_form():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_prior_module_trains_x0_prediction_of_scaled_clip_embeddings():
+    from vidgen.lightning_modules.clip import CLIP_SIZES
+    from vidgen.lightning_modules.make_a_video import DiffusionPrior
+
+    prior = DiffusionPrior(clip={"model_cfg": CLIP_SIZES["tiny"]}, dim=16, depth=1, heads=2, max_text_len=8)
+    d = prior.diffusion
+    assert d.predict == "x0" and not d.learn_sigma and d.num_timesteps == 1000
+    y = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    x0, kw = prior.model_inputs({"image_embed": y, "text": ["a red square moving left"] * 3}, train=False)
+    torch.testing.assert_close(x0, y * 8.0)  # DALLE2-pytorch image_embed_scale = sqrt(64)
+    assert kw["text_tokens"].shape[:2] == kw["text_mask"].shape and not kw["cond_drop"].any()
+    t, noise = torch.tensor([5, 250, 900]), torch.randn(3, 64)
+    with torch.no_grad():
+        got = d.training_losses(prior.denoiser, x0, kw, t=t, noise=noise)["loss"]
+        want = ((x0 - prior.network(d.q_sample(x0, t, noise), t, **kw)) ** 2).mean(dim=1)
+    torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------------------- fps
 def test_target_fps_follows_the_beta_distribution():
     spec = ClipSpec(fps_range=(1.0, 30.0), fps_beta=(2.0, 5.0))

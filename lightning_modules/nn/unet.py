@@ -116,11 +116,12 @@ class UNetConfig:
                 raise UNetConfigError(
                     f"unet.attention_levels {self.attention_levels}: level {lvl} does not exist "
                     f"(levels 0..{len(self.channel_mult) - 1} for channel_mult {self.channel_mult})")
-        for m in self.channel_mult:
+        for lvl, m in enumerate(self.channel_mult):
             ch = self.model_channels * m
             if ch % self.groups:
                 raise UNetConfigError(f"unet: width {ch} (model_channels x {m}) is not divisible by groups={self.groups}")
-            if ch % self.num_head_channels:
+            attends = lvl in self.attention_levels or lvl == len(self.channel_mult) - 1  # the middle block attends
+            if attends and ch % self.num_head_channels:
                 raise UNetConfigError(
                     f"unet: width {ch} is not divisible by num_head_channels={self.num_head_channels}; pick a divisor")
         if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
