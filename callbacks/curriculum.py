@@ -18,7 +18,8 @@ A stage is a mapping with
   run was configured with comes first);
 * what changes (every field not given is inherited from the previous stage):
   ``weights`` (mixture weights, a list in ``data.sources`` order or a mapping ``{source name: weight}``),
-  ``num_frames``, ``resolution`` (int or [h, w]) -- passed to ``VideoDataModule.set_stages``;
+  ``num_frames``, ``resolution`` (int or [h, w]), ``fps_range`` ([lo, hi] of the per-clip fps draw; Make-A-Video
+  §3.4 starts at high fps (little motion) and moves to low fps) -- passed to ``VideoDataModule.set_stages``;
   ``trainable`` / ``frozen`` (regex patterns, ``re.search`` over ``named_parameters()`` names): with ``trainable``
   only the matching parameters train (minus those matching ``frozen``); with only ``frozen`` everything but the
   matching ones trains; ``frozen: []`` unfreezes everything again;
@@ -72,9 +73,9 @@ from vidgen.lightning_modules.nn.sharding import reshard_all
 
 __all__ = ["StagedCurriculum", "CurriculumConfigError"]
 
-STAGE_KEYS = ("name", "at_step", "at_fraction", "weights", "num_frames", "resolution", "trainable", "frozen",
-              "lr_scale", "model")
-DATA_KEYS = ("weights", "num_frames", "resolution")
+STAGE_KEYS = ("name", "at_step", "at_fraction", "weights", "num_frames", "resolution", "fps_range", "trainable",
+              "frozen", "lr_scale", "model")
+DATA_KEYS = ("weights", "num_frames", "resolution", "fps_range")
 
 
 class CurriculumConfigError(ValueError):
@@ -169,6 +170,10 @@ class StagedCurriculum(Callback):
                 raise CurriculumConfigError(f"{where}: lr_scale must be a positive number, got {v!r}")
         if s.get("model") is not None and not (isinstance(s["model"], dict) and all(isinstance(k, str) for k in s["model"])):
             raise CurriculumConfigError(f"{where}: model must be a mapping of model setting -> value, got {s['model']!r}")
+        fr = s.get("fps_range")
+        if fr is not None and not (isinstance(fr, (list, tuple)) and len(fr) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in fr) and 0 < fr[0] <= fr[1]):
+            raise CurriculumConfigError(f"{where}: fps_range must be [lo, hi] with 0 < lo <= hi, got {fr!r}")
         _patterns(s.get("trainable"), f"{where}.trainable")
         _patterns(s.get("frozen"), f"{where}.frozen")
         return s
@@ -229,11 +234,11 @@ class StagedCurriculum(Callback):
         if changes_grad:
             self._check_strategy(trainer)
         # resolve inheritance
-        resolved, prev = [], {"weights": None, "num_frames": None, "resolution": None, "trainable": None,
-                              "frozen": None, "lr_scale": 1.0, "model": {}}
+        resolved, prev = [], {"weights": None, "num_frames": None, "resolution": None, "fps_range": None,
+                              "trainable": None, "frozen": None, "lr_scale": 1.0, "model": {}}
         for i, (s, st) in enumerate(zip(self.stages, steps)):
             r = dict(prev)
-            for k in ("weights", "num_frames", "resolution", "lr_scale"):
+            for k in ("weights", "num_frames", "resolution", "fps_range", "lr_scale"):
                 if s.get(k) is not None:
                     r[k] = s[k]
             if s.get("trainable") is not None or s.get("frozen") is not None:
@@ -298,7 +303,7 @@ class StagedCurriculum(Callback):
         """The ``VideoDataModule.set_stages`` schedule: boundaries in rank-local batches."""
         bps = self._batches_per_step(trainer)
         return [{"start_batch": s["at_step"] * bps, "weights": s["weights"], "num_frames": s["num_frames"],
-                 "resolution": s["resolution"]} for s in self._resolved]
+                 "resolution": s["resolution"], "fps_range": s["fps_range"]} for s in self._resolved]
 
     def _clock(self, trainer) -> int:
         """Step of the batch about to run (called from on_train_batch_start)."""

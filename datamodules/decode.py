@@ -51,6 +51,19 @@ class ClipSpec:
     require_label: bool = False  # class-conditional training: a sample without a label is skipped and counted
     backend: str = "auto"  # auto | decord | pyav
     motion: bool = False  # Tora: require traj.npy (vidgen trajectories); see datamodules/motion.py
+    # per-clip target fps drawn from lo + (hi - lo) * Beta(a, b) (train; eval takes the Beta mean). Make-A-Video §3.4
+    fps_range: tuple[float, float] | None = None
+    fps_beta: tuple[float, float] = (1.0, 1.0)
+
+
+def target_fps(spec: ClipSpec, rng: np.random.Generator | None) -> float | None:
+    """The clip's target fps: a Beta draw in ``spec.fps_range`` (its mean in eval), else ``spec.fps``."""
+    if spec.fps_range is None:
+        return spec.fps
+    lo, hi = spec.fps_range
+    a, b = spec.fps_beta
+    u = rng.beta(a, b) if rng is not None else a / (a + b)
+    return float(lo + (hi - lo) * u)
 
 
 def sample_kind(sample: dict[str, bytes]) -> tuple[str, str] | None:
@@ -179,6 +192,8 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
         return {**read_array(sample["npy"]), **read_extras(sample, meta), "text": text, "label": label, "key": key,
                 "fps": float(meta.get("fps") or 0.0) if isinstance(meta.get("fps"), (int, float)) else 0.0}
     u = rng.random(4) if rng is not None else None
+    if spec.fps_range is not None and kind[0] == "video":
+        spec = dataclasses.replace(spec, fps=target_fps(spec, rng))  # drawn after u: other draws are unchanged
     if spec.motion and "traj.npy" not in sample:
         raise SkipSample("no_motion", "no traj.npy member (run `vidgen trajectories` on these shards)")
     step = 1.0

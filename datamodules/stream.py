@@ -68,13 +68,19 @@ class StageTable:
     def __init__(self, num_sources: int, num_frames: int, height: int, width: int, weights: list[float]):
         self.k = num_sources
         self.table = torch.full((MAX_STAGES, 4 + MAX_SOURCES), -1.0, dtype=torch.float64).share_memory_()
+        # per-stage fps range [lo, hi] (-1: the data config's own); a row may carry it as a 6th element
+        self.fps = torch.full((MAX_STAGES, 2), -1.0, dtype=torch.float64).share_memory_()
         self.set_rows([(0, num_frames, height, width, weights)])
 
     def set_rows(self, rows: list[tuple]):
         if len(rows) > MAX_STAGES:
             raise ValueError(f"at most {MAX_STAGES} curriculum stages are supported")
         t = torch.full_like(self.table, -1.0)
-        for i, (start, nf, h, w, wts) in enumerate(sorted(rows, key=lambda r: r[0])):
+        fps = torch.full_like(self.fps, -1.0)
+        for i, row in enumerate(sorted(rows, key=lambda r: r[0])):
+            start, nf, h, w, wts = row[:5]
+            if len(row) > 5 and row[5] is not None:
+                fps[i] = torch.tensor([float(row[5][0]), float(row[5][1])], dtype=torch.float64)
             if len(wts) != self.k:
                 raise ValueError(f"mixture weights {list(wts)} must have one entry per source ({self.k})")
             if any(x < 0 for x in wts) or sum(wts) <= 0:
@@ -82,6 +88,12 @@ class StageTable:
             t[i, :4] = torch.tensor([start, nf, h, w], dtype=torch.float64)
             t[i, 4 : 4 + self.k] = torch.tensor(list(wts), dtype=torch.float64)
         self.table.copy_(t)
+        self.fps.copy_(fps)
+
+    def fps_range(self, sid: int) -> tuple[float, float] | None:
+        """The fps range stage ``sid`` sets, or None (keep the data config's)."""
+        lo, hi = self.fps[sid].tolist()
+        return None if lo < 0 else (lo, hi)
 
     def rows(self) -> list[tuple]:
         out = []
@@ -291,9 +303,11 @@ class VideoStream(IterableDataset):
         self.quotas: dict[int, int] | None = None  # logical worker -> batches to emit (None: infinite)
         self.start_states: dict[int, dict] = {}
 
-    def spec_for(self, row: tuple) -> ClipSpec:
+    def spec_for(self, row: tuple, sid: int | None = None) -> ClipSpec:
         _, nf, h, w, _ = row
-        return dataclasses.replace(self.cfg.spec, num_frames=nf, height=h, width=w)
+        spec = dataclasses.replace(self.cfg.spec, num_frames=nf, height=h, width=w)
+        fps_range = self.stages.fps_range(sid) if sid is not None else None
+        return spec if fps_range is None else dataclasses.replace(spec, fps_range=fps_range)
 
     def __iter__(self):
         info = get_worker_info()
@@ -324,14 +338,14 @@ class VideoStream(IterableDataset):
                 for ref in refs:
                     si, pos = int(ref[0]), [int(x) for x in ref[1:]]
                     got = streams[si].read_at(*pos)
-                    sample = self._decode(streams[si], got, pos, self.spec_for(self.stages.rows()[bkey[1]]), counters, recount=False)
+                    sample = self._decode(streams[si], got, pos, self.spec_for(self.stages.rows()[bkey[1]], bkey[1]), counters, recount=False)
                     buckets.setdefault(bkey, []).append((sample, [si, *pos]))
         produced = 0
         try:
             while quota is None or produced < quota:
                 g = emitted * n + lw
                 sid, row = self.stages.at(g)
-                spec = self.spec_for(row)
+                spec = self.spec_for(row, sid)
                 for k in [k for k in buckets if k[1] != sid]:  # a stage changed the clip shape: drop stale samples
                     counters["dropped_stage_change"] = counters.get("dropped_stage_change", 0) + len(buckets.pop(k))
                 si = self._choose_source(g, row[4])

@@ -57,6 +57,9 @@ class VideoDataModule(L.LightningDataModule):
         seed: required; fixes shard order, in-shard order, clip offsets, crops and flips.
         num_frames, frame_stride, fps: clip length and spacing (``fps`` resamples to a target rate and overrides the
             stride when the source fps is known).
+        fps_range, fps_beta: a per-clip target fps ``lo + (hi - lo) * Beta(a, b)`` drawn from the sample's seeded RNG
+            (Make-A-Video §3.4: 1..30 from a Beta distribution), recorded in ``batch["fps"]``; eval clips take the
+            Beta mean. A curriculum stage may set its own ``fps_range`` (high fps first, then low).
         resolution: int (square) or [H, W]; the shorter side is resized, then cropped (``crop``: random|center).
         flip: random horizontal flip in training; leave it off when captions or labels name a horizontal direction
             ("moving left").
@@ -91,6 +94,8 @@ class VideoDataModule(L.LightningDataModule):
         num_frames: int = 16,
         frame_stride: int = 1,
         fps: float | None = None,
+        fps_range: list[float] | None = None,
+        fps_beta: list[float] | None = None,
         resolution: int | list[int] = 128,
         crop: str = "random",
         flip: bool = False,
@@ -131,6 +136,7 @@ class VideoDataModule(L.LightningDataModule):
                 raise DataConfigError(f"data.{k} must be an integer >= {lo}, got {v!r}")
         if fps is not None and fps <= 0:
             raise DataConfigError(f"data.fps must be positive or null, got {fps!r}")
+        fps_range, fps_beta = _check_fps_sampling(fps, fps_range, fps_beta)
         if not 0 <= max_bad_fraction <= 1:
             raise DataConfigError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         self.height, self.width = _hw(resolution)
@@ -162,7 +168,8 @@ class VideoDataModule(L.LightningDataModule):
         self.spec = ClipSpec(num_frames=num_frames, frame_stride=frame_stride, fps=fps, height=self.height,
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
                              image_frames=image_frames, require_text=require_text, require_label=require_labels,
-                             backend=decoder, motion=motion)
+                             backend=decoder, motion=motion,
+                             fps_range=fps_range, fps_beta=fps_beta)
         if require_labels:
             self._check_labelled()
         self.buckets = None
@@ -237,7 +244,8 @@ class VideoDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ curriculum hooks
     def set_stages(self, stages: list[dict]):
-        """Install a schedule: ``[{"start_batch": 0, "weights": [...], "num_frames": 16, "resolution": 128}, ...]``.
+        """Install a schedule: ``[{"start_batch": 0, "weights": [...], "num_frames": 16, "resolution": 128,
+        "fps_range": [lo, hi]}, ...]`` (``fps_range`` needs the data's ``fps_range`` sampling on).
 
         ``start_batch`` counts batches consumed on this rank since the start of training.  Missing fields inherit
         from the previous stage (the first from the constructor).  Running workers see the change at once."""
@@ -247,6 +255,15 @@ class VideoDataModule(L.LightningDataModule):
             h, w = _hw(st["resolution"]) if st.get("resolution") is not None else (prev[2], prev[3])
             row = (int(st.get("start_batch", 0)), int(st.get("num_frames") or prev[1]), h, w,
                    [float(x) for x in st["weights"]] if st.get("weights") is not None else prev[4])
+            fr = st.get("fps_range")
+            if fr is not None:
+                if self.spec.fps_range is None:
+                    raise DataConfigError("a curriculum stage sets fps_range but the data has no fps sampling: set "
+                                          "data.fps_range (and fps_beta) to turn it on")
+                _check_fps_sampling(None, fr, list(self.spec.fps_beta))
+                row = (*row, [float(fr[0]), float(fr[1])])
+            elif len(prev) > 5:
+                row = (*row, prev[5])
             rows.append(row)
             prev = row
         if not rows or rows[0][0] != 0:
@@ -385,8 +402,8 @@ class VideoDataModule(L.LightningDataModule):
             return
         rank, world = self._rank_world()
         if state.get("stages") is not None:
-            self.set_stages([{"start_batch": r[0], "num_frames": r[1], "resolution": [r[2], r[3]], "weights": r[4]}
-                             for r in state["stages"]])
+            self.set_stages([{"start_batch": r[0], "num_frames": r[1], "resolution": [r[2], r[3]], "weights": r[4],
+                              "fps_range": r[5] if len(r) > 5 else None} for r in state["stages"]])
         mismatch = []
         if state["world_size"] != world:
             mismatch.append(f"world_size {state['world_size']} -> {world}")
@@ -449,6 +466,25 @@ class _StreamLoader:
 
 def _fresh_state() -> dict:
     return {"consumed": 0, "epoch": 0, "in_epoch": 0, "workers": {}}
+
+
+def _check_fps_sampling(fps, fps_range, fps_beta):
+    """Validated ``(fps_range, fps_beta)`` tuples for ``ClipSpec`` (None range: no per-clip fps sampling)."""
+    if fps_range is None:
+        if fps_beta is not None:
+            raise DataConfigError("data.fps_beta needs data.fps_range (the interval the Beta draw is mapped to)")
+        return None, (1.0, 1.0)
+    if fps is not None:
+        raise DataConfigError("give data.fps (one target rate) or data.fps_range (a per-clip draw), not both")
+    if not (isinstance(fps_range, (list, tuple)) and len(fps_range) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in fps_range)
+            and 0 < fps_range[0] <= fps_range[1]):
+        raise DataConfigError(f"data.fps_range must be [lo, hi] with 0 < lo <= hi (Make-A-Video: [1, 30]), got {fps_range!r}")
+    beta = (1.0, 1.0) if fps_beta is None else fps_beta
+    if not (isinstance(beta, (list, tuple)) and len(beta) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in beta)):
+        raise DataConfigError(f"data.fps_beta must be [a, b] with a, b > 0, got {fps_beta!r}")
+    return (float(fps_range[0]), float(fps_range[1])), (float(beta[0]), float(beta[1]))
 
 
 def _check_choice(key: str, value, allowed):

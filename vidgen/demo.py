@@ -28,6 +28,8 @@ STAGES = [
      "train a tiny VideoPoet prefix LM on the tokenizer's tokens (AGD over T2V/I2V/FP), sample, extend a long video"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
     ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
+    ("make_a_video", "vidgen.demos.make_a_video:run",
+     "text-to-video with no text-video pairs: tiny CLIP, prior on frames+captions, D then D^t on uncaptioned clips"),
 ]
 
 

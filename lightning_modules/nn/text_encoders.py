@@ -11,6 +11,8 @@ Kinds (``build_text_encoder(kind=..., ...)`` or a ``TextEncoderConfig``):
   that it is the same tower on every construction). The BPE vocabulary ships inside open_clip, so tokenising is
   offline. ``tokens`` are the final-LN token features (width D), ``pooled`` the projected EOT feature (CLIP's text
   embedding), ``mask`` marks SOT..EOT.
+  With ``image_tower: true`` it is ``OpenCLIPEncoder``: both towers (Make-A-Video's C_x and C_y), ``encode_image``
+  gives the CLIP image embedding y_e; the config may come from a vidgen CLIP run's checkpoint (``model_cfg``).
 - ``"hf"``: a transformers encoder (T5 -> ``T5EncoderModel``, CLIP -> ``CLIPTextModel``, else ``AutoModel``) from a
   LOCAL directory (``path``), loaded with ``local_files_only``; needs the ``hf`` extra. ``pooled``: masked mean of
   the tokens (``pooling="mean"``), the model's pooler output (``"pooler"``) or the first token (``"cls"``).
@@ -39,6 +41,8 @@ __all__ = [
     "TextEncoder",
     "TextEncoderConfig",
     "OpenCLIPTextEncoder",
+    "OpenCLIPEncoder",
+    "clip_preprocess",
     "HFTextEncoder",
     "MiniLMTextEncoder",
     "build_text_encoder",
@@ -132,6 +136,47 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
     return sd
 
 
+def _checkpoint_model_cfg(path: str) -> dict | None:
+    """The open_clip model config stored in a vidgen CLIP checkpoint (``hyper_parameters.model_cfg``), if any."""
+    if path.endswith(".safetensors"):
+        return None
+    from vidgen.lightning_modules.nn.checkpoint import safe_load
+
+    try:
+        obj = safe_load(path)
+    except Exception:  # noqa: BLE001 - not a vidgen checkpoint: the caller falls back to model_name
+        return None
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    cfg = hp.get("model_cfg") if isinstance(hp, dict) else None
+    return dict(cfg) if isinstance(cfg, dict) else None
+
+
+def _clip_state_dict(path: str) -> dict[str, Tensor]:
+    """open_clip weights from a plain state-dict file or a vidgen CLIP Lightning checkpoint (``model.`` prefix
+    removed, EMA weights preferred)."""
+    from vidgen.lightning_modules.nn.checkpoint import read_state_dict
+
+    try:
+        sd = read_state_dict(path)
+    except (RuntimeError, ValueError):
+        sd = _read_state_dict(path)  # names TorchScript archives in its error
+    if any(k.startswith("model.") for k in sd) and not any(k.startswith("visual.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def clip_preprocess(images: Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> CLIP input: resized (bicubic, antialiased) to ``image_size`` and
+    normalised with the tower's mean/std (open_clip's ``image_transform`` on tensors)."""
+    x = (images.float() + 1) / 2
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True,
+                                      align_corners=False).clamp(0, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
+    return (x - m) / s
+
+
 class OpenCLIPTextEncoder(TextEncoder):
     """OpenCLIP text tower (Radford et al. 2021 / Cherti et al. 2023) from a local checkpoint or random init."""
 
@@ -141,12 +186,19 @@ class OpenCLIPTextEncoder(TextEncoder):
         checkpoint: str | None = None,
         tiny: TinyTower | dict | None = None,
         max_length: int | None = None,
+        model_cfg: dict | None = None,
     ):
         super().__init__()
         import open_clip
         from open_clip.tokenizer import SimpleTokenizer
 
-        if checkpoint is None:
+        if checkpoint is None and model_cfg is not None:  # a custom config, random init (tests)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.tower = self._build(open_clip, model_cfg["embed_dim"], dict(model_cfg["text_cfg"]),
+                                         bool(model_cfg.get("quick_gelu", False)))
+            self.from_file = False
+        elif checkpoint is None:
             cfg = tiny if isinstance(tiny, TinyTower) else TinyTower(**(tiny or {}))
             text_cfg = dict(context_length=cfg.context_length, vocab_size=49408, width=cfg.width, heads=cfg.heads,
                             layers=cfg.layers)
@@ -161,7 +213,7 @@ class OpenCLIPTextEncoder(TextEncoder):
                     f"open_clip text encoder checkpoint {checkpoint!r} does not exist; give a local file "
                     "(weights are never downloaded), or checkpoint: null for a random tower"
                 )
-            model_cfg = open_clip.get_model_config(model_name)
+            model_cfg = model_cfg or _checkpoint_model_cfg(checkpoint) or open_clip.get_model_config(model_name)
             if model_cfg is None:
                 raise ValueError(f"unknown open_clip model_name {model_name!r}; see open_clip.list_models()")
             text_cfg = dict(model_cfg["text_cfg"])
@@ -169,7 +221,7 @@ class OpenCLIPTextEncoder(TextEncoder):
                 raise ValueError(f"open_clip {model_name!r} uses a Hugging Face text tower; use kind='hf' with a local dir")
             embed_dim, quick_gelu = model_cfg["embed_dim"], bool(model_cfg.get("quick_gelu", False))
             self.tower = self._build(open_clip, embed_dim, text_cfg, quick_gelu)
-            sd = _read_state_dict(checkpoint)
+            sd = _clip_state_dict(checkpoint)
             if any(k.startswith("text.") for k in sd):  # CustomTextCLIP layout
                 text_sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
             else:  # CLIP layout: the text tower's parameters live at the top level
@@ -180,7 +232,7 @@ class OpenCLIPTextEncoder(TextEncoder):
                 raise KeyError(f"{checkpoint} lacks open_clip {model_name} text weights {missing[:5]}; wrong model_name?")
             self.tower.load_state_dict(text_sd, strict=True)
             self.from_file = True
-        self.model_name, self.checkpoint = model_name, checkpoint
+        self.model_name, self.checkpoint, self.model_cfg = model_name, checkpoint, model_cfg
         context = self.tower.context_length
         self.max_length = min(context, max_length or context)
         self.tokenizer = SimpleTokenizer(context_length=context)
@@ -202,6 +254,65 @@ class OpenCLIPTextEncoder(TextEncoder):
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]
         L = self.max_length
         return TextEncoding(tokens[:, :L].float(), mask[:, :L], pooled.float())
+
+
+class OpenCLIPEncoder(OpenCLIPTextEncoder):
+    """Both frozen OpenCLIP towers (Make-A-Video §3.1, spec §1.1): captions -> ``TextEncoding`` (x̂ = ``tokens``,
+    x_e = ``pooled``) as every text encoder, and frames -> the image embedding y_e (``encode_image``).
+
+    ``model_cfg``: an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for custom models; read
+    from the checkpoint of a vidgen CLIP run (``hyper_parameters.model_cfg``) when not given, else from
+    ``model_name``. ``normalize``: L2-normalise the pooled text and image embeddings (CLIP's embedding space).
+    """
+
+    def __init__(self, model_name: str = "ViT-H-14", checkpoint: str | None = None, model_cfg: dict | None = None,
+                 max_length: int | None = None, normalize: bool = True):
+        import open_clip
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        if checkpoint is None and model_cfg is None:
+            raise ValueError("clip.kind='open_clip' with image_tower needs a checkpoint (a local open_clip file or a "
+                             "vidgen CLIP run's last.ckpt) or a model_cfg (random init, tests only)")
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"CLIP checkpoint {checkpoint!r} does not exist; give a local file (weights are "
+                                    "never downloaded)")
+        cfg = model_cfg or (_checkpoint_model_cfg(checkpoint) if checkpoint else None) or open_clip.get_model_config(model_name)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model_name {model_name!r}; see open_clip.list_models()")
+        super().__init__(model_name, checkpoint, max_length=max_length, model_cfg=cfg)
+        vision_cfg = CLIPVisionCfg(**cfg["vision_cfg"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.visual = _build_vision_tower(cfg["embed_dim"], vision_cfg, bool(cfg.get("quick_gelu", False)))
+        if checkpoint is not None:
+            sd = _clip_state_dict(checkpoint)
+            vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+            missing = sorted(set(self.visual.state_dict()) - set(vis))
+            if missing:
+                raise KeyError(f"{checkpoint} lacks open_clip image-tower weights {missing[:5]}; wrong model_cfg/model_name?")
+            self.visual.load_state_dict(vis, strict=True)
+        size = vision_cfg.image_size
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.mean = tuple(cfg.get("preprocess_cfg", {}).get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(cfg.get("preprocess_cfg", {}).get("std", open_clip.OPENAI_DATASET_STD))
+        self.normalize = normalize
+        self.embed_dim = int(cfg["embed_dim"])
+        self._freeze()
+
+    def _encode(self, texts: list[str]) -> TextEncoding:
+        enc = super()._encode(texts)
+        if self.normalize:
+            enc = enc._replace(pooled=nn.functional.normalize(enc.pooled, dim=-1))
+        return enc
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """y_e = C_y(images): ``[B, 3, H, W]`` in [-1, 1] -> ``[B, embed_dim]`` (L2-normalised when ``normalize``)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_image takes RGB images [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        x = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std)
+        emb = self.visual(x).float()
+        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,6 +408,8 @@ class TextEncoderConfig:
     """Which frozen text encoder to build (see the module docstring).
 
     kind: open_clip | hf | minilm. model_name/checkpoint/tiny: open_clip. path/pooling/normalize/dtype: hf.
+    image_tower: open_clip with both towers (``OpenCLIPEncoder``: ``encode_image`` gives CLIP image embeddings, the
+    pooled text embedding is L2-normalised). model_cfg: an open_clip config dict for custom (e.g. tiny) models.
     max_length: tokens kept (open_clip: <= its context of 77; hf default 120, minilm 128).
     """
 
@@ -304,6 +417,8 @@ class TextEncoderConfig:
     model_name: str = "ViT-H-14"
     checkpoint: str | None = None
     tiny: dict | None = field(default=None)
+    image_tower: bool = False
+    model_cfg: dict | None = None
     path: str | None = None
     pooling: Literal["mean", "pooler", "cls"] = "mean"
     normalize: bool = False
@@ -335,8 +450,10 @@ def build_text_encoder(config: TextEncoderConfig | dict | None = None, **overrid
     elif overrides:
         config = TextEncoderConfig(**{**asdict(config), **overrides})
     config.validate()
+    if config.kind == "open_clip" and config.image_tower:
+        return OpenCLIPEncoder(config.model_name, config.checkpoint, config.model_cfg, config.max_length)
     if config.kind == "open_clip":
-        return OpenCLIPTextEncoder(config.model_name, config.checkpoint, config.tiny, config.max_length)
+        return OpenCLIPTextEncoder(config.model_name, config.checkpoint, config.tiny, config.max_length, config.model_cfg)
     if config.kind == "minilm":
         return MiniLMTextEncoder(config.max_length or 128)
     return HFTextEncoder(config.path, config.max_length or 120, config.pooling, config.normalize, config.dtype)
