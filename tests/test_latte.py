@@ -411,7 +411,8 @@ def test_image_video_joint_training_step_and_generate(tmp_path):
 
 def test_text_conditional_latte_with_open_clip_tiny_tower():
     model = Latte(**{**LM, "condition": "text", "cfg_scale": 2.0, "use_image_num": 1})
-    assert model.model.text_embedding_projection[1].in_features == model.text_encoder.pooled_dim
+    enc = model.text_encoder  # official extras=78: the flattened token states (77 x width), not a pooled vector
+    assert model.model.text_embedding_projection[1].in_features == enc.max_length * enc.token_dim == 77 * 32
     batch = {"video": torch.rand(2, 3, 4, 16, 16) * 2 - 1, "text": ["a red square", "a blue circle"],
              "label": torch.tensor([-1, -1])}
     loss = model.training_step(batch, 0)
