@@ -27,6 +27,15 @@ Checkpoints (§1.9, §1.10): ``LatteTransformer`` keeps the official key names, 
 (``{"ema", "model"}``, legacy ``time_embed``) load strictly, and an ImageNet DiT initialises V1 (label table dropped
 when the class counts differ). ``KeyReport`` prints what was loaded.
 
+Text-to-video, two families (``LatteConfig.family``):
+
+- ``dit`` (the above): ``condition="text"`` is the official ``extras=78`` path: the caption's token states
+  (CLIP ViT-L/14, 77 x 768) are flattened, projected by ``SiLU -> Linear`` and added to the timestep embedding of
+  every block; the final layer is modulated by the timestep alone.
+- ``pixart``: the released Latte-1 (``maxin-cn/Latte-1``), ``LattePixArtTransformer``: PixArt-alpha blocks
+  (adaLN-single, cross-attention to T5 tokens) in the variant-1 order, the math of diffusers'
+  ``LatteTransformer3DModel``, whose directory format (config.json + safetensors) it reads and writes.
+
 Latents: ``batch["latents"]`` (``[B, C, T, H, W]`` raw VAE latents, e.g. the ``{key}.npy`` of ``vidgen tokenize``
 latent shards; ``vae.scale_factor`` is applied) is used when present; otherwise ``batch["video"]`` is encoded by the
 frozen VAE (``vidgen.lightning_modules.nn.vae``).
@@ -39,7 +48,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -47,7 +56,14 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from vidgen.lightning_modules.nn.checkpoint import EMA_PREFIX, KeyReport, ema_state_dict, read_state_dict
+from vidgen.lightning_modules.nn.checkpoint import (
+    EMA_PREFIX,
+    KeyReport,
+    ema_state_dict,
+    raw_state_dict,
+    read_state_dict,
+    safe_load,
+)
 from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHeadAttention, attention
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
@@ -72,6 +88,8 @@ __all__ = [
     "diffusers_config",
     "latte_kwargs_from_diffusers",
     "read_diffusers",
+    "write_diffusers",
+    "export_diffusers",
     "KeyReport",
     "read_checkpoint",
     "Latte",
@@ -912,13 +930,7 @@ class LattePixArtTransformer(nn.Module):
     # -- checkpoints: diffusers' directory format and our own names ---------------------------------------------------
     def to_diffusers(self, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Our weights (``state_dict`` or this model's) under diffusers ``LatteTransformer3DModel`` names."""
-        sd = self.state_dict() if state_dict is None else state_dict
-        out: dict[str, Tensor] = {}
-        for key, value in sd.items():
-            names = _diffusers_names(key)
-            for name, part in zip(names, value.chunk(len(names), dim=0)):
-                out[name] = part.contiguous().clone()
-        return out
+        return to_diffusers_state_dict(self.state_dict() if state_dict is None else state_dict)
 
     def from_diffusers(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """diffusers weights under our names (q/k/v concatenated); keys diffusers lacks stay absent (KeyReport
@@ -961,14 +973,7 @@ class LattePixArtTransformer(nn.Module):
     def save_diffusers(self, directory: str | os.PathLike, state_dict: Mapping[str, Tensor] | None = None) -> str:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers'
         ``LatteTransformer3DModel.from_pretrained(directory)`` loads; returns the directory."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(diffusers_config(self.config), f, indent=2, sort_keys=True)
-        weights = {k: v.detach().cpu() for k, v in self.to_diffusers(state_dict).items()}
-        save_file(weights, os.path.join(directory, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        return os.fspath(directory)
+        return write_diffusers(directory, self.config, self.state_dict() if state_dict is None else state_dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1015,6 +1020,43 @@ def _diffusers_names(key: str) -> tuple[str, ...]:
     if tail not in table:
         raise KeyError(f"no diffusers name for Latte-1 key {key!r}")
     return tuple(prefix + name + leaf for name in table[tail])
+
+
+def to_diffusers_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """PixArt-family weights under our names -> diffusers ``LatteTransformer3DModel`` names (fused qkv split)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        names = _diffusers_names(key)
+        for name, part in zip(names, value.chunk(len(names), dim=0)):
+            out[name] = part.detach().cpu().contiguous().clone()
+    return out
+
+
+def write_diffusers(directory: str | os.PathLike, cfg: LatteConfig, state_dict: Mapping[str, Tensor]) -> str:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` of a PixArt-family network (our key names in
+    ``state_dict``) that diffusers' ``LatteTransformer3DModel.from_pretrained(directory)`` loads."""
+    from safetensors.torch import save_file
+
+    config = diffusers_config(cfg)
+    weights = to_diffusers_state_dict(state_dict)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(weights, os.path.join(directory, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return os.fspath(directory)
+
+
+def export_diffusers(checkpoint: str | os.PathLike, directory: str | os.PathLike, ema: bool = True) -> str:
+    """A Lightning checkpoint of a family-'pixart' ``Latte`` run -> a diffusers ``LatteTransformer3DModel``
+    directory (EMA weights when the run has them and ``ema``), without building the model or its text encoder."""
+    ckpt = safe_load(checkpoint)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("latte_config"), Mapping):
+        raise ValueError(f"{checkpoint} has no 'latte_config' (not a Latte run checkpoint, or one saved before it was "
+                         "recorded); build the module and call Latte.export_diffusers(directory)")
+    cfg = LatteConfig(**ckpt["latte_config"])
+    has_ema = any(k.startswith(EMA_PREFIX) for k in ckpt.get("state_dict", {}))
+    sd = ema_state_dict(ckpt) if ema and has_ema else raw_state_dict(ckpt)
+    return write_diffusers(directory, cfg, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
 
 
 def diffusers_config(cfg: LatteConfig) -> dict[str, Any]:
@@ -1318,6 +1360,10 @@ class Latte(ParallelizableMixin, L.LightningModule):
         if ema and any(k.startswith(EMA_PREFIX) for k in sd):
             sd = ema_state_dict(sd)
         return self.model.save_diffusers(directory, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the network's config: ``export_diffusers(checkpoint, directory)`` rebuilds nothing else."""
+        checkpoint["latte_config"] = asdict(self.config)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def latents(self, batch: Mapping[str, Any]) -> Tensor:

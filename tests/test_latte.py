@@ -472,9 +472,9 @@ def test_recipes_name_real_arguments(path):
     assert set(model_args) <= set(inspect.signature(Latte.__init__).parameters)
     assert set(data_args) <= set(inspect.signature(VideoDataModule.__init__).parameters)
     assert data_args["num_frames"] == (8 if path.stem.endswith("_tiny") else 16)
-    if not path.stem.endswith("_tiny"):  # official data settings (§1.11)
-        assert (data_args["frame_stride"], data_args["resolution"]) == (3, 256)
-        assert data_args["flip"] == (path.stem not in ("sky", "t2v"))
+    if not path.stem.endswith("_tiny"):  # official data settings (§1.11); Latte-1 was released at 512 px
+        assert (data_args["frame_stride"], data_args["resolution"]) == (3, 512 if path.stem == "t2v_latte1" else 256)
+        assert data_args["flip"] == (path.stem not in ("sky", "t2v", "t2v_latte1"))
     linked = {k: data_args[k] for k in ("num_frames", "resolution")}
     if path.stem.endswith("_tiny"):
         model = Latte(**model_args, **linked)  # builds (pixel stand-in VAE, random tiny text tower)
