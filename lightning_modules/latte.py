@@ -212,7 +212,7 @@ class LatteConfig:
             raise LatteConfigError(f"condition='text' needs text_tokens, text_dim >= 1, got {self.text_tokens}, {self.text_dim}")
         if self.family == "pixart":
             fixed = {"variant": 1, "patch_embedding": "uniform", "conditioning": "adaln", "condition": "text",
-                     "temporal_pos": "absolute"}
+                     "temporal_pos": "absolute", "mlp_ratio": 4.0}
             for name, want in fixed.items():
                 if getattr(self, name) != want:
                     raise LatteConfigError(
@@ -256,6 +256,14 @@ def _repeat_rows(c: Tensor, n: int) -> Tensor:
     if n % g:
         raise ValueError(f"{n} sequences cannot share {g} condition rows")
     return repeat(c, "g ... -> (g r) ...", r=n // g)
+
+
+def _check_latents(cfg: LatteConfig, x: Tensor) -> None:
+    if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
+        raise ValueError(
+            f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
+            f"channels), got {tuple(x.shape)}"
+        )
 
 
 def over_time(x: Tensor, batch: int, n_video: int, fn) -> Tensor:
@@ -648,11 +656,7 @@ class LatteTransformer(nn.Module):
         text: caption token states ``[B, text_tokens, text_dim]`` (condition='text'); text_image: ``[B, N, L, D]``.
         """
         cfg = self.config
-        if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
-            raise ValueError(
-                f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
-                f"channels), got {tuple(x.shape)}"
-            )
+        _check_latents(cfg, x)
         batch, frames = x.shape[:2]
         n_img = int(use_image_num)
         n_video = frames - n_img
@@ -897,11 +901,7 @@ class LattePixArtTransformer(nn.Module):
         ``enable_temporal_attentions``; image generation).
         """
         cfg = self.config
-        if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
-            raise ValueError(
-                f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
-                f"channels), got {tuple(x.shape)}"
-            )
+        _check_latents(cfg, x)
         if text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim:
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"Latte-1 cross-attends to caption token states: pass text [B, L, {cfg.text_dim}], got {got}")

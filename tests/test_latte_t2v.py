@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_latte import _reference_v1, official_shapes  # tests/ is on sys.path (conftest.py)
 
 from vidgen.lightning_modules.latte import (
     Latte,
@@ -36,26 +35,11 @@ def randomize(net: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn
 # 1. the official extras=78 path (Vchitect/Latte models/latte.py)
 # ----------------------------------------------------------------------------------------------------------------------
 def extras78_shapes(d: int, p: int, c: int, depth: int, frames: int, tokens: int, text_tokens: int, text_dim: int):
-    """Key set and shapes of an official ``Latte(extras=78)`` state dict, written out from the official layout:
-    the DiT keys of spec §1.10 without the label table, plus ``text_embedding_projection`` = Sequential(SiLU,
-    Linear(77 * 768, d)) (index 1 holds the Linear)."""
-    shapes = {
-        "x_embedder.proj.weight": (d, c, p, p), "x_embedder.proj.bias": (d,),
-        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
-        "text_embedding_projection.1.weight": (d, text_tokens * text_dim), "text_embedding_projection.1.bias": (d,),
-        "pos_embed": (1, tokens, d), "temp_embed": (1, frames, d),
-        "final_layer.linear.weight": (p * p * 2 * c, d), "final_layer.linear.bias": (p * p * 2 * c,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    }
-    for i in range(depth):
-        shapes.update({
-            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
-            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
-            f"blocks.{i}.mlp.fc1.weight": (4 * d, d), f"blocks.{i}.mlp.fc1.bias": (4 * d,),
-            f"blocks.{i}.mlp.fc2.weight": (d, 4 * d), f"blocks.{i}.mlp.fc2.bias": (d,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
-        })
+    """Key set and shapes of an official ``Latte(extras=78)`` state dict: the DiT keys of spec §1.10 without the
+    label table, plus ``text_embedding_projection`` = Sequential(SiLU, Linear(77 * 768, d)) (index 1 = the Linear)."""
+    shapes = official_shapes(d, p, c, depth, None, frames, tokens)
+    shapes.update({"text_embedding_projection.1.weight": (d, text_tokens * text_dim),
+                   "text_embedding_projection.1.bias": (d,)})
     return shapes
 
 
@@ -64,47 +48,6 @@ def test_extras78_key_set_is_the_official_xl2_layout():
         net = LatteTransformer(LatteConfig.from_size("XL/2", condition="text"))
     got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert got == extras78_shapes(1152, 2, 4, 28, 16, 256, 77, 768)  # Linear(77 * 768, 1152), CLIP ViT-L/14 tokens
-
-
-def _reference_extras78(sd: dict, x, t, text, d: int, heads: int, p: int):
-    """Official ``Latte.forward`` with ``extras == 78`` written out with plain tensor ops: c = t_emb +
-    Linear(SiLU(text.reshape(B, -1))) in every block; the final layer is modulated by t_emb alone."""
-    B, Fr, C, H, W = x.shape
-    g = H // p
-    S = g * g
-
-    def lin(h, name):
-        return F.linear(h, sd[name + ".weight"], sd[name + ".bias"])
-
-    def block(h, c, pre):
-        sh1, sc1, g1, sh2, sc2, g2 = lin(F.silu(c), pre + "adaLN_modulation.1").chunk(6, dim=1)
-        n, L, _ = h.shape
-        a = F.layer_norm(h, (d,), eps=1e-6) * (1 + sc1[:, None]) + sh1[:, None]
-        q, k, v = lin(a, pre + "attn.qkv").reshape(n, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1) @ v
-        h = h + g1[:, None] * lin(att.transpose(1, 2).reshape(n, L, d), pre + "attn.proj")
-        m = F.layer_norm(h, (d,), eps=1e-6) * (1 + sc2[:, None]) + sh2[:, None]
-        return h + g2[:, None] * lin(F.gelu(lin(m, pre + "mlp.fc1"), approximate="tanh"), pre + "mlp.fc2")
-
-    tok = F.conv2d(x.reshape(B * Fr, C, H, W), sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
-    tok = tok.flatten(2).transpose(1, 2) + sd["pos_embed"]
-    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
-    tf = torch.cat([torch.cos(t.float()[:, None] * freqs), torch.sin(t.float()[:, None] * freqs)], dim=1)
-    t_emb = lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2")
-    c = t_emb + lin(F.silu(text.reshape(B, -1)), "text_embedding_projection.1")
-    c_spatial, c_temporal = c.repeat_interleave(Fr, 0), c.repeat_interleave(S, 0)
-    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    for i in range(0, n_blocks, 2):
-        tok = block(tok, c_spatial, f"blocks.{i}.")
-        tok = tok.reshape(B, Fr, S, d).permute(0, 2, 1, 3).reshape(B * S, Fr, d)
-        if i == 0:
-            tok = tok + sd["temp_embed"]
-        tok = block(tok, c_temporal, f"blocks.{i + 1}.")
-        tok = tok.reshape(B, S, Fr, d).permute(0, 2, 1, 3).reshape(B * Fr, S, d)
-    shift, scale = lin(F.silu(t_emb.repeat_interleave(Fr, 0)), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
-    out = lin(F.layer_norm(tok, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B * Fr, g, g, p, p, -1)).reshape(B * Fr, -1, H, W)
-    return out.reshape(B, Fr, -1, H, W)
 
 
 def test_extras78_checkpoint_loads_strictly_and_matches_the_official_math(tmp_path):
@@ -120,7 +63,7 @@ def test_extras78_checkpoint_loads_strictly_and_matches_the_official_math(tmp_pa
     x, t, text = torch.randn(2, 3, 4, 8, 8), torch.tensor([5, 901]), torch.randn(2, L, D)
     with torch.no_grad():
         got = net.eval()(x, t, text=text)
-        want = _reference_extras78(sd, x, t, text, d, heads, p)
+        want = _reference_v1(sd, x, t, None, d, heads, p, text=text)  # the official extras=78 math
         # the final layer sees the timestep alone: a zero-gated network (all blocks identity) ignores the caption
         gated = {k: (v * 0 if "blocks." in k and "adaLN_modulation" in k else v) for k, v in sd.items()}
         net.load_pretrained(gated, kind="latte")
