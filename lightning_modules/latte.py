@@ -10,8 +10,8 @@ DDPM on the latent clip ``[B, F, C, H, W]`` (the official layout: frames before 
 3. spatio-temporal transformer, one of four variants (§1.3):
    V1 interleaved spatial/temporal blocks, V2 late fusion (all spatial, then all temporal), V3 factorised attention
    inside a block (spatial MHA -> temporal MHA -> MLP), V4 head-split attention (half the heads spatial, half temporal);
-4. condition (§1.5): timestep (+ class label or pooled caption embedding) through S-AdaLN (DiT adaLN-Zero) or as
-   extra tokens;
+4. condition (§1.5): timestep (+ class label, or the flattened caption token states as in the official ``extras=78``
+   path) through S-AdaLN (DiT adaLN-Zero) or as extra tokens;
 5. final layer: LN -> modulate -> linear -> unpatchify -> ``[B, F, 2C, H, W]`` (eps, variance values).
 
 ``depth`` counts spatial and temporal blocks together (official code): V1/V2 have ``depth`` blocks (even indices
@@ -27,6 +27,15 @@ Checkpoints (§1.9, §1.10): ``LatteTransformer`` keeps the official key names, 
 (``{"ema", "model"}``, legacy ``time_embed``) load strictly, and an ImageNet DiT initialises V1 (label table dropped
 when the class counts differ). ``KeyReport`` prints what was loaded.
 
+Text-to-video, two families (``LatteConfig.family``):
+
+- ``dit`` (the above): ``condition="text"`` is the official ``extras=78`` path: the caption's token states
+  (CLIP ViT-L/14, 77 x 768) are flattened, projected by ``SiLU -> Linear`` and added to the timestep embedding of
+  every block; the final layer is modulated by the timestep alone.
+- ``pixart``: the released Latte-1 (``maxin-cn/Latte-1``), ``LattePixArtTransformer``: PixArt-alpha blocks
+  (adaLN-single, cross-attention to T5 tokens) in the variant-1 order, the math of diffusers'
+  ``LatteTransformer3DModel``, whose directory format (config.json + safetensors) it reads and writes.
+
 Latents: ``batch["latents"]`` (``[B, C, T, H, W]`` raw VAE latents, e.g. the ``{key}.npy`` of ``vidgen tokenize``
 latent shards; ``vae.scale_factor`` is applied) is used when present; otherwise ``batch["video"]`` is encoded by the
 frozen VAE (``vidgen.lightning_modules.nn.vae``).
@@ -35,9 +44,11 @@ frozen VAE (``vidgen.lightning_modules.nn.vae``).
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -45,8 +56,15 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from vidgen.lightning_modules.nn.checkpoint import KeyReport, read_state_dict
-from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention, attention
+from vidgen.lightning_modules.nn.checkpoint import (
+    EMA_PREFIX,
+    KeyReport,
+    ema_state_dict,
+    raw_state_dict,
+    read_state_dict,
+    safe_load,
+)
+from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHeadAttention, attention
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
@@ -64,6 +82,14 @@ __all__ = [
     "HeadSplitAttention",
     "FinalLayer",
     "LatteTransformer",
+    "PixArtBlock",
+    "T2IFinalLayer",
+    "LattePixArtTransformer",
+    "diffusers_config",
+    "latte_kwargs_from_diffusers",
+    "read_diffusers",
+    "write_diffusers",
+    "export_diffusers",
     "KeyReport",
     "read_checkpoint",
     "Latte",
@@ -71,6 +97,7 @@ __all__ = [
     "LATTE_MODELS",
 ]
 
+FAMILIES = ("dit", "pixart")
 VARIANTS = (1, 2, 3, 4)
 PATCH_EMBEDDINGS = ("uniform", "tube")
 CONDITIONINGS = ("adaln", "tokens")
@@ -97,6 +124,14 @@ class LatteConfig:
     input_size: latent height = width; num_frames: latent frames of a video clip; in_channels: latent channels.
     variant 1-4 (§1.3); patch_embedding uniform | tube (stride ``tube_stride``, §1.4); conditioning adaln | tokens and
     condition class | text | none (§1.5); temporal_pos absolute | rope (§1.6).
+    text_tokens x text_dim: the caption token states (official ``extras=78``: CLIP ViT-L/14, 77 x 768); the DiT family
+    flattens them, the PixArt family cross-attends to them (``text_dim`` = T5 width, 4096 for Latte-1).
+
+    family: ``dit`` = the paper's blocks (DiT adaLN-Zero, everything above); ``pixart`` = the released Latte-1 T2V
+    network (PixArt-alpha blocks: adaLN-single, cross-attention to the caption tokens; diffusers
+    ``LatteTransformer3DModel``), variant 1 with uniform patches, absolute positions and condition='text' only.
+    PixArt family only: sample_size (the latent size the 2D sin-cos table is laid out for, diffusers ``sample_size``;
+    None = input_size), norm_affine / norm_eps (its LayerNorms), attention_bias (q/k/v biases).
     """
 
     input_size: int = 32
@@ -114,9 +149,15 @@ class LatteConfig:
     condition: str = "class"
     num_classes: int = 101
     class_dropout_prob: float = 0.1
-    text_dim: int = 1024
+    text_tokens: int = 77
+    text_dim: int = 768
     temporal_pos: str = "absolute"
     learn_sigma: bool = True
+    family: str = "dit"
+    sample_size: int | None = None
+    norm_affine: bool = False
+    norm_eps: float = 1e-6
+    attention_bias: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +171,7 @@ class LatteConfig:
         return cls(**{**LATTE_MODELS[key], **kwargs})
 
     def validate(self) -> None:
+        _choice("family", self.family, FAMILIES)
         _choice("variant", self.variant, VARIANTS)
         _choice("patch_embedding", self.patch_embedding, PATCH_EMBEDDINGS)
         _choice("conditioning", self.conditioning, CONDITIONINGS)
@@ -166,6 +208,19 @@ class LatteConfig:
             raise LatteConfigError(f"condition='class' needs num_classes >= 1, got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise LatteConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.condition == "text" and (self.text_tokens < 1 or self.text_dim < 1):
+            raise LatteConfigError(f"condition='text' needs text_tokens, text_dim >= 1, got {self.text_tokens}, {self.text_dim}")
+        if self.family == "pixart":
+            fixed = {"variant": 1, "patch_embedding": "uniform", "conditioning": "adaln", "condition": "text",
+                     "temporal_pos": "absolute", "mlp_ratio": 4.0}
+            for name, want in fixed.items():
+                if getattr(self, name) != want:
+                    raise LatteConfigError(
+                        f"family='pixart' (the released Latte-1 T2V network) has {name}={want!r}, got "
+                        f"{getattr(self, name)!r}; set {name}: {want!r} or use family='dit'"
+                    )
+            if self.sample_size is not None and (self.sample_size < self.patch_size or self.sample_size % self.patch_size):
+                raise LatteConfigError(f"sample_size={self.sample_size} must be a multiple of patch_size={self.patch_size}")
 
     @property
     def out_channels(self) -> int:
@@ -201,6 +256,29 @@ def _repeat_rows(c: Tensor, n: int) -> Tensor:
     if n % g:
         raise ValueError(f"{n} sequences cannot share {g} condition rows")
     return repeat(c, "g ... -> (g r) ...", r=n // g)
+
+
+def _check_latents(cfg: LatteConfig, x: Tensor) -> None:
+    if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
+        raise ValueError(
+            f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
+            f"channels), got {tuple(x.shape)}"
+        )
+
+
+def over_time(x: Tensor, batch: int, n_video: int, fn) -> Tensor:
+    """Run ``fn`` on the video frames in the temporal layout ``[(B S), F, d]``; stills (frames past ``n_video``) pass
+    unchanged (§1.8). ``x``: ``[(B F'), S, d]``."""
+    xt = rearrange(x, "(b f) s d -> (b s) f d", b=batch)
+    video, stills = xt[:, :n_video], xt[:, n_video:]
+    video = fn(video)
+    xt = torch.cat([video, stills], dim=1) if stills.shape[1] else video
+    return rearrange(xt, "(b s) f d -> (b f) s d", b=batch)
+
+
+def unpatchify(x: Tensor, grid: int, patch_size: int) -> Tensor:
+    """``[N, S, p²·C] -> [N, C, H, W]`` (official ``nhwpqc -> nchpwq``)."""
+    return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid, w=grid, p=patch_size, q=patch_size)
 
 
 class PatchEmbed(nn.Module):
@@ -417,8 +495,10 @@ class LatteTransformer(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         if cfg.condition == "class":
             self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
-        elif cfg.condition == "text":  # official ``extras == 78``: pooled caption embedding added to t
-            self.text_embedding_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.text_dim, d, bias=True))
+        elif cfg.condition == "text":  # official ``extras == 78``: the flattened caption token states, added to t
+            self.text_embedding_projection = nn.Sequential(
+                nn.SiLU(), nn.Linear(cfg.text_tokens * cfg.text_dim, d, bias=True)
+            )
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid**2, d), requires_grad=False)
         self.absolute_temporal = cfg.temporal_pos == "absolute"
         if self.absolute_temporal:
@@ -492,8 +572,7 @@ class LatteTransformer(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """``[N, S, p²·C] -> [N, C, H, W]`` (official ``nhwpqc -> nchpwq``)."""
-        g, p = self.config.grid, self.patch_size
-        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=g, w=g, p=p, q=p)
+        return unpatchify(x, self.config.grid, self.patch_size)
 
     def embed_conditions(
         self,
@@ -504,10 +583,13 @@ class LatteTransformer(nn.Module):
         y_image: Tensor | None = None,
         text: Tensor | None = None,
         text_image: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Per-frame conditions ``[(B F'), ...]`` (video frames, then stills) and the video condition ``[B, ...]``.
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-frame conditions ``[(B F'), ...]`` (video frames, then stills), the video condition ``[B, ...]`` and
+        the final layer's per-frame condition.
 
         adaLN: vectors ``t_emb (+ y_emb | + proj(text))`` of width d; tokens: ``[t_emb, y_emb]`` stacked, ``[.., k, d]``.
+        Text (official ``extras=78``): ``proj(SiLU(flatten(tokens)))``; the final layer sees ``t_emb`` alone (a label
+        is seen by the final layer too).
         """
         cfg = self.config
         t_emb = self.t_embedder(t)
@@ -521,36 +603,41 @@ class LatteTransformer(nn.Module):
                     raise ValueError(f"use_image_num={use_image_num} needs y_image int64 [B, {use_image_num}]")
                 extra_img = self.y_embedder(y_image, self.training)
         elif cfg.condition == "text":
-            if text is None:
-                raise ValueError("this Latte is text-conditional: pass text, the pooled caption embeddings [B, D]")
-            extra = self.text_embedding_projection(text.to(t_emb.dtype))
+            shape = (t.shape[0], cfg.text_tokens, cfg.text_dim)
+            if text is None or tuple(text.shape) != shape:
+                got = None if text is None else tuple(text.shape)
+                raise ValueError(f"this Latte is text-conditional: pass text, the caption token states {list(shape)}, "
+                                 f"got {got}")
+            extra = self.text_embedding_projection(rearrange(text.to(t_emb.dtype), "b l d -> b (l d)"))
             if use_image_num:
-                if text_image is None or tuple(text_image.shape[:2]) != (t.shape[0], use_image_num):
-                    raise ValueError(f"use_image_num={use_image_num} needs text_image [B, {use_image_num}, D]")
-                extra_img = self.text_embedding_projection(text_image.to(t_emb.dtype))
+                if text_image is None or tuple(text_image.shape) != (shape[0], use_image_num, *shape[1:]):
+                    raise ValueError(f"use_image_num={use_image_num} needs text_image [B, {use_image_num}, "
+                                     f"{cfg.text_tokens}, {cfg.text_dim}]")
+                extra_img = self.text_embedding_projection(rearrange(text_image.to(t_emb.dtype), "b n l d -> b n (l d)"))
         t_img = repeat(t_emb, "b d -> b n d", n=use_image_num)
         if cfg.conditioning == "adaln":
             c = t_emb if extra is None else t_emb + extra
             frames = repeat(c, "b d -> b f d", f=n_frames)
             if use_image_num:
                 frames = torch.cat([frames, t_img if extra_img is None else t_img + extra_img], dim=1)
-            return rearrange(frames, "b f d -> (b f) d"), c
+            frames = rearrange(frames, "b f d -> (b f) d")
+            final = frames
+            if cfg.condition == "text":  # official extras=78: the final layer is modulated by the timestep alone
+                final = repeat(t_emb, "b d -> (b f) d", f=n_frames + use_image_num)
+            return frames, c, final
         c = t_emb[:, None] if extra is None else torch.stack([t_emb, extra], dim=1)
         frames = repeat(c, "b k d -> b f k d", f=n_frames)
         if use_image_num:
             img = t_img[:, :, None] if extra_img is None else torch.stack([t_img, extra_img], dim=2)
             frames = torch.cat([frames, img], dim=1)
-        return rearrange(frames, "b f k d -> (b f) k d"), c
+        frames = rearrange(frames, "b f k d -> (b f) k d")
+        return frames, c, frames
 
     def _temporal_video(self, x: Tensor, batch: int, n_video: int, fn, add_pos: bool) -> Tensor:
         """Run ``fn`` on the video frames in the temporal layout ``[(B S), F, d]``; stills pass unchanged."""
-        xt = rearrange(x, "(b f) s d -> (b s) f d", b=batch)
-        video, stills = xt[:, :n_video], xt[:, n_video:]
         if add_pos and self.absolute_temporal:
-            video = video + self.temp_embed
-        video = fn(video)
-        xt = torch.cat([video, stills], dim=1) if stills.shape[1] else video
-        return rearrange(xt, "(b s) f d -> (b f) s d", b=batch)
+            return over_time(x, batch, n_video, lambda v: fn(v + self.temp_embed))
+        return over_time(x, batch, n_video, fn)
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def forward(
@@ -566,14 +653,10 @@ class LatteTransformer(nn.Module):
         """``x [B, F + use_image_num, C, H, W]``, ``t [B]`` -> ``[B, F + use_image_num, C_out, H, W]``.
 
         y: class labels ``[B]`` (condition='class'); y_image: the stills' labels ``[B, N]``.
-        text: pooled caption embeddings ``[B, text_dim]`` (condition='text'); text_image: ``[B, N, text_dim]``.
+        text: caption token states ``[B, text_tokens, text_dim]`` (condition='text'); text_image: ``[B, N, L, D]``.
         """
         cfg = self.config
-        if x.ndim != 5 or x.shape[2] != cfg.in_channels or x.shape[-1] != cfg.input_size or x.shape[-2] != cfg.input_size:
-            raise ValueError(
-                f"Latte expects latents [B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}] (frames before "
-                f"channels), got {tuple(x.shape)}"
-            )
+        _check_latents(cfg, x)
         batch, frames = x.shape[:2]
         n_img = int(use_image_num)
         n_video = frames - n_img
@@ -586,7 +669,7 @@ class LatteTransformer(nn.Module):
         n_f = n_video // cfg.temporal_stride
 
         h = self.x_embedder(x) + self.pos_embed
-        c_frames, c_video = self.embed_conditions(t, n_f, n_img, y, y_image, text, text_image)
+        c_frames, c_video, c_final = self.embed_conditions(t, n_f, n_img, y, y_image, text, text_image)
         blocks = self.blocks
         if cfg.variant == 1:
             for i in range(0, len(blocks), 2):
@@ -613,7 +696,7 @@ class LatteTransformer(nn.Module):
             for blk in blocks:
                 h = blk(h, c_frames, batch=batch, n_video=n_f)
 
-        h = self.unpatchify(self.final_layer(h, c_frames))
+        h = self.unpatchify(self.final_layer(h, c_final))
         out = rearrange(h, "(b f) c h w -> b f c h w", b=batch)
         if self.tube:
             out = rearrange(self.temporal_upsample(rearrange(out, "b f c h w -> b c f h w")), "b c f h w -> b f c h w")
@@ -646,6 +729,419 @@ class LatteTransformer(nn.Module):
                 )
             self.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
         return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The released Latte-1 T2V network (family='pixart'): PixArt-alpha blocks, diffusers ``LatteTransformer3DModel``
+# ----------------------------------------------------------------------------------------------------------------------
+class PixArtBlock(nn.Module):
+    """A Latte-1 block, PixArt-alpha's adaLN-single (PixArt-alpha §2.3): ``x += g1·SA(LN(x)(1+s1)+b1)``; in spatial
+    blocks ``x += CA(x, caption)`` (no norm, no gate); ``x += g2·MLP(LN(x)(1+s2)+b2)``.
+
+    ``(b1, s1, g1, b2, s2, g2) = scale_shift_table + t_mod``: ``t_mod [rows, 6d]`` is ONE projection of the timestep
+    shared by every block (``LattePixArtTransformer.t_block``); a block owns only its ``6 x d`` table. Temporal blocks
+    (``cross_attention=False``) have no cross-attention. Rows of ``t_mod``/``context`` are shared by consecutive
+    sequences as in ``TransformerBlock``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        cross_attention: bool = True,
+        norm_affine: bool = False,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=norm_eps)
+        self.attn = MultiHeadAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.cross_attn = (
+            CrossAttention(hidden_size, hidden_size, num_heads, qkv_bias=qkv_bias) if cross_attention else None
+        )
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=norm_affine, eps=norm_eps)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act="gelu_tanh")
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: Tensor, t_mod: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+        mods = rearrange(_repeat_rows(t_mod, x.shape[0]), "n (k d) -> n k d", k=6) + self.scale_shift_table
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("a spatial Latte-1 block cross-attends to the caption: pass context [B, L, d]")
+            mask = None if context_mask is None else _repeat_rows(context_mask, x.shape[0])
+            x = x + self.cross_attn(x, _repeat_rows(context, x.shape[0]).to(x.dtype), context_mask=mask)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class T2IFinalLayer(nn.Module):
+    """PixArt-alpha's final layer: LN -> modulate(shift, scale = ``scale_shift_table + t_emb``, the embedded timestep
+    alone) -> ``Linear(d, p²·C_out)``."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+
+    def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
+        rows = rearrange(_repeat_rows(t_emb, x.shape[0]), "n d -> n 1 d")
+        shift, scale = (rows + self.scale_shift_table).unbind(1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class LattePixArtTransformer(nn.Module):
+    """The released Latte-1 T2V network (``family='pixart'``) over latent clips ``[B, F, C, H, W]``: interleaved
+    spatial (self + cross-attention to the caption tokens) and temporal PixArt blocks, the math of diffusers'
+    ``LatteTransformer3DModel`` (``to_diffusers``/``from_diffusers`` convert the weights, ``save_diffusers``/
+    ``load_diffusers`` read and write its directory format).
+
+    Blocks alternate as in variant 1: ``blocks[2i]`` spatial (diffusers ``transformer_blocks.i``), ``blocks[2i+1]``
+    temporal (``temporal_transformer_blocks.i``). ``temp_embed`` enters before the first temporal block when there
+    is more than one frame; the 2D table follows diffusers (laid out for ``sample_size``, interpolation scale
+    ``max(sample_size // 64, 1)``). Both tables are fixed and not saved (as in diffusers).
+    Image-video joint training (§1.8, official ``latte_t2v.py``): stills follow the video frames, each with its own
+    caption, and skip the temporal blocks; ``temp_embed`` is added to the video frames [our choice where the official
+    code differs between its two code paths].
+    """
+
+    def __init__(self, config: LatteConfig | dict):
+        super().__init__()
+        self.config = cfg = config if isinstance(config, LatteConfig) else LatteConfig(**config)
+        if cfg.family != "pixart":
+            raise LatteConfigError(f"LattePixArtTransformer needs family='pixart', got {cfg.family!r}")
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels, self.out_channels, self.patch_size = cfg.in_channels, cfg.out_channels, p
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))  # adaLN-single: one projection
+        self.caption_projection = Mlp(cfg.text_dim, d, d, act="gelu_tanh")
+        base = cfg.sample_size or cfg.input_size
+        pos = sincos_2d(d, cfg.grid, scale=max(base // 64, 1), base_size=base // p)
+        self.register_buffer("pos_embed", pos[None], persistent=False)
+        self.register_buffer("temp_embed", sincos_1d(d, cfg.num_frames)[None], persistent=False)
+        self.blocks = nn.ModuleList([
+            PixArtBlock(d, cfg.num_heads, cfg.mlp_ratio, cross_attention=i % 2 == 0, norm_affine=cfg.norm_affine,
+                        norm_eps=cfg.norm_eps, qkv_bias=cfg.attention_bias)
+            for i in range(cfg.depth)
+        ])
+        self.final_layer = T2IFinalLayer(d, p, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PixArt-alpha's initialisation: xavier Linears with zero biases, the patch conv as a Linear, N(0, 0.02) for
+        the timestep MLP, ``t_block`` and the caption projection, zero cross-attention outputs and final linear (a
+        fresh model predicts zeros); the scale-shift tables keep N(0, 1/d)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.caption_projection.fc1,
+                    self.caption_projection.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.blocks:
+            if block.cross_attn is not None:
+                nn.init.constant_(block.cross_attn.proj.weight, 0)
+                nn.init.constant_(block.cross_attn.proj.bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def spatial_block_indices(self) -> list[int]:
+        return list(range(0, len(self.blocks), 2))
+
+    def temporal_block_indices(self) -> list[int]:
+        return list(range(1, len(self.blocks), 2))
+
+    def caption_context(
+        self, text: Tensor, text_mask: Tensor | None, text_image: Tensor | None, text_image_mask: Tensor | None,
+        n_video: int, n_img: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Projected caption tokens for the spatial blocks: ``[B, L, d]`` (shared by the frames of a clip), or
+        ``[(B F'), L, d]`` with stills, each still with its own caption; the key mask alike (None = every token)."""
+        batch, length = text.shape[:2]
+        context = self.caption_projection(text)
+        if not n_img:
+            return context, text_mask
+        if text_image is None or tuple(text_image.shape[:3]) != (batch, n_img, length):
+            raise ValueError(f"use_image_num={n_img} needs text_image [B, {n_img}, {length}, D] (the stills' captions)")
+        frames = torch.cat([repeat(context, "b l d -> b f l d", f=n_video), self.caption_projection(text_image)], dim=1)
+        mask = None
+        if text_mask is not None or text_image_mask is not None:
+            ones = torch.ones(batch, length, dtype=torch.bool, device=text.device)
+            video = text_mask.bool() if text_mask is not None else ones
+            stills = text_image_mask.bool() if text_image_mask is not None else repeat(ones, "b l -> b n l", n=n_img)
+            mask = rearrange(torch.cat([repeat(video, "b l -> b f l", f=n_video), stills], dim=1), "b f l -> (b f) l")
+        return rearrange(frames, "b f l d -> (b f) l d"), mask
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        text_image: Tensor | None = None,
+        text_image_mask: Tensor | None = None,
+        use_image_num: int = 0,
+        temporal: bool = True,
+    ) -> Tensor:
+        """``x [B, F + use_image_num, C, H, W]``, ``t [B]`` -> ``[B, F + use_image_num, C_out, H, W]``.
+
+        text: caption token states ``[B, L, text_dim]`` (T5 for Latte-1); text_mask: bool ``[B, L]`` (True = real
+        token; None attends to every token, as diffusers' pipeline does); text_image/text_image_mask: the stills'
+        captions ``[B, N, L, text_dim]`` / ``[B, N, L]``. temporal=False skips the temporal blocks (diffusers
+        ``enable_temporal_attentions``; image generation).
+        """
+        cfg = self.config
+        _check_latents(cfg, x)
+        if text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+            got = None if text is None else tuple(text.shape)
+            raise ValueError(f"Latte-1 cross-attends to caption token states: pass text [B, L, {cfg.text_dim}], got {got}")
+        batch, frames = x.shape[:2]
+        n_img = int(use_image_num)
+        n_video = frames - n_img
+        if n_img < 0 or n_video < 1:
+            raise ValueError(f"use_image_num={n_img} leaves {n_video} video frames")
+        add_temp = temporal and n_video > 1
+        if add_temp and n_video != cfg.num_frames:
+            raise ValueError(f"got {n_video} video frames, this Latte has temp_embed for num_frames={cfg.num_frames}")
+
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        t_emb = self.t_embedder(t)
+        t_mod = self.t_block(t_emb)
+        context, mask = self.caption_context(text, text_mask, text_image, text_image_mask, n_video, n_img)
+        for i in range(0, len(self.blocks), 2):
+            h = self.blocks[i](h, t_mod, context, mask)
+            if temporal:
+                pos = self.temp_embed.to(h.dtype) if (i == 0 and add_temp) else None
+                h = over_time(h, batch, n_video,
+                              lambda v, blk=self.blocks[i + 1], pos=pos: blk(v if pos is None else v + pos, t_mod))
+        h = unpatchify(self.final_layer(h, t_emb), cfg.grid, self.patch_size)
+        return rearrange(h, "(b f) c h w -> b f c h w", b=batch)
+
+    # -- checkpoints: diffusers' directory format and our own names ---------------------------------------------------
+    def to_diffusers(self, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Our weights (``state_dict`` or this model's) under diffusers ``LatteTransformer3DModel`` names."""
+        return to_diffusers_state_dict(self.state_dict() if state_dict is None else state_dict)
+
+    def from_diffusers(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """diffusers weights under our names (q/k/v concatenated); keys diffusers lacks stay absent (KeyReport
+        reports them), diffusers keys we do not use are returned under their own name (reported as unexpected)."""
+        out, used = {}, set()
+        for key in self.state_dict():
+            names = _diffusers_names(key)
+            if all(n in state_dict for n in names):
+                out[key] = torch.cat([state_dict[n] for n in names], dim=0) if len(names) > 1 else state_dict[names[0]]
+                used.update(names)
+        out.update({k: v for k, v in state_dict.items() if k not in used})
+        return out
+
+    def load_pretrained(self, source: str | os.PathLike | Mapping[str, Tensor], kind: str = "auto") -> KeyReport:
+        """Strictly load Latte-1 weights: ``kind="diffusers"`` (a diffusers directory, ``<dir>/transformer`` or
+        flat, or a state dict with diffusers names) or ``kind="latte"`` (our names: a Lightning checkpoint of this
+        module or a raw state dict). ``auto``: diffusers for a directory or diffusers names. Every key and shape must
+        match; the directory's config.json must describe this network."""
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            config, sd = read_diffusers(source)
+            check_diffusers_config(config, self.config, name)
+            kind = "diffusers" if kind == "auto" else kind
+        else:
+            sd = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+            if kind == "auto":
+                kind = "diffusers" if any(k.startswith("transformer_blocks.") for k in sd) else "latte"
+        _choice("init_kind", kind, ("latte", "diffusers"))
+        if kind == "diffusers":
+            sd = self.from_diffusers(sd)
+        report = KeyReport.compare(sd, self.state_dict(), source=name, kind=kind, model="Latte-1 (family=pixart)")
+        if not report.exact:
+            raise KeyError(
+                f"{name} does not match this Latte-1 network (strict load):\n{report.table()}\n"
+                "Check depth/hidden_size/num_heads/patch_size and the text encoder width against the checkpoint."
+            )
+        self.load_state_dict(sd, strict=True)
+        return report
+
+    def save_diffusers(self, directory: str | os.PathLike, state_dict: Mapping[str, Tensor] | None = None) -> str:
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers'
+        ``LatteTransformer3DModel.from_pretrained(directory)`` loads; returns the directory."""
+        return write_diffusers(directory, self.config, self.state_dict() if state_dict is None else state_dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# diffusers ``LatteTransformer3DModel`` format (config.json + safetensors) for the PixArt family
+# ----------------------------------------------------------------------------------------------------------------------
+DIFFUSERS_CLASS = "LatteTransformer3DModel"
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# our key tail -> diffusers key tails (several = concatenated along dim 0, e.g. fused qkv <- to_q, to_k, to_v)
+_DIFFUSERS_TOP = {
+    "x_embedder.proj": ("pos_embed.proj",),
+    "t_embedder.mlp.0": ("adaln_single.emb.timestep_embedder.linear_1",),
+    "t_embedder.mlp.2": ("adaln_single.emb.timestep_embedder.linear_2",),
+    "t_block.1": ("adaln_single.linear",),
+    "caption_projection.fc1": ("caption_projection.linear_1",),
+    "caption_projection.fc2": ("caption_projection.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.scale_shift_table": ("scale_shift_table",),
+}
+_DIFFUSERS_BLOCK = {
+    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "attn.proj": ("attn1.to_out.0",),
+    "cross_attn.q_linear": ("attn2.to_q",),
+    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
+    "cross_attn.proj": ("attn2.to_out.0",),
+    "mlp.fc1": ("ff.net.0.proj",),
+    "mlp.fc2": ("ff.net.2",),
+    "norm1": ("norm1",),
+    "norm2": ("norm2",),
+    "scale_shift_table": ("scale_shift_table",),
+}
+
+
+def _diffusers_names(key: str) -> tuple[str, ...]:
+    """diffusers name(s) of one of our PixArt-family keys (``blocks.2i`` -> ``transformer_blocks.i``,
+    ``blocks.2i+1`` -> ``temporal_transformer_blocks.i``)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+?)(\.weight|\.bias|)", key)
+    if m:
+        i, tail, leaf = int(m.group(1)), m.group(2), m.group(3)
+        table, prefix = _DIFFUSERS_BLOCK, f"{'temporal_transformer_blocks' if i % 2 else 'transformer_blocks'}.{i // 2}."
+    else:
+        m = re.fullmatch(r"(.+?)(\.weight|\.bias|)", key)
+        tail, leaf, table, prefix = m.group(1), m.group(2), _DIFFUSERS_TOP, ""
+    if tail not in table:
+        raise KeyError(f"no diffusers name for Latte-1 key {key!r}")
+    return tuple(prefix + name + leaf for name in table[tail])
+
+
+def to_diffusers_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """PixArt-family weights under our names -> diffusers ``LatteTransformer3DModel`` names (fused qkv split)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        names = _diffusers_names(key)
+        for name, part in zip(names, value.chunk(len(names), dim=0)):
+            out[name] = part.detach().cpu().contiguous().clone()
+    return out
+
+
+def write_diffusers(directory: str | os.PathLike, cfg: LatteConfig, state_dict: Mapping[str, Tensor]) -> str:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` of a PixArt-family network (our key names in
+    ``state_dict``) that diffusers' ``LatteTransformer3DModel.from_pretrained(directory)`` loads."""
+    from safetensors.torch import save_file
+
+    config = diffusers_config(cfg)
+    weights = to_diffusers_state_dict(state_dict)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(weights, os.path.join(directory, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return os.fspath(directory)
+
+
+def export_diffusers(checkpoint: str | os.PathLike, directory: str | os.PathLike, ema: bool = True) -> str:
+    """A Lightning checkpoint of a family-'pixart' ``Latte`` run -> a diffusers ``LatteTransformer3DModel``
+    directory (EMA weights when the run has them and ``ema``), without building the model or its text encoder."""
+    ckpt = safe_load(checkpoint)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("latte_config"), Mapping):
+        raise ValueError(f"{checkpoint} has no 'latte_config' (not a Latte run checkpoint, or one saved before it was "
+                         "recorded); build the module and call Latte.export_diffusers(directory)")
+    cfg = LatteConfig(**ckpt["latte_config"])
+    has_ema = any(k.startswith(EMA_PREFIX) for k in ckpt.get("state_dict", {}))
+    sd = ema_state_dict(ckpt) if ema and has_ema else raw_state_dict(ckpt)
+    return write_diffusers(directory, cfg, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+
+
+def diffusers_config(cfg: LatteConfig) -> dict[str, Any]:
+    """The ``LatteTransformer3DModel`` config.json of a PixArt-family ``LatteConfig``."""
+    if cfg.family != "pixart":
+        raise LatteConfigError("only family='pixart' (Latte-1) has a diffusers LatteTransformer3DModel format")
+    return {
+        "_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0",
+        "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth // 2,
+        "dropout": 0.0, "cross_attention_dim": cfg.hidden_size, "attention_bias": cfg.attention_bias,
+        "sample_size": cfg.sample_size or cfg.input_size, "patch_size": cfg.patch_size,
+        "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": cfg.norm_affine, "norm_eps": cfg.norm_eps, "caption_channels": cfg.text_dim,
+        "video_length": cfg.num_frames,
+    }
+
+
+def latte_kwargs_from_diffusers(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """``LatteConfig`` fields (family='pixart') from a ``LatteTransformer3DModel`` config.json; a setting this
+    network does not implement is an error naming it."""
+    c = dict(config)
+    want = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate"}
+    for key, value in want.items():
+        if c.get(key, value) != value:
+            raise LatteConfigError(f"{source}: {key}={c[key]!r} is not implemented for Latte-1 (needs {value!r})")
+    if float(c.get("dropout", 0.0) or 0.0) != 0.0:
+        raise LatteConfigError(f"{source}: dropout={c['dropout']} is not implemented (Latte-1 uses 0.0)")
+    heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
+    d = heads * head_dim
+    if c.get("cross_attention_dim") not in (None, d):
+        raise LatteConfigError(f"{source}: cross_attention_dim={c['cross_attention_dim']} must equal the width {d}")
+    in_ch = int(c["in_channels"])
+    out_ch = int(c.get("out_channels") or in_ch)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise LatteConfigError(f"{source}: out_channels={out_ch} must be in_channels or 2 x in_channels (learned sigma)")
+    return dict(
+        family="pixart", condition="text", input_size=int(c["sample_size"]), sample_size=int(c["sample_size"]),
+        patch_size=int(c["patch_size"]), in_channels=in_ch, hidden_size=d, depth=2 * int(c["num_layers"]),
+        num_heads=heads, num_frames=int(c.get("video_length", 16)), text_dim=int(c["caption_channels"]),
+        norm_affine=bool(c.get("norm_elementwise_affine", True)), norm_eps=float(c.get("norm_eps", 1e-5)),
+        attention_bias=bool(c.get("attention_bias", False)), learn_sigma=out_ch == 2 * in_ch,
+    )
+
+
+def check_diffusers_config(config: Mapping[str, Any], cfg: LatteConfig, source: str) -> None:
+    """Raise naming every structural field where ``config`` (config.json) and ``cfg`` differ (the clip size, frame
+    count and layout size may differ: the fixed tables are recomputed)."""
+    theirs = latte_kwargs_from_diffusers(config, source)
+    free = ("input_size", "num_frames", "sample_size")
+    diff = [f"{k}: checkpoint {v!r}, model {getattr(cfg, k)!r}" for k, v in theirs.items()
+            if k not in free and getattr(cfg, k) != v]
+    if diff:
+        raise LatteConfigError(f"{source}/config.json does not describe this Latte-1 network: " + "; ".join(diff))
+
+
+def diffusers_dir(path: str | os.PathLike) -> str:
+    """The transformer directory of a diffusers pipeline (``<path>/transformer``) or ``path`` itself."""
+    path = os.fspath(path)
+    for candidate in (path, os.path.join(path, "transformer")):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(f"{path!r} holds no diffusers config.json (nor transformer/config.json); give the local "
+                            "Latte-1 directory (huggingface maxin-cn/Latte-1, downloaded beforehand)")
+
+
+def read_diffusers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config.json, weights)`` of a local diffusers transformer directory (single or sharded safetensors, .bin)."""
+    folder = diffusers_dir(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    if config.get("_class_name") not in (None, DIFFUSERS_CLASS, "LatteT2V"):
+        raise LatteConfigError(f"{folder}/config.json is a {config['_class_name']}, not a {DIFFUSERS_CLASS}")
+    for name in _DIFFUSERS_WEIGHTS:
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):  # sharded: {"weight_map": {key: file}}
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            sd: dict[str, Tensor] = {}
+            for shard in files:
+                sd.update(read_state_dict(os.path.join(folder, shard)))
+            return config, sd
+        if os.path.isfile(os.path.join(folder, name)):
+            return config, read_state_dict(os.path.join(folder, name))
+    raise FileNotFoundError(f"{folder} has config.json but no {' or '.join(_DIFFUSERS_WEIGHTS)} (or a sharded index)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -691,6 +1187,10 @@ class Latte(L.LightningModule):
     Args:
         size, patch_size: Latte-S/B/L/XL with p = 2/4/8 (``LATTE_SIZES``); ``depth``/``hidden_size``/``num_heads``
             override the size (tiny models).
+        family: 'dit' (the paper's adaLN-Zero blocks, everything below) or 'pixart' (the released Latte-1 T2V:
+            adaLN-single + cross-attention to the caption tokens, ``LattePixArtTransformer``). With 'pixart' and
+            ``init_from`` a diffusers directory, its config.json gives the network's shape (size, patch_size, depth,
+            hidden_size, num_heads, learn_sigma must agree when set).
         variant (1-4), patch_embedding ('uniform'|'tube', ``tube_stride``), conditioning ('adaln'|'tokens'),
             condition ('class'|'text'|'none'), temporal_pos ('absolute'|'rope'): §1.3-§1.6.
         num_classes, class_dropout_prob: class conditioning (UCF-101: 101, 0.1); the dropout also drops captions.
@@ -698,21 +1198,28 @@ class Latte(L.LightningModule):
         use_image_num: stills per clip for image-video joint training (§1.8); 0 = video only.
         vae: ``VAEConfig`` fields (kind diffusers|tokenizer|pixels, path, scale_factor, ...).
         text_encoder: ``TextEncoderConfig`` fields for condition='text' (default: open_clip, random tiny tower when
-            no checkpoint is given).
+            no checkpoint is given). Its token states condition the model: flattened (dit, official ``extras=78``:
+            CLIP ViT-L/14, 77 x 768) or cross-attended (pixart: T5-XXL, 120 x 4096).
+        text_padding: pixart only: 'mask' (padded caption tokens are masked out of the cross-attention, as the
+            official LatteT2V training and diffusers' single-prompt pipeline) or 'zero' (padded token states zeroed
+            and attended, as diffusers' pipeline does for a batch of prompts).
         diffusion: extra ``DiffusionConfig`` fields; sampler/sample_steps/cfg_scale: generation (DDPM 250, CFG 1).
         lr, weight_decay, betas: AdamW (official: 1e-4, 0, constant).
         grad_clip_norm, grad_clip_start_step: clip at max-norm from this optimizer step on (official: 0.1 from
             ``start_clip_iter``); the norm is logged every step.
-        init_from, init_kind: official Latte checkpoint ('latte', strict) or ImageNet DiT ('dit') to start from.
+        init_from, init_kind: official Latte checkpoint ('latte', strict) or ImageNet DiT ('dit') to start from;
+            family 'pixart': a local diffusers directory of Latte-1 ('diffusers', strict; ``<dir>`` or
+            ``<dir>/transformer``) or our own checkpoint ('latte'). 'auto' picks by the source.
         num_samples: how many videos ``generate()`` makes without a batch (predict files: ``PredictionWriter``).
     """
 
-    fsdp_block_classes = (TransformerBlock, FactorizedBlock)
+    fsdp_block_classes = (TransformerBlock, FactorizedBlock, PixArtBlock)
 
     def __init__(
         self,
         size: Literal["S", "B", "L", "XL"] = "XL",
         patch_size: Literal[2, 4, 8] = 2,
+        family: Literal["dit", "pixart"] = "dit",
         variant: Literal[1, 2, 3, 4] = 1,
         patch_embedding: Literal["uniform", "tube"] = "uniform",
         tube_stride: int = 2,
@@ -731,6 +1238,7 @@ class Latte(L.LightningModule):
         use_image_num: int = 0,
         vae: dict | None = None,
         text_encoder: dict | None = None,
+        text_padding: Literal["mask", "zero"] = "mask",
         diffusion: dict | None = None,
         sampler: Literal["ddpm", "ddim"] = "ddpm",
         sample_steps: int | str = 250,
@@ -742,7 +1250,7 @@ class Latte(L.LightningModule):
         grad_clip_norm: float | None = 0.1,
         grad_clip_start_step: int = 0,
         init_from: str | None = None,
-        init_kind: Literal["auto", "latte", "dit"] = "auto",
+        init_kind: Literal["auto", "latte", "dit", "diffusers"] = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -759,8 +1267,14 @@ class Latte(L.LightningModule):
         self.text_encoder = build_text_encoder(text_encoder or {}) if condition == "text" else None
         net = _network_kwargs(args)
         net.update(input_size=h, num_frames=t, in_channels=c)
-        if self.text_encoder is not None:
-            net["text_dim"] = self.text_encoder.pooled_dim
+        if self.text_encoder is not None:  # its token states: [max_length, token_dim] per caption
+            width = self.text_encoder.token_dim
+            if family == "pixart" and net.get("text_dim") not in (None, width):
+                raise LatteConfigError(
+                    f"the Latte-1 checkpoint {init_from!r} projects {net['text_dim']}-d caption tokens but the text "
+                    f"encoder gives {width}-d ones: use its text encoder (T5 v1.1 XXL, 4096-d)"
+                )
+            net.update(text_tokens=self.text_encoder.max_length, text_dim=width)
         try:
             self.config = LatteConfig(**net)
         except LatteConfigError as e:
@@ -768,7 +1282,7 @@ class Latte(L.LightningModule):
                 f"{e} (latents: {c} x {t} x {h} x {w} from num_frames={num_frames}, resolution={resolution} through "
                 f"the {self.vae.kind} VAE, spatial factor {self.vae.spatial_factor})"
             ) from None
-        self.model = LatteTransformer(self.config)
+        self.model = LattePixArtTransformer(self.config) if family == "pixart" else LatteTransformer(self.config)
         self.diffusion = create_diffusion(
             DiffusionConfig(**{"channel_dim": 2, "learn_sigma": learn_sigma, "sampler": sampler,
                                "sample_steps": sample_steps, **(diffusion or {})})
@@ -794,9 +1308,18 @@ class Latte(L.LightningModule):
         _choice("size", a["size"], tuple(LATTE_SIZES))
         _choice("patch_size", a["patch_size"], (2, 4, 8))
         _choice("sampler", a["sampler"], ("ddpm", "ddim"))
-        _choice("init_kind", a["init_kind"], ("auto", "latte", "dit"))
-        probe = _network_kwargs(a)  # the structural rules, with the real latent size when the VAE's config tells it
-        probe.update(input_size=a["patch_size"], num_frames=a["tube_stride"], in_channels=4)
+        _choice("family", a["family"], FAMILIES)
+        _choice("init_kind", a["init_kind"], ("auto", "latte", "dit", "diffusers"))
+        _choice("text_padding", a["text_padding"], ("mask", "zero"))
+        if a["init_from"] and not os.path.exists(a["init_from"]):
+            raise LatteConfigError(f"init_from {a['init_from']!r} does not exist")
+        if a["init_kind"] == "diffusers" and a["family"] != "pixart":
+            raise LatteConfigError("init_kind='diffusers' loads the released Latte-1 (LatteTransformer3DModel): set "
+                                   "family: pixart")
+        if a["init_kind"] == "dit" and a["family"] != "dit":
+            raise LatteConfigError("init_kind='dit' initialises the paper's family from an ImageNet DiT: set family: dit")
+        probe = _network_kwargs(a)  # latent sizes are known once the VAE is loaded; probe the structural rules
+        probe.update(input_size=probe["patch_size"], num_frames=a["tube_stride"], in_channels=4, sample_size=None)
         LatteConfig(**probe)
         try:
             factor = spatial_factor_of(VAEConfig.coerce(a["vae"]))
@@ -830,13 +1353,28 @@ class Latte(L.LightningModule):
                                "sample_steps": a["sample_steps"], **(a["diffusion"] or {})})
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise LatteConfigError(str(e)) from None
-        if a["init_from"] and not os.path.isfile(a["init_from"]):
-            raise LatteConfigError(f"init_from {a['init_from']!r} does not exist")
+        if a["init_from"] and os.path.isdir(a["init_from"]) and a["family"] != "pixart":
+            raise LatteConfigError(f"init_from {a['init_from']!r} is a directory (diffusers format): that is the "
+                                   "released Latte-1, set family: pixart; the paper's family loads a checkpoint file")
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # the official recipe trains in fp32 with TF32 matmuls (§1.11)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+    def export_diffusers(self, directory: str | os.PathLike, ema: bool = True) -> str:
+        """Write the Latte-1 network (family 'pixart') as a diffusers ``LatteTransformer3DModel`` directory
+        (config.json + diffusion_pytorch_model.safetensors), with the EMA weights when this module holds them."""
+        if self.config.family != "pixart":
+            raise LatteConfigError("export_diffusers writes diffusers' LatteTransformer3DModel, i.e. family='pixart'")
+        sd = self.state_dict()
+        if ema and any(k.startswith(EMA_PREFIX) for k in sd):
+            sd = ema_state_dict(sd)
+        return self.model.save_diffusers(directory, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the network's config: ``export_diffusers(checkpoint, directory)`` rebuilds nothing else."""
+        checkpoint["latte_config"] = asdict(self.config)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def latents(self, batch: Mapping[str, Any]) -> Tensor:
@@ -857,11 +1395,20 @@ class Latte(L.LightningModule):
             )
         return z
 
-    def _captions(self, texts: list[str], drop: bool) -> Tensor:
+    def _captions(self, texts: list[str], drop: bool) -> dict[str, Tensor]:
+        """Model kwargs of captions: ``text`` = the encoder's token states ``[B, L, D]`` (dropped captions -> "" for
+        classifier-free guidance); family pixart adds ``text_mask`` (text_padding='mask') or zeroes the padded
+        token states (text_padding='zero')."""
         if drop and self.config.class_dropout_prob > 0:
             keep = torch.rand(len(texts)) >= self.config.class_dropout_prob
             texts = [s if k else "" for s, k in zip(texts, keep.tolist())]
-        return self.text_encoder(texts).pooled.to(self.device)
+        enc = self.text_encoder(texts)
+        tokens, mask = enc.tokens.to(self.device), enc.mask.to(self.device)
+        if self.config.family != "pixart":
+            return {"text": tokens}
+        if self.hparams.text_padding == "zero":
+            return {"text": tokens * mask[..., None].to(tokens.dtype)}
+        return {"text": tokens, "text_mask": mask}
 
     def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[Tensor, dict[str, Any]]:
         """``(x0 [B, F + N, C, h, w], model kwargs)`` for a batch; stills drawn in training when ``use_image_num``."""
@@ -892,10 +1439,12 @@ class Latte(L.LightningModule):
             texts = list(batch.get("text") or [])
             if len(texts) != b:
                 raise ValueError(f"condition='text' needs batch['text'] with {b} captions, got {len(texts)}")
-            kwargs["text"] = self._captions(texts, drop=train)
+            kwargs.update(self._captions(texts, drop=train))
             if n:
-                flat = [texts[i] for i in clip.flatten().tolist()]
-                kwargs["text_image"] = rearrange(self._captions(flat, drop=train), "(b n) d -> b n d", b=b)
+                flat = self._captions([texts[i] for i in clip.flatten().tolist()], drop=train)
+                kwargs["text_image"] = rearrange(flat["text"], "(b n) l d -> b n l d", b=b)
+                if "text_mask" in flat:
+                    kwargs["text_image_mask"] = rearrange(flat["text_mask"], "(b n) l -> b n l", b=b)
         return z, kwargs
 
     # -- training ----------------------------------------------------------------------------------------------------
@@ -960,7 +1509,7 @@ class Latte(L.LightningModule):
             texts = list((batch or {}).get("text") or [])[:n]
             if len(texts) != n:
                 raise ValueError(f"a text-conditional Latte samples from captions: pass batch['text'] with {n} strings")
-            return {"text": self._captions(texts, drop=False)}, {"text": self._captions([""] * n, drop=False)}
+            return self._captions(texts, drop=False), self._captions([""] * n, drop=False)
         return {}, {}
 
     @torch.no_grad()
@@ -1023,15 +1572,31 @@ def _square(resolution: int | list[int] | tuple[int, int]) -> int:
 
 
 def _network_kwargs(a: Mapping[str, Any]) -> dict[str, Any]:
-    """LatteConfig fields from the LightningModule's arguments (size table + overrides)."""
+    """LatteConfig fields from the LightningModule's arguments (size table + overrides); for family 'pixart' with a
+    diffusers ``init_from`` directory, the shape comes from its config.json (explicit arguments must agree)."""
     depth, hidden, heads = LATTE_SIZES[a["size"]]
-    return dict(
+    net = dict(
         patch_size=a["patch_size"], hidden_size=a["hidden_size"] or hidden, depth=a["depth"] or depth,
         num_heads=a["num_heads"] or heads, mlp_ratio=a["mlp_ratio"], variant=a["variant"],
         patch_embedding=a["patch_embedding"], tube_stride=a["tube_stride"], conditioning=a["conditioning"],
         condition=a["condition"], num_classes=a["num_classes"], class_dropout_prob=a["class_dropout_prob"],
-        temporal_pos=a["temporal_pos"], learn_sigma=a["learn_sigma"],
+        temporal_pos=a["temporal_pos"], learn_sigma=a["learn_sigma"], family=a["family"],
     )
+    source = a.get("init_from")
+    if a["family"] == "pixart" and source and os.path.isdir(source) and a.get("init_kind") in ("auto", "diffusers"):
+        folder = diffusers_dir(source)
+        with open(os.path.join(folder, "config.json")) as f:
+            theirs = latte_kwargs_from_diffusers(json.load(f), f"{folder}/config.json")
+        given = {"depth": a["depth"], "hidden_size": a["hidden_size"], "num_heads": a["num_heads"],
+                 "patch_size": a["patch_size"], "learn_sigma": a["learn_sigma"]}
+        clash = [f"{k}={v!r} (checkpoint: {theirs[k]!r})" for k, v in given.items() if v is not None and v != theirs[k]]
+        if clash:
+            raise LatteConfigError(f"model arguments disagree with {folder}/config.json: {', '.join(clash)}; remove "
+                                   "them (the checkpoint's config.json sets the shape)")
+        for k in ("input_size", "num_frames", "in_channels", "condition"):  # from the data, the VAE, the arguments
+            theirs.pop(k)
+        net.update(theirs)
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------------------------

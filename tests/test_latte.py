@@ -241,8 +241,11 @@ def test_official_checkpoint_loads_strictly_prefers_ema_and_aliases_time_embed(t
         net.load_pretrained(extra, kind="latte")
 
 
-def _reference_v1(sd: dict, x, t, y, d: int, heads: int, p: int):
-    """Latte V1 forward written out with plain tensor ops from spec §1.2 (one spatial + one temporal block)."""
+def _reference_v1(sd: dict, x, t, y, d: int, heads: int, p: int, text=None):
+    """Latte V1 forward written out with plain tensor ops from spec §1.2 (every spatial + temporal block pair).
+
+    ``y``: class labels (c = t_emb + y_emb everywhere). ``text``: the official ``extras=78`` path instead:
+    c = t_emb + Linear(SiLU(text.reshape(B, -1))) in the blocks, and the final layer modulated by t_emb alone."""
     B, Fr, C, H, W = x.shape
     g = H // p
     S = g * g
@@ -265,13 +268,21 @@ def _reference_v1(sd: dict, x, t, y, d: int, heads: int, p: int):
     tok = tok.flatten(2).transpose(1, 2) + sd["pos_embed"]
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
     tf = torch.cat([torch.cos(t.float()[:, None] * freqs), torch.sin(t.float()[:, None] * freqs)], dim=1)
-    c = lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    t_emb = lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    if text is not None:
+        c, c_final = t_emb + lin(F.silu(text.reshape(B, -1)), "text_embedding_projection.1"), t_emb
+    else:
+        c = c_final = t_emb + sd["y_embedder.embedding_table.weight"][y]
     c_spatial, c_temporal = c.repeat_interleave(Fr, 0), c.repeat_interleave(S, 0)
-    tok = block(tok, c_spatial, "blocks.0.")
-    tok = tok.reshape(B, Fr, S, d).permute(0, 2, 1, 3).reshape(B * S, Fr, d) + sd["temp_embed"]
-    tok = block(tok, c_temporal, "blocks.1.")
-    tok = tok.reshape(B, S, Fr, d).permute(0, 2, 1, 3).reshape(B * Fr, S, d)
-    shift, scale = lin(F.silu(c_spatial), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(0, n_blocks, 2):
+        tok = block(tok, c_spatial, f"blocks.{i}.")
+        tok = tok.reshape(B, Fr, S, d).permute(0, 2, 1, 3).reshape(B * S, Fr, d)
+        if i == 0:
+            tok = tok + sd["temp_embed"]
+        tok = block(tok, c_temporal, f"blocks.{i + 1}.")
+        tok = tok.reshape(B, S, Fr, d).permute(0, 2, 1, 3).reshape(B * Fr, S, d)
+    shift, scale = lin(F.silu(c_final.repeat_interleave(Fr, 0)), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
     out = lin(F.layer_norm(tok, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")
     out = torch.einsum("nhwpqc->nchpwq", out.reshape(B * Fr, g, g, p, p, -1)).reshape(B * Fr, -1, H, W)
     return out.reshape(B, Fr, -1, H, W)
@@ -411,7 +422,8 @@ def test_image_video_joint_training_step_and_generate(tmp_path):
 
 def test_text_conditional_latte_with_open_clip_tiny_tower():
     model = Latte(**{**LM, "condition": "text", "cfg_scale": 2.0, "use_image_num": 1})
-    assert model.model.text_embedding_projection[1].in_features == model.text_encoder.pooled_dim
+    enc = model.text_encoder  # official extras=78: the flattened token states (77 x width), not a pooled vector
+    assert model.model.text_embedding_projection[1].in_features == enc.max_length * enc.token_dim == 77 * 32
     batch = {"video": torch.rand(2, 3, 4, 16, 16) * 2 - 1, "text": ["a red square", "a blue circle"],
              "label": torch.tensor([-1, -1])}
     loss = model.training_step(batch, 0)
@@ -471,9 +483,9 @@ def test_recipes_name_real_arguments(path):
     assert set(model_args) <= set(inspect.signature(Latte.__init__).parameters)
     assert set(data_args) <= set(inspect.signature(VideoDataModule.__init__).parameters)
     assert data_args["num_frames"] == (8 if path.stem.endswith("_tiny") else 16)
-    if not path.stem.endswith("_tiny"):  # official data settings (§1.11)
-        assert (data_args["frame_stride"], data_args["resolution"]) == (3, 256)
-        assert data_args["flip"] == (path.stem not in ("sky", "t2v"))
+    if not path.stem.endswith("_tiny"):  # official data settings (§1.11); Latte-1 was released at 512 px
+        assert (data_args["frame_stride"], data_args["resolution"]) == (3, 512 if path.stem == "t2v_latte1" else 256)
+        assert data_args["flip"] == (path.stem not in ("sky", "t2v", "t2v_latte1"))
     linked = {k: data_args[k] for k in ("num_frames", "resolution")}
     if path.stem.endswith("_tiny"):
         model = Latte(**model_args, **linked)  # builds (pixel stand-in VAE, random tiny text tower)

@@ -99,3 +99,15 @@ def test_config_errors():
         build_text_encoder(kind="hf", path=os.path.join("no", "such", "dir"))
     with pytest.raises(ValueError, match="unknown text_encoder keys"):
         build_text_encoder({"kind": "minilm", "bogus": 1})
+
+
+def test_hf_encoder_from_a_diffusers_pipeline_layout(tmp_path, minilm):
+    """``<pipeline>/text_encoder`` holds the weights, ``<pipeline>/tokenizer`` the tokenizer (Latte-1, SD)."""
+    src = minilm_model_dir()
+    for sub, names in (("text_encoder", ("config.json", "model.safetensors")),
+                       ("tokenizer", ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"))):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            (tmp_path / sub / name).symlink_to(src / name)
+    enc = build_text_encoder(kind="hf", path=str(tmp_path / "text_encoder"), max_length=16)
+    torch.testing.assert_close(enc(["a cat"]).tokens[:, :4], minilm(["a cat"]).tokens[:, :4], rtol=1e-4, atol=1e-4)

