@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_latte import _reference_v1, official_shapes  # tests/ is on sys.path (conftest.py)
+from test_latte import _reference_v1, official_shapes, randomize  # tests/ is on sys.path (conftest.py)
 
 from vidgen.lightning_modules.latte import (
     Latte,
@@ -19,16 +19,6 @@ from vidgen.lightning_modules.latte import (
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
-
-
-def randomize(net: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Random values for every trainable weight (zero-inits included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return net.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -82,6 +72,9 @@ PIX = dict(family="pixart", condition="text", input_size=8, patch_size=2, in_cha
            num_heads=2, num_frames=3, text_dim=12)
 
 
+TOL = dict(rtol=1e-4, atol=1e-4)  # the same math through differently shaped (masked / batched) attention calls
+
+
 def pixart(**kw) -> LattePixArtTransformer:
     return LattePixArtTransformer(LatteConfig(**{**PIX, **kw}))
 
@@ -98,21 +91,22 @@ def test_pixart_fresh_model_predicts_zeros_and_config_errors():
 
 
 def test_pixart_caption_mask_equals_dropping_the_padded_tokens_and_stills_bypass_time():
-    net = randomize(pixart())
+    net = randomize(pixart(), std=0.2)
     x, t = torch.randn(2, 5, 4, 8, 8), torch.tensor([3, 600])
     text, n = torch.randn(2, 7, 12), torch.tensor([4, 7])
     mask = torch.arange(7)[None] < n[:, None]
     with torch.no_grad():
         masked = net(x[:, :3], t, text=text, text_mask=mask)
         for b in range(2):  # = diffusers' single-prompt pipeline, which cuts the caption at its length
-            torch.testing.assert_close(masked[b:b + 1], net(x[b:b + 1, :3], t[b:b + 1], text=text[b:b + 1, : n[b]]))
+            cut = net(x[b:b + 1, :3], t[b:b + 1], text=text[b:b + 1, : n[b]])
+            torch.testing.assert_close(masked[b:b + 1], cut, **TOL)
         # two stills after three video frames: each still is conditioned by its own caption and skips time
         text_img = torch.randn(2, 2, 7, 12)
         joint = net(x, t, text=text, text_image=text_img, use_image_num=2)
-        torch.testing.assert_close(joint[:, :3], net(x[:, :3], t, text=text))
+        torch.testing.assert_close(joint[:, :3], net(x[:, :3], t, text=text), **TOL)
         for j in range(2):
             alone = net(x[:, 3 + j:4 + j], t, text=text_img[:, j], temporal=False)
-            torch.testing.assert_close(joint[:, 3 + j:4 + j], alone)
+            torch.testing.assert_close(joint[:, 3 + j:4 + j], alone, **TOL)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
