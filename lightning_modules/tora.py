@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -115,7 +115,6 @@ class TrajectoryExtractor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, motion_latent: Tensor) -> list[Tensor]:
-        b = motion_latent.shape[0]
         x = rearrange(motion_latent, "b c t h w -> (b t) c h w")
         p = self.config.patch_size
         if x.shape[-1] % p or x.shape[-2] % p:
@@ -125,7 +124,6 @@ class TrajectoryExtractor(nn.Module):
         for level in self.levels:
             f = level(f)  # each ResnetBlock adds its input: f_i = Conv^i(f_{i-1}) + f_{i-1}
             out.append(f)
-        del b
         return out
 
 
@@ -301,7 +299,7 @@ class Tora(STDiT):
         **kwargs: Any,
     ):
         self._check_tora_args(motion_mode, max_tracks, track_stride, gaussian_size, gaussian_sigma, motion_dropout,
-                              fuser, extractor)
+                              fuser, extractor, trajectory_file, first_frame)
         super().__init__(**kwargs)
         d = self.config.hidden_size
         self.fuser_config = FuserConfig(**(fuser or {}))
@@ -337,7 +335,7 @@ class Tora(STDiT):
 
     @staticmethod
     def _check_tora_args(motion_mode, max_tracks, track_stride, gaussian_size, gaussian_sigma, motion_dropout,
-                         fuser, extractor) -> None:
+                         fuser, extractor, trajectory_file=None, first_frame=None) -> None:
         if motion_mode not in MOTION_MODES:
             raise ToraConfigError(f"motion_mode={motion_mode!r} is not one of {MOTION_MODES}; dense (flow) is stage 1, "
                                   "sparse (trajectories) stage 2 (§4.6)")

@@ -318,4 +318,49 @@ def test_datamodule_carries_trajectories_and_flow_through_the_clip(tmp_path):
         torch.testing.assert_close(torch.stack([cx, cy], -1), b["trajectories"][i, 0], atol=0.6, rtol=0)
         step = b["trajectories"][i, 0, 1] - b["trajectories"][i, 0, 0]  # 2 source frames per clip frame
         torch.testing.assert_close(b["flow"][i, :, :, 5, 5], step.expand(7, 2), atol=1e-2, rtol=0)
-    assert dm.data_counters().get("no_motion", 0) >= 1 if hasattr(dm, "data_counters") else True
+    from vidgen.datamodules.decode import SkipSample, decode_sample
+
+    with pytest.raises(SkipSample) as e:  # a clip without trajectories is skipped (counted as no_motion)
+        decode_sample("plain", {"mp4": media.encode_video(frames, 8.0, layout="thwc")}, dm.spec, None)
+    assert e.value.reason == "no_motion"
+
+
+def test_trajectories_tool_filters_tracks_and_reports(tmp_path):
+    """`vidgen trajectories`: a moving clip keeps traj.npy / flow.npy (read without pickle), a static clip is removed
+    by the flow-score filter and an undecodable one is reported; the counts land in index.json."""
+    import io
+    import json
+    import tarfile
+
+    from vidgen import media
+    from vidgen.demo_data import render_moving_shape
+    from vidgen.shards import ShardWriter
+    from vidgen.trajectories import build_parser, run
+
+    writer = ShardWriter(str(tmp_path / "in"), "clips")
+    moving, _ = render_moving_shape("circle", "red", "right", np.random.default_rng(0), size=64, frames=9, noisy=True)
+    writer.write("moving", {"mp4": media.encode_video(moving, 8.0, layout="thwc", crf=10)})
+    writer.write("static", {"mp4": media.encode_video(np.repeat(moving[:1], 9, 0), 8.0, layout="thwc", crf=10)})
+    writer.write("broken", {"mp4": b"not a video"})
+    writer.close()
+    args = build_parser().parse_args(["--shards", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                                      "--flow-size", "64", "--min-flow-score", "0.05", "--write-flow",
+                                      "--stride", "8", "--no-progress"])
+    res = run(args)
+    assert res["kept"] == 1 and res["removed"] == {"static": 1, "unreadable": 1}
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert {s["reason"]: s["count"] for s in index["skipped"]} == {"static": 1, "unreadable": 1}
+    tar = next((tmp_path / "out").glob("*.tar"))
+    with tarfile.open(tar) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    traj = np.load(io.BytesIO(members["moving.traj.npy"]), allow_pickle=False)
+    flow = np.load(io.BytesIO(members["moving.flow.npy"]), allow_pickle=False)
+    assert traj.shape[1:] == (9, 2) and 1 <= traj.shape[0] <= 16 and flow.shape == (8, 2, 64, 64)
+    meta = json.loads(members["moving.json"])
+    assert meta["motion"]["flow_score"] > 0.05 and meta["motion"]["num_tracks"] == traj.shape[0]
+    # same seed, same tracks
+    args.out, args.overwrite = str(tmp_path / "out2"), False
+    run(args)
+    with tarfile.open(next((tmp_path / "out2").glob("*.tar"))) as tf:
+        again = np.load(io.BytesIO(tf.extractfile("moving.traj.npy").read()), allow_pickle=False)
+    np.testing.assert_array_equal(traj, again)
