@@ -1092,7 +1092,8 @@ class VideoPoet(L.LightningModule):
         batch = dict(batch or {})
         name = task or batch.get("task") or c.sample_task or ("t2v" if "t2v" in c.tasks else next(iter(c.tasks)))
         layout = get_layout(name if isinstance(name, str) else name[0])
-        n = num_samples or len(batch.get("text") or batch.get("video") or batch.get("tokens") or []) or c.num_samples
+        n = num_samples or next((len(batch[k]) for k in ("text", "video", "tokens", "text_emb")
+                                 if batch.get(k) is not None and len(batch[k])), c.num_samples)
         if layout.text == "required" and not batch.get("text") and batch.get("text_emb") is None:
             batch["text"] = (list(c.predict_prompts or []) or [""]) * n
             batch["text"] = batch["text"][:n]

@@ -251,3 +251,27 @@ def test_tiny_lm_overfits_and_reproduces_a_memorised_sequence():
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
     out = m.sample("t2v", 4, (2, 2, 2), batch=batch, temperature=0.0)
     assert torch.equal(out["tokens"], tokens)
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+def test_predict_contract_i2v_forcing_and_long_video_with_a_causal_tokenizer():
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    tok = VideoTokenizer(arch=dict(kind="magvit2", filters=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                                   norm_groups=4, temporal_downsample=(True,)),
+                         bottleneck=dict(kind="lfq", codebook_size=16, dim=None), num_frames=5, resolution=8,
+                         inference_only=True).eval()
+    m = _vp(tasks={"uncond": 1.0, "i2v": 1.0, "fp": 1.0}, num_frames=5, resolution=8, durations=[5],
+            predict_task="i2v", extend_steps=3)
+    m.attach_tokenizer(tok)
+    video = torch.rand(2, 3, 5, 8, 8) * 2 - 1
+    out = m.predict_step({"video": video, "key": ["a", "b"]}, 0)
+    assert set(out) >= {"videos", "keys", "captions", "cond_videos"} and out["keys"] == ["a", "b"]
+    # 5 frames, then 3 rounds of "re-tokenise the last frame, predict the next 4": 17 >= 3x the trained length
+    assert out["videos"].shape == (2, 3, 17, 8, 8) and out["videos"].abs().max() <= 1
+    # I2V forces the first frame: its tokens in the sample are the condition's (causal: frame 0 encoded alone)
+    first = m.encode_condition(video[:, :, :1], 1)
+    torch.testing.assert_close(first, tok.encode(video[:, :, :1]))
+    s = m.sample("i2v", 2, (3, 4, 4), given_tokens=first, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s["tokens"][:, :1], first)

@@ -8,6 +8,10 @@ extended from a T2V sample by re-tokenising its last frames (§2.9), at least 3x
 
 Writes ``<out>/videopoet/{t2v,i2v,fp}/samples.{npz,png,mp4}`` (through ``report_samples``), ``long_video.{mp4,png}``,
 ``loss.txt`` and ``videopoet_tiny.pt``.
+
+The demo tokenizer is MAGVIT's tiny 3D-VQ (not causal; temporal factor 2), so "the first frame" of I2V is the first
+latent frame (2 frames) and condition frames are re-tokenised edge-padded to the clip length (MAGVIT's FP padding);
+with the causal MAGVIT-v2 tokenizer (configs/videopoet/tokenizer_lfq*.yaml) both are exact.
 """
 
 from __future__ import annotations
