@@ -38,7 +38,7 @@ def _snapshot(run) -> dict:
 
 def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     probe_config(tmp_path / "p.yaml", shards, steps=3, val_shards=shards)
-    p = run_cli(["fit", "--config", "p.yaml", "--checkpoint_every_n_steps", "2"], cwd=tmp_path)
+    p = run_cli(["fit", "--config", "p.yaml", "--checkpoint_every_n_steps", "2"], cwd=tmp_path, timeout=900)
     run0, run1 = tmp_path / "runs/p", tmp_path / "runs/p-v1"
     # last.ckpt is the final state (step 3), not the last periodic save (step 2)
     assert _step(run0 / "checkpoints/last.ckpt") == 3 and _step(run0 / "checkpoints/step00000002.ckpt") == 2
@@ -49,7 +49,7 @@ def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     before = _snapshot(run0)
 
     # a fresh run with the same name: a new version, the first one untouched
-    p = run_cli(["fit", "--config", "p.yaml", "--checkpoint_every_n_steps", "2"], cwd=tmp_path)
+    p = run_cli(["fit", "--config", "p.yaml", "--checkpoint_every_n_steps", "2"], cwd=tmp_path, timeout=900)
     assert str(run1) in p.stdout and _snapshot(run0) == before
     assert _step(run1 / "checkpoints/last.ckpt") == 3
 
@@ -59,7 +59,7 @@ def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     (run0 / "checkpoints/last.ckpt.tmp-999-dead").write_bytes(b"x" * 100)
     data = (run1 / "checkpoints/last.ckpt").read_bytes()
     (run1 / "checkpoints/last.ckpt").write_bytes(data[: len(data) // 2])
-    p = run_cli(["fit", "--config", "p.yaml", "--ckpt_path", "last", "--trainer.max_steps", "4"], cwd=tmp_path)
+    p = run_cli(["fit", "--config", "p.yaml", "--ckpt_path", "last", "--trainer.max_steps", "4"], cwd=tmp_path, timeout=900)
     assert f"resuming from {run1}/checkpoints/step00000002.ckpt" in p.stdout
     assert "last.ckpt is unreadable" in p.stdout and "step00000002.ckpt" in p.stdout
     assert not (run1 / "checkpoints/last.ckpt.tmp-999-dead").exists()
@@ -69,10 +69,10 @@ def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     before0, before1 = _snapshot(run0), _snapshot(run1)
 
     # validate and predict write into their own subfolders of the latest run and touch none of its files
-    p = run_cli(["validate", "--config", "p.yaml", "--ckpt_path", "last"], cwd=tmp_path)
+    p = run_cli(["validate", "--config", "p.yaml", "--ckpt_path", "last"], cwd=tmp_path, timeout=900)
     assert f"resuming from {run1}/checkpoints/last.ckpt" in p.stdout
     p = run_cli(["predict", "--config", "p.yaml", "--ckpt_path", "last",
-                 "--data.init_args.predict_shards", shards], cwd=tmp_path)
+                 "--data.init_args.predict_shards", shards], cwd=tmp_path, timeout=900)
     after1 = _snapshot(run1)
     assert {k: v for k, v in after1.items() if not k.startswith(("validate/", "predict/"))} == before1
     assert _snapshot(run0) == before0
@@ -85,7 +85,7 @@ def test_stacked_interpolation_and_print_config_shows_linked_values(tmp_path, sh
     with open(tmp_path / "over.yaml", "w") as f:  # refers to values only the first config sets
         yaml.safe_dump({"trainer": {"max_steps": "${data.init_args.num_frames}"},
                         "data": {"init_args": {"resolution": 8}}}, f)
-    p = run_cli(["fit", "--config", "base.yaml", "--config", "over.yaml", "--print_config"], cwd=tmp_path)
+    p = run_cli(["fit", "--config", "base.yaml", "--config", "over.yaml", "--print_config"], cwd=tmp_path, timeout=900)
     cfg = yaml.safe_load(p.stdout)
     assert cfg["trainer"]["max_steps"] == 4
     assert cfg["model"]["init_args"]["num_frames"] == 4 and cfg["model"]["init_args"]["resolution"] == 8

@@ -30,7 +30,7 @@ def test_process_group_signal_saves_and_exits_0(tmp_path, shards, signame, worke
     keys = str(tmp_path / "keys")
     killer = [{"class_path": "killer.SignalAtStep", "init_args": {"step": 3, "signame": signame, "group": True}}]
     probe_config(tmp_path / "g.yaml", shards, steps=50, workers=workers, batch=1, keys_log=keys, callbacks=killer)
-    p = run_cli(["fit", "--config", "g.yaml"], cwd=tmp_path, check=False, new_session=True)
+    p = run_cli(["fit", "--config", "g.yaml"], cwd=tmp_path, check=False, new_session=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]  # before the fix: exit 1, "DataLoader worker ... killed by signal"
     assert "killed by signal" not in p.stderr and "preempted: saved" in p.stdout
     assert _step_of(tmp_path / "runs/g/checkpoints/last.ckpt") == 3 == len(StreamProbe.read_keys(keys))
@@ -51,7 +51,7 @@ def test_signal_during_validation_stops_it_and_resumes(tmp_path, shards):
     keys = str(tmp_path / "keys")
     probe_config(tmp_path / "v.yaml", shards, steps=6, workers=2, keys_log=keys, callbacks=killer, val_shards=shards,
                  extra_trainer=extra)
-    p = run_cli(["fit", "--config", "v.yaml"], cwd=tmp_path, check=False, new_session=True)
+    p = run_cli(["fit", "--config", "v.yaml"], cwd=tmp_path, check=False, new_session=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "preempted during validation" in p.stdout
     # the validation after step 2 has 4 batches of >= 1 s each; it stopped after the one in flight
@@ -59,7 +59,7 @@ def test_signal_during_validation_stops_it_and_resumes(tmp_path, shards):
     assert _step_of(tmp_path / "runs/v/checkpoints/last.ckpt") == 2 == len(StreamProbe.read_keys(keys))
     probe_config(tmp_path / "r.yaml", shards, steps=6, workers=2, keys_log=keys, val_shards=shards,
                  extra_trainer=extra)
-    p = run_cli(["fit", "--config", "r.yaml", "--name", "v", "--ckpt_path", "last"], cwd=tmp_path)
+    p = run_cli(["fit", "--config", "r.yaml", "--name", "v", "--ckpt_path", "last"], cwd=tmp_path, timeout=900)
     assert "resuming from" in p.stdout
     assert _step_of(tmp_path / "runs/v/checkpoints/last.ckpt") == 6
     got = StreamProbe.read_keys(keys)
