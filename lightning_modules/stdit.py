@@ -257,25 +257,22 @@ class STDiT3Block(nn.Module):
             raise ValueError(f"STDiT3Block needs T and S with T*S = {x.shape[1]} tokens, got T={T}, S={S}")
         mods = _frame_modulation(self.scale_shift_table, t_mlp, x_mask, t0_mlp).to(x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(-2)  # each [B, T|1, 1, d]
-        x = rearrange(x, "b (t s) d -> b t s d", t=T)
+        grid = (lambda v: rearrange(v, "b (t s) d -> b t s d", t=T))  # modulation is per frame
+        flat = (lambda v: rearrange(v, "b t s d -> b (t s) d"))
 
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
+        x_m = t2i_modulate(self.norm1(grid(x)), shift_msa, scale_msa)
         if self.fuser is not None and motion is not None:
-            x_m = self.fuser(rearrange(x_m, "b t s d -> b (t s) d"), motion, T=T, S=S)
-            x_m = rearrange(x_m, "b (t s) d -> b t s d", t=T)
+            x_m = grid(self.fuser(flat(x_m), motion, T=T, S=S))
         if self.temporal:
             x_m = rearrange(self.attn(rearrange(x_m, "b t s d -> (b s) t d"), rope=rope), "(b s) t d -> b t s d", t=T, s=S)
         else:
             x_m = rearrange(self.attn(rearrange(x_m, "b t s d -> (b t) s d")), "(b t) s d -> b t s d", t=T, s=S)
-        x = x + gate_msa * x_m
+        x = x + flat(gate_msa * x_m)  # out of place throughout: the block never returns a view (FSDP2 hooks)
 
-        x = rearrange(x, "b t s d -> b (t s) d")
         x = x + self.cross_attn(x, y, mask)
-        x = rearrange(x, "b (t s) d -> b t s d", t=T)
 
-        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp * self.mlp(x_m)
-        return rearrange(x, "b t s d -> b (t s) d")
+        x_m = t2i_modulate(self.norm2(grid(x)), shift_mlp, scale_mlp)
+        return x + flat(gate_mlp * self.mlp(x_m))
 
 
 class T2IFinalLayer(nn.Module):

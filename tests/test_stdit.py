@@ -577,3 +577,21 @@ def test_causal_vae_micro_chunks_17_frames_to_5_latents(tmp_path):
     with torch.no_grad():  # each 17-frame chunk is coded on its own
         torch.testing.assert_close(z[:, :, 5:], tok.encode(video[:, :, 17:], sample=False))
     assert vae.decode(z).shape == video.shape
+
+
+def test_recipes_validate_before_any_work():
+    from pathlib import Path
+
+    import yaml
+
+    from vidgen.datamodules.buckets import BucketConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "stdit"
+    tiny = yaml.safe_load((root / "t2v_tiny.yaml").read_text())
+    STDiT.validate_config(tiny["model"]["init_args"])
+    full = yaml.safe_load((root / "t2v.yaml").read_text())
+    with pytest.raises(STDiTConfigError, match="pretrained/t5-v1_1-xxl|runs/stdit_vae"):  # local files, named
+        STDiT.validate_config(full["model"]["init_args"])
+    buckets = BucketConfig(full["data"]["init_args"]["bucket_config"])
+    b = buckets.assign(60, 144, 256, seed=(0,))  # only 144p is small enough; 60 frames > 51 kept with p = 1
+    assert (b.resolution, b.frames, b.batch_size) == ("144p", 51, 51)
