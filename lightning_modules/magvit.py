@@ -19,9 +19,10 @@ Reading order, as in the paper:
 Choices made explicitly (spec Part 7 and [unverified] items):
 - Pixel padding for OPD / IPC / IPD is the constant ``pad_value`` = −1 in our [−1, 1] pixels, i.e. 0 in the
   [0, 1] pixels the MAGVIT code pads with.
-- The latent condition mask always follows ``ispad`` on the tokenizer's grid, for every task (the released code
-  hard-codes a latent stripe ``linspace(0, 8, 4)`` for the dynamic tasks; ispad marks every supervoxel a stripe
-  touches).
+- The latent condition mask follows ``ispad`` on the tokenizer's grid, for every task (``latent_mask: paper``, the
+  default: a supervoxel is given when any of its pixels is). ``latent_mask: official`` reproduces the released
+  configs: for the dynamic tasks OPD / IPD the stripe is drawn again at latent resolution (``linspace(0, 8, 4)`` on
+  the 4x16x16 grid), which marks fewer supervoxels given than ispad where the pixel stripe straddles them.
 - GELU is the tanh approximation (flax ``nn.gelu`` default) unless ``act: gelu``.
 - With ``class_dropout_prob > 0`` (CFG, not in MAGVIT v1) a dropped sample loses its whole condition: UNCOND
   class, FULL_GENERATION task token and no interior condition — exactly the unconditional decoding pass.
@@ -279,6 +280,21 @@ def latent_condition_mask(given: Tensor, token_shape: tuple[int, int, int], caus
     return torch.einsum("Tt,Thw->thw", onehot, per_frame) > 0
 
 
+#: ``latent_mask`` rules: ``paper`` = ¬ispad above for every task (default); ``official`` = the released code's rule
+#: for the dynamic tasks OPD / IPD: the moving stripe is drawn again on the latent grid (``w₀(t') =
+#: round(linspace(0, w/2, t))[t']``, i.e. ``linspace(0, 8, 4)`` for the 4x16x16 grid), not derived from the pixels.
+LATENT_MASK_RULES = ("paper", "official")
+DYNAMIC_REGIONS = ("dynamic_vertical", "inpaint_dynamic")
+
+
+def official_latent_mask(task: Task, token_shape: tuple[int, int, int]) -> Tensor:
+    """The released code's latent condition of OPD / IPD, bool ``[t, h, w]``: the task's region at latent resolution
+    (the stripe re-drawn with ``linspace(0, w/2, t)``; rounding as the pixel stripe's, [unverified] in the release)."""
+    if task.region not in DYNAMIC_REGIONS:
+        raise ValueError(f"the official latent rule differs from ispad only for OPD / IPD, not {task.name}")
+    return _region(task.region, *token_shape, 1)
+
+
 # ====================================================================================================================
 # §2.3 COMMIT
 # ====================================================================================================================
@@ -468,6 +484,7 @@ class MagvitConfig:
     mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine"
     class_dropout_prob: float = 0.0
     inpainting_token_fix: bool = False
+    latent_mask: Literal["paper", "official"] = "paper"   # OPD/IPD latent condition: ispad (paper) | re-drawn stripe
     pad_value: float = -1.0
     decode_steps: int = 12
     temperature: float = 1.0
@@ -491,6 +508,8 @@ class MagvitConfig:
             raise MagvitConfigError(f"size must be one of {list(MAGVIT_SIZES)}, got {self.size!r}")
         if not self.tasks:
             raise MagvitConfigError(f"tasks must name at least one task; allowed: {', '.join(TASKS)}")
+        if self.latent_mask not in LATENT_MASK_RULES:
+            raise MagvitConfigError(f"latent_mask must be one of {LATENT_MASK_RULES}, got {self.latent_mask!r}")
         for name in list(self.tasks) + [n for n in (self.sample_task, self.predict_task) if n]:
             get_task(name)
         if self.sample_task and self.sample_task not in self.tasks:
@@ -602,6 +621,7 @@ class MaskedVideoTransformer(L.LightningModule):
         mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine",
         class_dropout_prob: float = 0.0,
         inpainting_token_fix: bool = False,
+        latent_mask: Literal["paper", "official"] = "paper",
         pad_value: float = -1.0,
         decode_steps: int = 12,
         temperature: float = 1.0,
@@ -740,7 +760,10 @@ class MaskedVideoTransformer(L.LightningModule):
         frames = c.interpolation_frames if task.name == "FI" else c.condition_frames
         cond_video, given = task.condition_video(video.to(self.device), frames, c.pad_value)
         z_cond = self.encode(cond_video)
-        lat = latent_condition_mask(given, self.token_grid, _tokenizer_causal(self._need_tokenizer()))
+        if c.latent_mask == "official" and task.region in DYNAMIC_REGIONS:
+            lat = official_latent_mask(task, self.token_grid)
+        else:
+            lat = latent_condition_mask(given, self.token_grid, _tokenizer_causal(self._need_tokenizer()))
         return z_cond, repeat(lat.flatten(), "n -> b n", b=video.shape[0]), cond_video, given
 
     def prefix(self, task: Task, labels: Tensor | None, batch_size: int, drop: Tensor | None = None) -> Tensor:

@@ -27,7 +27,7 @@ def test_lpips_loads_local_backbone_and_package_heads(vgg_file):
     net = loss._net[0]
     sd = torch.load(vgg_file)
     assert torch.equal(net.net.slice3._modules["10"].weight, sd["features.10.weight"])  # backbone from the file
-    heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights/v0.1/vgg.pth"))
+    heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights/v0.1/vgg.pth"), map_location="cpu")
     assert torch.equal(net.lin0.model[-1].weight, heads["lin0.model.1.weight"])  # heads from the package
     assert not list(loss.parameters()) and not any("net" in k for k in loss.state_dict())
 

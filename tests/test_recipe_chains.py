@@ -99,6 +99,7 @@ def test_tiny_chain_fits_together(stage1, stage2, tmp_path):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.timeout(1500)  # four CLI processes (about 2 minutes on a quiet 2-core machine)
 def test_ucf101_chain_through_the_cli(tmp_path):
     """README: `vidgen fit tokenizer_ucf101_tiny` then `vidgen fit ucf101_cg_tiny`, then predict 1 clip of class 3
     (tiny steps).  Predict without input exits 2 naming the options."""

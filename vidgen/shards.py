@@ -8,7 +8,8 @@ when a label is given).  Shards are ``{prefix}-{000000}.tar`` beside an ``index.
 Videos are copied byte-for-byte unless cutting/resizing/resampling is asked for; then each clip is decoded (resized at
 decode time) and re-encoded to mp4 with PyAV (libx264 when the wheel has it, else mpeg4).  ``--scene-cuts`` first
 splits a video where consecutive downscaled frames differ strongly (colour-histogram and mean-absolute-difference
-thresholds; see ``detect_scene_cuts``), so no clip straddles a cut.
+thresholds; see ``detect_scene_cuts``), so no clip straddles a cut.  Hard cuts only: cross-fades are not detected
+(compared with PySceneDetect's content/adaptive detectors in ``benchmarks/scene_cuts.py``; this one scored higher).
 
 Keys are ``{input index:06d}_{file stem}`` (``_{clip:04d}`` appended when cutting): deterministic, unique, dot-free.
 Unreadable inputs are skipped, listed at the end and in ``index.json`` under ``"skipped"``.
