@@ -65,9 +65,14 @@ def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     assert not (run1 / "checkpoints/last.ckpt.tmp-999-dead").exists()
     assert (run0 / "checkpoints/last.ckpt.tmp-999-dead").exists()
     assert _step(run1 / "checkpoints/last.ckpt") == 4
-    (run0 / "checkpoints/last.ckpt.tmp-999-dead").unlink()
-    before0, before1 = _snapshot(run0), _snapshot(run1)
 
+
+def test_validate_and_predict_leave_the_training_run_untouched(tmp_path, shards):
+    probe_config(tmp_path / "p.yaml", shards, steps=2, val_shards=shards)
+    run_cli(["fit", "--config", "p.yaml"], cwd=tmp_path, timeout=900)
+    run_cli(["fit", "--config", "p.yaml", "--trainer.max_steps", "3"], cwd=tmp_path, timeout=900)
+    run0, run1 = tmp_path / "runs/p", tmp_path / "runs/p-v1"
+    before0, before1 = _snapshot(run0), _snapshot(run1)
     # validate and predict write into their own subfolders of the latest run and touch none of its files
     p = run_cli(["validate", "--config", "p.yaml", "--ckpt_path", "last"], cwd=tmp_path, timeout=900)
     assert f"resuming from {run1}/checkpoints/last.ckpt" in p.stdout
@@ -77,7 +82,7 @@ def test_versions_resume_fallback_and_eval_subfolders(tmp_path, shards):
     assert {k: v for k, v in after1.items() if not k.startswith(("validate/", "predict/"))} == before1
     assert _snapshot(run0) == before0
     assert any(k.startswith("validate/") for k in after1) and (run1 / "predict/config.yaml").exists()
-    assert yaml.safe_load(open(run1 / "config.yaml"))["trainer"]["max_steps"] == 4  # the training config
+    assert yaml.safe_load(open(run1 / "config.yaml"))["trainer"]["max_steps"] == 3  # the training config
 
 
 def test_stacked_interpolation_and_print_config_shows_linked_values(tmp_path, shards):

@@ -70,6 +70,13 @@ def _make_cli_class():
     from .runtime import (AtomicCheckpointIO, LastCheckpoint, PreemptionCheckpoint, RNGStateCheckpoint,
                           remove_stale_temporaries)
 
+    try:  # omegaconf+ resolves from the root (``fit.``): configs say ``${data.init_args.x}``, relative to the command
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    except (ImportError, TypeError):  # pragma: no cover - older jsonargparse: plain omegaconf mode below
+        pass
+
     class VidgenArgumentParser(LightningArgumentParser):
         """Parser errors as one line naming the key (and the closest valid key), not a usage wall."""
 
