@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# bf16 dense tensor-core peaks (no sparsity), TFLOP/s
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "4090": 165.2}
+from benchmarks.common import init_distributed, peak_tflops  # noqa: E402
 
 
 def build(args, variant: int, device="cpu"):
@@ -144,18 +143,8 @@ def gpu_main(args) -> None:
     from vidgen.lightning_modules.latte import Latte
     from vidgen.parallel import apply_fsdp2, mixed_precision_policy
 
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29517")):
-        os.environ.setdefault(k, v)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit("--gpu needs CUDA (use --device cpu for a gloo smoke run of the same code path)")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    rank, world, device = init_distributed(args.device, 29517)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     net, diffusion = build(args, args.variant, device)
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -188,8 +177,7 @@ def gpu_main(args) -> None:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     if rank == 0:
-        name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        name, peak = peak_tflops(device, args.peak_tflops)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         mfu = model_flops / dt / (peak * 1e12) if peak else float("nan")
         print(f"Latte-{args.size} V{args.variant}, {params / 1e6:.0f}M params, latents {args.frames}x4x{args.latent}^2, "

@@ -6,10 +6,15 @@ members are parsed as video/image bytes, UTF-8 text and JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
+import os
+import re
+import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ try:  # decord wheels exist for x86-64 only; PyAV is the fallback
     import decord
 
     decord.bridge.set_bridge("native")
+    decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines; decord's errors: see _quiet_stderr
     HAVE_DECORD = True
 except Exception:  # pragma: no cover - depends on the platform
     HAVE_DECORD = False
@@ -88,8 +94,57 @@ def clip_indices(n: int, num_frames: int, step: float, offset_u: float | None, p
     return np.minimum(idx, n - 1)  # pad: repeat the last frame
 
 
+_STDERR_LOCK = threading.Lock()
+_CAPTURE: dict = {}  # pid -> temporary file (one per process; workers are forked)
+
+
+@contextlib.contextmanager
+def _quiet_stderr(captured: list):
+    """Route file descriptor 2 to a temporary file while native decoder code runs.
+
+    decord prints its errors from C++ and names the in-memory "file" it was given, i.e. the raw video bytes, straight
+    onto the terminal. What it wrote is appended to ``captured`` (the caller puts a printable summary into the
+    sample's skip reason, which the counters and logs keep)."""
+    with _STDERR_LOCK:
+        tmp = _CAPTURE.get(os.getpid())
+        try:
+            if tmp is None:
+                tmp = _CAPTURE[os.getpid()] = tempfile.TemporaryFile()
+            saved = os.dup(2)
+        except OSError:  # no stderr or no temporary directory: decode without the guard
+            yield
+            return
+        try:
+            tmp.seek(0)
+            tmp.truncate()
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read(4096))
+
+
+def printable(raw: bytes | str, limit: int = 120) -> str:
+    """Decoder output reduced to one printable line (binary runs become ``?``)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = re.sub(r"[^\x20-\x7e]+", "?", text.replace("\n", " | ")).strip(" |?")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 def _decode_decord(data: bytes):
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    captured: list[bytes] = []
+    try:
+        with _quiet_stderr(captured):
+            vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    except Exception as e:
+        said = b"".join(captured)
+        if b"ERROR opening: " in said:  # "ERROR opening: <the video bytes>, <FFmpeg's reason>": keep the reason
+            tail = [x for x in said.split(b"ERROR opening: ", 1)[1].split(b"\n") if x.strip()]
+            said = b"cannot open: " + (tail[-1].rsplit(b", ", 1)[-1] if tail else b"")
+        said = printable(said)
+        raise SkipSample("corrupt", f"decord: {printable(str(e))}" + (f" ({said})" if said else "")) from None
     n = len(vr)
     if n <= 0:
         raise SkipSample("corrupt", "video has no frames")
@@ -108,7 +163,8 @@ def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: fl
         idx = clip_indices(n, spec.num_frames, step, offset_u, spec.short_policy)
         uniq, inv = np.unique(idx, return_inverse=True)
         try:
-            frames = vr.get_batch(uniq.tolist()).asnumpy()
+            with _quiet_stderr([]):
+                frames = vr.get_batch(uniq.tolist()).asnumpy()
         except Exception:  # decord 0.6 fails on some frame widths (8, 12, 16, 24, 48, 72 px)
             frames = None
         if frames is not None and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) == len(uniq):
@@ -232,7 +288,7 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     except SkipSample:
         raise
     except Exception as e:  # decoder errors: corrupt, truncated, unsupported
-        raise SkipSample("corrupt", f"{type(e).__name__}: {e}") from e
+        raise SkipSample("corrupt", f"{type(e).__name__}: {printable(str(e))}") from e
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] < 2 or frames.shape[2] < 2:
         raise SkipSample("corrupt", f"decoded array has shape {frames.shape}")
     crop = spec.crop if rng is not None else "center"

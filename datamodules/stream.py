@@ -145,6 +145,10 @@ class SourceStream:
             lst = tario.scan_local(url)
             if lst.truncated:
                 self.counters["truncated_shards"] = self.counters.get("truncated_shards", 0) + 1
+            if lst.incomplete:  # the sample cut by the truncation is bad (its complete neighbours are kept)
+                for k in ("seen", "truncated"):
+                    self.counters[k] = self.counters.get(k, 0) + lst.incomplete
+                _note_bad(self.counters, f"{os.path.basename(url)}: tar cut inside a sample")
             self._listings[url] = lst
             while len(self._listings) > 4:
                 self._listings.popitem(last=False)
@@ -236,6 +240,15 @@ class SourceStream:
             self._fh = None
 
 
+def bucket_key(key) -> tuple:
+    """``(source, stage, kind, shape)`` as a hashable tuple of plain values.
+
+    A worker's snapshot travels through the DataLoader, whose conversion turns tuples into lists (and a resumed
+    snapshot comes back from the checkpoint the same way), so the key is rebuilt at every level."""
+    si, sid, kind, shape = key
+    return int(si), int(sid), str(kind), tuple(int(x) for x in shape)
+
+
 def use_sample_split(num_shards: int, nslots: int, split_by: str) -> bool:
     """Shard-level split unless it would be unbalanced: fewer shards than slots, or a remainder that is large
     relative to the shards each slot gets (then every slot reads every shard and keeps every S-th sample)."""
@@ -302,9 +315,9 @@ class VideoStream(IterableDataset):
         buckets: OrderedDict[tuple, list] = OrderedDict()
         if state:  # re-read the samples that were held in buckets, by position
             for bkey, refs in state["pending"]:
-                bkey = tuple(bkey)
+                bkey = bucket_key(bkey)
                 for ref in refs:
-                    si, pos = ref[0], ref[1:]
+                    si, pos = int(ref[0]), [int(x) for x in ref[1:]]
                     got = streams[si].read_at(*pos)
                     sample = self._decode(streams[si], got, pos, self.spec_for(self.stages.rows()[bkey[1]]), counters, recount=False)
                     buckets.setdefault(bkey, []).append((sample, [si, *pos]))
@@ -332,10 +345,10 @@ class VideoStream(IterableDataset):
                             raise BadDataError(f"source {self.sources[si].name!r}: no usable samples in a full pass "
                                                f"({failures} tried). Examples: {examples}")
                         continue
-                    bkey = (si, sid, sample["kind"], tuple(main_tensor(sample).shape))
+                    bkey = bucket_key((si, sid, sample["kind"], main_tensor(sample).shape))
                     bucket = buckets.setdefault(bkey, [])
                     bucket.append((sample, [si, *pos]))
-                    if len(bucket) >= bs:
+                    if len(bucket) >= self.bucket_batch_size(bkey, bs):
                         batch = buckets.pop(bkey)
                 emitted += 1
                 produced += 1
@@ -353,6 +366,11 @@ class VideoStream(IterableDataset):
         finally:
             for s in streams:
                 s.close()
+
+    def bucket_batch_size(self, bkey: tuple, default: int) -> int:
+        """Samples per batch of bucket ``bkey`` (here the source's or global batch size; ``BucketedVideoStream`` gives
+        each Open-Sora bucket its own)."""
+        return default
 
     def _choose_source(self, g: int, weights) -> int:
         w = np.asarray(weights, dtype=np.float64)

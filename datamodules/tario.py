@@ -37,17 +37,21 @@ def expand_shards(spec: str | Sequence[str], *, what: str = "shards") -> list[st
     """Brace patterns, globs, directories (every ``*.tar`` inside) or lists of these -> sorted unique shard urls."""
     items = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
-    for item in items:
+    for n, item in enumerate(items):
+        entry = what if isinstance(spec, str) else f"{what}[{n}]"
         for pattern in braceexpand.braceexpand(str(item)):
             if is_remote(pattern):
                 urls.append(pattern)
             elif os.path.isdir(pattern):
                 found = sorted(glob.glob(os.path.join(pattern, "*.tar")))
                 if not found:
-                    raise ShardError(f"{what}: directory {pattern!r} holds no *.tar shards; build some with `vidgen shards`")
+                    raise ShardError(f"{entry}: directory {pattern!r} holds no *.tar shards; build some with `vidgen shards`")
                 urls.extend(found)
             elif any(c in pattern for c in "*?["):
-                urls.extend(sorted(glob.glob(pattern)))
+                found = sorted(glob.glob(pattern))
+                if not found:  # every entry must match something: a typo beside a good entry is not ignored
+                    raise ShardError(f"{entry}: pattern {pattern!r} matches no files; fix the path or drop the entry")
+                urls.extend(found)
             else:
                 urls.append(pattern)
     missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
@@ -100,6 +104,7 @@ class ShardListing:
     url: str
     samples: list[SampleRef]
     truncated: bool = False  # the tar ended early; samples listed are the complete ones before the cut
+    incomplete: int = 0  # samples cut by the truncation (0 or 1): counted as bad, not listed
 
 
 def is_media_file(url: str) -> bool:
@@ -114,37 +119,50 @@ def scan_local(url: str) -> ShardListing:
         stem, ext = os.path.basename(url).rsplit(".", 1)
         return ShardListing(url, [SampleRef(stem, {ext.lower(): (0, size)})])
     groups: "OrderedDict[str, dict[str, tuple[int, int]]]" = OrderedDict()
-    truncated = False
+    truncated, cut_key = False, None
     with open(url, "rb") as f:
         try:
             tf = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError:
             return ShardListing(url, [], truncated=True)
         while True:
+            header_at = tf.offset
             try:
                 m = tf.next()
             except (tarfile.TarError, EOFError, OSError):
-                truncated = True
+                truncated, cut_key = True, _key_at(f, header_at)  # cut inside a header
                 break
             if m is None:
                 # a complete tar ends with two zero blocks; less than that left means it was cut between members
                 if size - tf.offset < 2 * tarfile.BLOCKSIZE:
-                    truncated = True
+                    truncated, cut_key = True, _key_at(f, tf.offset)  # a header cut short reads as the end
                 break
             if not m.isfile():
                 continue
-            if m.offset_data + m.size > size:
-                truncated = True
-                break
             parts = split_member(m.name)
+            if m.offset_data + m.size > size:  # cut inside this member's data
+                truncated, cut_key = True, parts[0] if parts else None
+                break
             if parts is None:
                 continue
             key, ext = parts
             groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
             tf.members = []  # keep memory flat on big shards
-    if truncated and groups:
-        groups.popitem(last=True)  # the sample at the cut may have lost members (caption, metadata)
-    return ShardListing(url, [SampleRef(k, v) for k, v in groups.items()], truncated)
+    incomplete = 0
+    if truncated and cut_key is not None:
+        incomplete = 1  # the sample whose member was cut is bad; the complete samples before it are kept
+        if groups and next(reversed(groups)) == cut_key:
+            groups.popitem(last=True)  # it lost members (caption, metadata): drop what it had
+    return ShardListing(url, [SampleRef(k, v) for k, v in groups.items()], truncated, incomplete)
+
+
+def _key_at(f, offset: int) -> str | None:
+    """The sample key named by a (possibly cut) tar header at ``offset``, or None when too little of it is left."""
+    f.seek(offset)
+    raw = f.read(100)  # the member name field
+    name = raw.split(b"\0", 1)[0].decode("utf-8", "replace") if b"\0" in raw or len(raw) == 100 else ""
+    parts = split_member(name) if name else None
+    return parts[0] if parts else None
 
 
 def read_sample(url: str, ref: SampleRef, fh=None) -> dict[str, bytes]:
@@ -239,8 +257,13 @@ def write_index(shard_dir: str, index: dict) -> str:
 
 
 def index_entry(url: str) -> dict:
-    """Index entry of one local shard by a header scan."""
-    return {"num_samples": len(scan_local(url).samples), "bytes": os.path.getsize(url)}
+    """Index entry of one local shard by a header scan; a truncated shard counts its complete samples and notes
+    the cut one (``"truncated": true, "incomplete_samples": n``)."""
+    lst = scan_local(url)
+    entry = {"num_samples": len(lst.samples), "bytes": os.path.getsize(url)}
+    if lst.truncated:
+        entry.update(truncated=True, incomplete_samples=lst.incomplete)
+    return entry
 
 
 def bytes_io(b: bytes) -> io.BytesIO:

@@ -70,6 +70,10 @@ class VideoDataModule(L.LightningDataModule):
             ``samples_per_epoch`` (default: all samples) per pass, equal in length on every rank.
         max_bad_fraction: above this fraction of unusable samples (after ``bad_min_samples``) the run stops with an
             error naming example keys; below it they are skipped and counted.
+        bucket_config: Open-Sora v1.2 variable resolution/duration for training (``datamodules.buckets``):
+            ``{resolution: {frames: [keep_prob, batch_size]}}``; each sample's clip shape and its batch's size come
+            from its bucket (needs height/width/num_frames in the sample json); ``resolution``/``num_frames`` then
+            only shape validation. An epoch still counts ``samples / batch_size`` batches.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class VideoDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
+        bucket_config: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -154,6 +159,14 @@ class VideoDataModule(L.LightningDataModule):
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
                              image_frames=image_frames, require_text=require_text, backend=decoder,
                              motion=motion)
+        self.buckets = None
+        if bucket_config is not None:
+            from .buckets import BucketConfig, BucketConfigError
+
+            try:
+                self.buckets = BucketConfig(bucket_config)
+            except BucketConfigError as e:
+                raise DataConfigError(f"data.{e}") from None
         self._sources: list[Source] | None = None
         self._stages: StageTable | None = None
         self._stage_rows: list[tuple] | None = None
@@ -254,7 +267,12 @@ class VideoDataModule(L.LightningDataModule):
         cfg = StreamConfig(seed=hp.seed, batch_size=bs, spec=self.spec, train=train, shuffle=train and hp.shuffle,
                            resampled=train and hp.resampled, max_bad_fraction=hp.max_bad_fraction,
                            bad_min_samples=hp.bad_min_samples, split_by=hp.split_by)
-        ds = VideoStream(sources, cfg, stages)
+        if train and self.buckets is not None:
+            from .buckets import BucketedVideoStream
+
+            ds = BucketedVideoStream(sources, cfg, stages, self.buckets)
+        else:
+            ds = VideoStream(sources, cfg, stages)
         ds.rank, ds.world = rank, world
         return _StreamLoader(self, ds, length, track=(split == "train"))
 

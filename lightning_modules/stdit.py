@@ -257,25 +257,22 @@ class STDiT3Block(nn.Module):
             raise ValueError(f"STDiT3Block needs T and S with T*S = {x.shape[1]} tokens, got T={T}, S={S}")
         mods = _frame_modulation(self.scale_shift_table, t_mlp, x_mask, t0_mlp).to(x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(-2)  # each [B, T|1, 1, d]
-        x = rearrange(x, "b (t s) d -> b t s d", t=T)
+        grid = (lambda v: rearrange(v, "b (t s) d -> b t s d", t=T))  # modulation is per frame
+        flat = (lambda v: rearrange(v, "b t s d -> b (t s) d"))
 
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
+        x_m = t2i_modulate(self.norm1(grid(x)), shift_msa, scale_msa)
         if self.fuser is not None and motion is not None:
-            x_m = self.fuser(rearrange(x_m, "b t s d -> b (t s) d"), motion, T=T, S=S)
-            x_m = rearrange(x_m, "b (t s) d -> b t s d", t=T)
+            x_m = grid(self.fuser(flat(x_m), motion, T=T, S=S))
         if self.temporal:
             x_m = rearrange(self.attn(rearrange(x_m, "b t s d -> (b s) t d"), rope=rope), "(b s) t d -> b t s d", t=T, s=S)
         else:
             x_m = rearrange(self.attn(rearrange(x_m, "b t s d -> (b t) s d")), "(b t) s d -> b t s d", t=T, s=S)
-        x = x + gate_msa * x_m
+        x = x + flat(gate_msa * x_m)  # out of place throughout: the block never returns a view (FSDP2 hooks)
 
-        x = rearrange(x, "b t s d -> b (t s) d")
         x = x + self.cross_attn(x, y, mask)
-        x = rearrange(x, "b (t s) d -> b t s d", t=T)
 
-        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp * self.mlp(x_m)
-        return rearrange(x, "b t s d -> b (t s) d")
+        x_m = t2i_modulate(self.norm2(grid(x)), shift_mlp, scale_mlp)
+        return x + flat(gate_mlp * self.mlp(x_m))
 
 
 class T2IFinalLayer(nn.Module):
@@ -715,11 +712,8 @@ class STDiT(L.LightningModule):
         return self.vae.encode(batch["video"].to(self.device))
 
     def pixel_frames(self, latent_frames: int) -> int:
-        """Video frames behind ``latent_frames`` (causal VAE: 1 + 4(t - 1); 17 -> 5)."""
-        tf = self.vae.temporal_factor
-        if tf == 1:
-            return latent_frames
-        return 1 + tf * (latent_frames - 1) if getattr(self.vae, "_causal", True) else tf * latent_frames
+        """Video frames behind ``latent_frames`` (causal 4x VAE: 5 -> 17; with micro chunks of 17: 15 -> 51)."""
+        return self.vae.video_frames(latent_frames)
 
     def encode_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Caption states ``[B, L, C]`` and mask ``[B, L]`` from the frozen text encoder (suffix appended)."""
@@ -743,11 +737,17 @@ class STDiT(L.LightningModule):
         return {"y": y, "mask": mask, "fps": fps.contiguous(), "height": height, "width": width}
 
     def timestep_shift(self, kwargs: Mapping[str, Any], latent_frames: int) -> Tensor | float:
-        """§3.2 shift r per sample (1.0 when ``use_timestep_transform`` is off)."""
+        """§3.2 shift r per sample (1.0 when ``use_timestep_transform`` is off): ``sqrt(H W / 512^2) sqrt(T')`` with
+        Open-Sora's ``T' = num_frames // 17 * 5``. Clips shorter than 17 frames (outside Open-Sora's buckets, where
+        that rule gives T' = 0) use T' = their latent frame count [our choice]."""
         if not self.hparams.use_timestep_transform:
             return 1.0
-        frames = torch.full_like(kwargs["height"], self.pixel_frames(latent_frames), dtype=torch.long)
-        return opensora_timestep_shift(kwargs["height"], kwargs["width"], frames).to(self.device)
+        frames = self.pixel_frames(latent_frames)
+        if 1 < frames < 17:
+            r = opensora_timestep_shift(kwargs["height"], kwargs["width"], 1) * math.sqrt(latent_frames)
+        else:
+            r = opensora_timestep_shift(kwargs["height"], kwargs["width"], frames)
+        return r.to(self.device)
 
     # -- training ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:

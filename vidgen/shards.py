@@ -620,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.reindex:
             index = reindex(args.reindex)
             print(summary(index, args.reindex))
+            for name, entry in index["shards"].items():
+                if entry.get("truncated"):
+                    print(f"  {name}: truncated; {entry['num_samples']} complete sample(s) kept, "
+                          f"{entry.get('incomplete_samples', 0)} cut sample(s) counted as bad")
             return 0
         if not args.input or not args.out_dir:
             p.error("give INPUT and OUT_DIR (or --reindex DIR)")

@@ -40,6 +40,9 @@ class VAEConfig:
     scale_factor: multiplies latents after encoding (None: 0.18215 for diffusers, 1.0 otherwise).
     sample: draw from the posterior (Latte: ``latent_dist.sample()``) instead of taking its mean.
     chunk: frames per diffusers encode/decode call. factor: spatial pooling of the ``pixels`` stand-in.
+    micro_frame_size: tokenizer VAEs only: encode the clip in independent chunks of this many frames and decode
+        their latents chunk by chunk (Open-Sora v1.2 ``micro_frame_size=17``: a causal 4x VAE turns each 17 frames
+        into 5 latents, so 51 -> 15, 102 -> 30). None: the whole clip at once.
     """
 
     kind: Literal["diffusers", "tokenizer", "pixels"] = "diffusers"
@@ -48,6 +51,7 @@ class VAEConfig:
     sample: bool = True
     chunk: int = 16
     factor: int = 8
+    micro_frame_size: int | None = None
 
     def validate(self, check_files: bool = True) -> None:
         if self.kind not in VAE_KINDS:
@@ -62,6 +66,9 @@ class VAEConfig:
             raise ValueError(f"vae.factor must be >= 1, got {self.factor}")
         if self.chunk < 1:
             raise ValueError(f"vae.chunk must be >= 1, got {self.chunk}")
+        if self.micro_frame_size is not None and (self.kind != "tokenizer" or self.micro_frame_size < 1):
+            raise ValueError(f"vae.micro_frame_size={self.micro_frame_size!r} needs vae.kind 'tokenizer' and a "
+                             "positive frame count (Open-Sora v1.2: 17); set it to null otherwise")
 
     @classmethod
     def coerce(cls, value: VAEConfig | dict | None) -> VAEConfig:
@@ -128,10 +135,34 @@ class LatentAutoencoder(nn.Module):
         if height % s or width % s:
             raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's spatial factor {s}")
         if self.kind == "tokenizer":
-            t = self.model.validate_frames(frames, self.model.arch)
+            t = sum(self.model.validate_frames(n, self.model.arch) for n in self._micro_chunks(frames))
         else:
             t = frames
         return self.latent_channels, t, height // s, width // s
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Video frames behind ``latent_frames`` (causal 4x: 1 + 4(t - 1), 5 -> 17; with ``micro_frame_size`` 17:
+        15 -> 51); the inverse of ``latent_shape`` on the time axis."""
+        tf = self.temporal_factor
+        if tf == 1:
+            return latent_frames
+
+        def one(n: int) -> int:
+            return 1 + tf * (n - 1) if getattr(self, "_causal", True) else tf * n
+
+        m = self.config.micro_frame_size
+        if not m:
+            return one(latent_frames)
+        per = self.model.validate_frames(m, self.model.arch)
+        full, rest = divmod(latent_frames, per)
+        return full * m + (one(rest) if rest else 0)
+
+    def _micro_chunks(self, frames: int) -> list[int]:
+        """Frame counts of the independently coded chunks (``micro_frame_size``; one chunk when unset)."""
+        m = self.config.micro_frame_size
+        if not m or frames <= m:
+            return [frames]
+        return [m] * (frames // m) + ([frames % m] if frames % m else [])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,7 +182,8 @@ class LatentAutoencoder(nn.Module):
             z = F.avg_pool2d(frames, self.spatial_factor) if self.spatial_factor > 1 else frames
             return rearrange(z, "(b t) c h w -> b c t h w", b=b) * self.scale_factor
         if self.kind == "tokenizer":
-            z = self.model.encode(video.to(self.dtype), sample=self.config.sample, generator=generator)
+            parts = video.to(self.dtype).split(self._micro_chunks(video.shape[2]), dim=2)
+            z = torch.cat([self.model.encode(p, sample=self.config.sample, generator=generator) for p in parts], dim=2)
             return z.float() * self.scale_factor
         frames = rearrange(video, "b c t h w -> (b t) c h w").to(self.dtype)
         out = []
@@ -174,7 +206,12 @@ class LatentAutoencoder(nn.Module):
                 frames = F.interpolate(frames, scale_factor=self.spatial_factor, mode="nearest")
             return rearrange(frames, "(b t) c h w -> b c t h w", b=b)
         if self.kind == "tokenizer":
-            return self.model.decode(z.to(self.dtype)).float()
+            m = self.config.micro_frame_size
+            if not m:
+                return self.model.decode(z.to(self.dtype)).float()
+            per = self.model.validate_frames(m, self.model.arch)  # latent frames of one full chunk (17 -> 5)
+            parts = z.to(self.dtype).split(per, dim=2)
+            return torch.cat([self.model.decode(p) for p in parts], dim=2).float()
         frames = rearrange(z, "b c t h w -> (b t) c h w").to(self.dtype)
         out = torch.cat([self.model.decode(chunk).sample for chunk in frames.split(self.config.chunk)])
         return rearrange(out.float(), "(b t) c h w -> b c t h w", b=b)
