@@ -205,6 +205,7 @@ def test_tora_equals_its_base_model_at_init(kind, placement):
 def test_only_named_parameters_train_and_frozen_ones_stay_bit_identical():
     import lightning as L
 
+    from vidgen.callbacks.curriculum import StagedCurriculum
     from vidgen.callbacks.ema import EMA, EMA_PREFIX
 
     torch.manual_seed(0)
@@ -215,8 +216,11 @@ def test_only_named_parameters_train_and_frozen_ones_stay_bit_identical():
     before = {n: p.detach().clone() for n, p in tora.named_parameters()}
     batches = [_batch() for _ in range(3)]
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=0.9)])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[EMA(decay=0.9), StagedCurriculum([{"at_step": 0, "model": {"motion_mode": "dense"}},
+                                                                      {"at_step": 2, "model": {"motion_mode": "sparse"}}])])
     trainer.fit(tora, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert tora.motion_mode == "sparse"  # switched by the curriculum at step 2 (§4.6)
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     for n, p in tora.named_parameters():
         if n in trainable:
