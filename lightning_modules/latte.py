@@ -64,6 +64,7 @@ from vidgen.lightning_modules.nn.checkpoint import (
     read_state_dict,
     safe_load,
 )
+from vidgen.lightning_modules.nn.init import xavier_linears_
 from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHeadAttention, attention
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
@@ -528,13 +529,7 @@ class LatteTransformer(nn.Module):
         """Exactly the official initialisation: xavier Linears, zero biases, fixed sin-cos tables, N(0, 0.02)
         embeddings, and zero adaLN modulations and output linear (a fresh model predicts zeros)."""
 
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_linears_(self)
         cfg = self.config
         self.pos_embed.data.copy_(sincos_2d(cfg.hidden_size, cfg.grid)[None])
         if self.absolute_temporal:
@@ -835,13 +830,7 @@ class LattePixArtTransformer(nn.Module):
         the timestep MLP, ``t_block`` and the caption projection, zero cross-attention outputs and final linear (a
         fresh model predicts zeros); the scale-shift tables keep N(0, 1/d)."""
 
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_linears_(self)
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)

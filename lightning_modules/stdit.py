@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from vidgen.lightning_modules.nn.init import xavier_linears_
 from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHeadAttention
 from vidgen.lightning_modules.nn.checkpoint import KeyReport, keep_out_of_checkpoints, read_state_dict
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion, opensora_timestep_shift
@@ -330,13 +331,7 @@ class STDiT3(nn.Module):
         temporal blocks zero ``attn.proj``, ``cross_attn.proj`` and ``mlp.fc2`` weights, so each temporal block starts
         as the identity (a spatial-only model, e.g. PixArt, is unchanged by adding them)."""
 
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_linears_(self)
         nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
         nn.init.constant_(self.fps_embedder.mlp[0].bias, 0)
         nn.init.constant_(self.fps_embedder.mlp[2].weight, 0)
