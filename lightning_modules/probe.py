@@ -42,7 +42,8 @@ class ProbeConfig:
     dropout: float = 0.1
     attributes: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {k: list(v) for k, v in
                                                                                   DEMO_ATTRIBUTES.items()})
-    class_of: tuple[str, str] = ("shape", "direction")  # class = index(a) * len(b) + index(b)
+    class_of: tuple[str, ...] = ("shape", "direction")  # class = index(a) * len(b) + index(b); () -> class_count
+    class_count: int | None = None  # classes read from labels only (e.g. UCF-101: 101) when class_of is empty
     temporal_strides: tuple[int, ...] = (1, 2)
     noise_std: float = 0.0  # Gaussian pixel noise augmentation (generated clips are noisier than real ones)
     motion_attribute: str = "direction"
@@ -66,11 +67,17 @@ class ProbeConfig:
         self.mirror_pairs = tuple(tuple(p) for p in self.mirror_pairs)
         if self.pool not in ("mean", "meanmax"):
             raise ValueError(f"model.pool={self.pool!r} is not one of 'mean', 'meanmax'")
+        if (self.reverse_pairs or self.mirror_pairs) and self.motion_attribute not in self.attributes:
+            raise ValueError(f"model.reverse_pairs/mirror_pairs need attributes[{self.motion_attribute!r}]; "
+                             "set them to [] for data without motion labels")
         for p in self.reverse_pairs + self.mirror_pairs:
             for v in p:
                 if self.motion_attribute not in self.attributes or v not in self.attributes[self.motion_attribute]:
                     raise ValueError(f"model.reverse_pairs/mirror_pairs name {v!r}, which is not a value of "
                                      f"attributes[{self.motion_attribute!r}]; fix the pair or set it to []")
+        if len(self.class_of) not in (0, 2) or (not self.class_of and not self.class_count):
+            raise ValueError("model.class_of must name two attributes (class = a x b), or be [] with "
+                             "model.class_count set (classes from labels only)")
         for a in self.class_of:
             if a not in self.attributes:
                 raise ValueError(f"model.class_of names {a!r}, which is not in model.attributes "
@@ -82,6 +89,8 @@ class ProbeConfig:
 
     @property
     def num_classes(self) -> int:
+        if not self.class_of:
+            return int(self.class_count)
         a, b = self.class_of
         return len(self.attributes[a]) * len(self.attributes[b])
 
@@ -136,15 +145,18 @@ class VideoProbe(L.LightningModule):
                  class_of: list[str] = ("shape", "direction"), temporal_strides: list[int] = (1, 2),
                  noise_std: float = 0.0, motion_attribute: str = "direction",
                  reverse_pairs: list = (("left", "right"), ("up", "down")), mirror_pairs: list = (("left", "right"),),
-                 pool: str = "meanmax", stem_stride: int = 2, lr: float = 2e-3, weight_decay: float = 1e-4,
+                 pool: str = "meanmax", stem_stride: int = 2, class_count: int | None = None, lr: float = 2e-3,
+                 weight_decay: float = 1e-4,
                  total_steps: int = 400):
         super().__init__()
         self.save_hyperparameters()
         self.config = cfg = ProbeConfig(
             num_frames=num_frames, resolution=resolution, channels=channels, norm_groups=norm_groups, dropout=dropout,
-            attributes={k: list(v) for k, v in (attributes or DEMO_ATTRIBUTES).items()}, class_of=class_of,
+            attributes={k: list(v) for k, v in (DEMO_ATTRIBUTES if attributes is None else attributes).items()},
+            class_of=class_of,
             temporal_strides=temporal_strides, noise_std=noise_std, motion_attribute=motion_attribute,
-            reverse_pairs=reverse_pairs, mirror_pairs=mirror_pairs, pool=pool, stem_stride=stem_stride, lr=lr,
+            reverse_pairs=reverse_pairs, mirror_pairs=mirror_pairs, pool=pool, stem_stride=stem_stride,
+            class_count=class_count, lr=lr,
             weight_decay=weight_decay,
             total_steps=total_steps)
         stages, cin, t = [], 3, cfg.num_frames
@@ -181,14 +193,19 @@ class VideoProbe(L.LightningModule):
     def targets(self, labels: Tensor | None = None, captions: list[str] | None = None) -> dict[str, Tensor]:
         """``{head: int64 [B]}`` with -1 where the label/caption does not say (those entries are not scored)."""
         cfg = self.config
-        a, b = cfg.class_of
-        nb = len(cfg.attributes[b])
         n = len(labels) if labels is not None else len(captions)
         out = {k: torch.full((n,), -1, dtype=torch.long) for k in cfg.heads}
         if captions is not None:
             for i, cap in enumerate(captions):
                 for k, v in parse_caption(cap or "", cfg.attributes).items():
                     out[k][i] = v
+        if not cfg.class_of:
+            if labels is not None:
+                lab = torch.as_tensor(labels, dtype=torch.long).cpu()
+                out["class"] = torch.where((lab >= 0) & (lab < cfg.num_classes), lab, torch.full_like(lab, -1))
+            return out
+        a, b = cfg.class_of
+        nb = len(cfg.attributes[b])
         if labels is not None:
             lab = torch.as_tensor(labels, dtype=torch.long).cpu()
             ok = (lab >= 0) & (lab < cfg.num_classes)
@@ -234,8 +251,8 @@ class VideoProbe(L.LightningModule):
             m = torch.rand(b) < 0.5
             video = torch.where(m.view(b, 1, 1, 1, 1).to(video.device), video.flip(dim), video)
             tgt[d] = self._swap(tgt[d], pairs, m)
-        a, c = cfg.class_of
-        if d in (a, c) and (cfg.reverse_pairs or cfg.mirror_pairs):
+        if cfg.class_of and d in cfg.class_of and (cfg.reverse_pairs or cfg.mirror_pairs):
+            a, c = cfg.class_of
             nb = len(cfg.attributes[c])
             ok = (tgt[a] >= 0) & (tgt[c] >= 0)
             tgt["class"] = torch.where(ok, tgt[a] * nb + tgt[c], tgt["class"])

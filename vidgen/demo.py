@@ -28,6 +28,37 @@ STAGES = [
 ]
 
 
+# issue 10 §1: what the demo must show on its held-out split; (stage, result key path, threshold, what)
+TARGETS = [
+    ("probe", ("accuracy", "class"), 0.95, "probe class accuracy on real val clips (the ceiling)"),
+    ("tokenizer", ("psnr",), 28.0, "MAGVIT 3D-VQ tokenizer PSNR (dB), procedural val clips"),
+    ("vae", ("psnr",), 30.0, "KL VAE PSNR (dB), procedural val clips"),
+    ("magvit", ("probe", "class", "accuracy"), 0.70, "MAGVIT class-conditional: probe class accuracy"),
+    ("magvit", ("probe_fp", "direction", "accuracy"), 0.70, "MAGVIT frame prediction: probe direction accuracy"),
+    ("latte", ("probe", "class", "accuracy"), 0.70, "Latte class-conditional: probe class accuracy"),
+]
+
+
+def target_rows(results: dict) -> list[tuple[str, float | None, float, bool | None]]:
+    """``(what, measured or None, threshold, met or None)`` for every §1 target (None: the stage did not run)."""
+    rows = []
+    for stage, path, threshold, what in TARGETS:
+        v = results.get(stage)
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        value = float(v) if isinstance(v, (int, float)) else None
+        rows.append((what, value, threshold, None if value is None else value >= threshold))
+    return rows
+
+
+def format_target(what: str, value: float | None, threshold: float, met: bool | None) -> str:
+    pct = threshold <= 1.0
+    fmt = (lambda x: f"{x * 100:.0f}%") if pct else (lambda x: f"{x:.2f}")
+    got = "not run" if value is None else fmt(value)
+    mark = "" if met is None else ("  ok" if met else "  BELOW TARGET")
+    return f"{what}: {got} (target >= {fmt(threshold)}){mark}"
+
+
 @dataclasses.dataclass
 class DemoContext:
     data_dir: Path
@@ -201,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = ctx.results.get(name, {}).get("cpu_seconds")
         lines.append(f"{name:<10} {dt:6.1f}s" + (f" ({cpu:.0f}s CPU)" if cpu is not None else "") + f"  {summary}")
         lines += [f"{'':<18}-> {o}" for o in outputs]
+    lines += ["", "issue-10 targets (held-out split):"] + [f"  {format_target(*r)}" for r in target_rows(ctx.results)]
     ran = {name for name, *_ in rows}
     entries = [(n, e) for n, e in probe_entries(ctx.results) if n.split("/")[0] in ran]
     if entries:

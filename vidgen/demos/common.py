@@ -102,6 +102,8 @@ def probe_scores(probe, videos: torch.Tensor, labels=None, captions=None) -> tup
 
 def _names(probe, head: str) -> list[str]:
     cfg = probe.config
+    if head == "class" and not cfg.class_of:
+        return [str(i) for i in range(cfg.num_classes)]
     if head == "class":
         a, b = cfg.class_of
         return [f"{x} moving {y}" if b == "direction" else f"{x} {y}" for x in cfg.attributes[a]
