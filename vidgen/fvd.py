@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Parse ``vidgen fvd`` arguments, print the FVD line and return ``{"value", "n", "protocol"}`` (None: no --fake)."""
-    from vidgen.callbacks.fvd import import (FVD_NUM_SAMPLES, FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, accumulate_source,
+    from vidgen.callbacks.fvd import (FVD_NUM_SAMPLES, FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, accumulate_source,
                                compute_real_stats, expand_sources, extractor_id)
     from vidgen.lightning_modules.nn.i3d import load_i3d
 
