@@ -201,7 +201,7 @@ def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captio
     pred = None
     if probe is not None and (labels is not None or captions is not None):
         scores, pred = probe_scores(probe, videos, labels, captions)
-        ceiling = (ctx.results.get("probe", {}) or {}).get("accuracy", {})
+        ceiling = ((getattr(ctx, "results", {}) or {}).get("probe", {}) or {}).get("accuracy", {})
         for k, v in scores.items():
             v["ceiling"] = ceiling.get(k)
         res["probe"] = scores
