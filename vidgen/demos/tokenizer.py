@@ -88,6 +88,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
                 p = float(psnr_per_clip(reconstruct(pl_module, val["video"][proc][:16]), val["video"][proc][:16]).mean())
                 pl_module.train()
                 curve.append((s, time.perf_counter() - t0, p))
+                ctx.log(f"batch {s}: val PSNR {p:.2f} dB (raw weights), {time.perf_counter() - t0:.0f}s")
 
     g = torch.Generator().manual_seed(ctx.seed)
 
