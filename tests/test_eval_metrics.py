@@ -224,3 +224,60 @@ def test_demo_summary_reports_every_issue10_target():
     assert got["MAGVIT frame prediction: probe direction accuracy"] == (0.9, True)
     assert got["Latte class-conditional: probe class accuracy"] == (None, None)
     assert "BELOW TARGET" in format_target(*rows[2]) and "not run" in format_target(*rows[-1])
+
+
+# ------------------------------------------------------------------------------------------------------ callback
+def test_eval_callback_scores_generate_under_ema(tmp_path):
+    import contextlib
+
+    import lightning as L
+
+    from vidgen.callbacks.metrics import EvalCallback
+
+    probe = _probe()
+    ck = tmp_path / "probe.ckpt"
+    torch.save({"hyper_parameters": dict(probe.hparams), "state_dict": probe.state_dict()}, ck)
+
+    class Gen(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.made, self.modes = [], []
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def generate(self, batch=None, num_samples=None, generator=None):
+            self.modes.append(self.training)
+            v = torch.rand(num_samples, 3, 8, 32, 32, generator=generator) * 2 - 1
+            self.made.append((v, batch["label"][:num_samples].clone()))
+            return v
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader([{"label": torch.tensor([0, 5, 7]), "text": ["", "", ""]}],
+                                               batch_size=None)
+
+    class Ema(L.Callback):
+        entered = 0
+
+        @contextlib.contextmanager
+        def ema_weights(self, pl_module):
+            Ema.entered += 1
+            yield
+
+    cb = EvalCallback(every_n_steps=2, num_samples=5, probe_path=str(ck), batch_size=3)
+    model = Gen()
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              callbacks=[cb, Ema()]).fit(model, datamodule=Data())
+    videos, labels = torch.cat([v for v, _ in model.made]), torch.cat([lab for _, lab in model.made])
+    assert len(labels) == 5 and Ema.entered == 1 and model.modes == [False, False]
+    expected = float((probe.predict(videos)["class"] == labels).float().mean())
+    assert cb.last_values["acc_class"] == pytest.approx(expected)
