@@ -42,9 +42,15 @@ class ProbeConfig:
     dropout: float = 0.1
     attributes: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {k: list(v) for k, v in
                                                                                   DEMO_ATTRIBUTES.items()})
-    class_of: tuple[str, str] = ("shape", "direction")  # class = index(a) * len(b) + index(b)
+    class_of: tuple[str, ...] = ("shape", "direction")  # class = index(a) * len(b) + index(b); () -> class_count
+    class_count: int | None = None  # classes read from labels only (e.g. UCF-101: 101) when class_of is empty
     temporal_strides: tuple[int, ...] = (1, 2)
     noise_std: float = 0.0  # Gaussian pixel noise augmentation (generated clips are noisier than real ones)
+    motion_attribute: str = "direction"
+    reverse_pairs: tuple = (("left", "right"), ("up", "down"))  # time reversal swaps these motion values
+    mirror_pairs: tuple = (("left", "right"),)  # a horizontal mirror swaps these ([] disables mirroring)
+    pool: str = "meanmax"  # global pooling: "mean" or "meanmax" (mean and max concatenated: small objects)
+    stem_stride: int = 2  # spatial stride of the first stage (1 keeps full resolution for small shapes)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     total_steps: int = 400  # cosine schedule length
@@ -57,16 +63,34 @@ class ProbeConfig:
             if c % self.norm_groups:
                 raise ValueError(f"model.norm_groups={self.norm_groups} does not divide channels {self.channels}; "
                                  "pick a divisor of every entry (e.g. norm_groups: 8)")
+        self.reverse_pairs = tuple(tuple(p) for p in self.reverse_pairs)
+        self.mirror_pairs = tuple(tuple(p) for p in self.mirror_pairs)
+        if self.pool not in ("mean", "meanmax"):
+            raise ValueError(f"model.pool={self.pool!r} is not one of 'mean', 'meanmax'")
+        if (self.reverse_pairs or self.mirror_pairs) and self.motion_attribute not in self.attributes:
+            raise ValueError(f"model.reverse_pairs/mirror_pairs need attributes[{self.motion_attribute!r}]; "
+                             "set them to [] for data without motion labels")
+        for p in self.reverse_pairs + self.mirror_pairs:
+            for v in p:
+                if self.motion_attribute not in self.attributes or v not in self.attributes[self.motion_attribute]:
+                    raise ValueError(f"model.reverse_pairs/mirror_pairs name {v!r}, which is not a value of "
+                                     f"attributes[{self.motion_attribute!r}]; fix the pair or set it to []")
+        if len(self.class_of) not in (0, 2) or (not self.class_of and not self.class_count):
+            raise ValueError("model.class_of must name two attributes (class = a x b), or be [] with "
+                             "model.class_count set (classes from labels only)")
         for a in self.class_of:
             if a not in self.attributes:
                 raise ValueError(f"model.class_of names {a!r}, which is not in model.attributes "
                                  f"{list(self.attributes)}; add it or change class_of")
-        if self.resolution % 2 ** len(self.channels):
-            raise ValueError(f"model.resolution={self.resolution} must be divisible by 2^{len(self.channels)} "
-                             f"(one halving per channels entry); pick e.g. {2 ** len(self.channels) * 4}")
+        halvings = len(self.channels) - (1 if self.stem_stride == 1 else 0)
+        if self.resolution % 2 ** halvings:
+            raise ValueError(f"model.resolution={self.resolution} must be divisible by 2^{halvings} "
+                             f"(one halving per strided stage); pick e.g. {2 ** halvings * 4}")
 
     @property
     def num_classes(self) -> int:
+        if not self.class_of:
+            return int(self.class_count)
         a, b = self.class_of
         return len(self.attributes[a]) * len(self.attributes[b])
 
@@ -102,11 +126,11 @@ def fit_clip(video: Tensor, num_frames: int, resolution: int) -> Tensor:
 
 
 class ConvStage(nn.Module):
-    """3x3x3 conv, GroupNorm, SiLU; stride 2 in space (and in time once T > 2)."""
+    """3x3x3 conv, GroupNorm, SiLU; strided in space (and in time after the first stage while T > 2)."""
 
-    def __init__(self, cin: int, cout: int, t_stride: int, groups: int):
+    def __init__(self, cin: int, cout: int, t_stride: int, s_stride: int, groups: int):
         super().__init__()
-        self.conv = nn.Conv3d(cin, cout, 3, stride=(t_stride, 2, 2), padding=1)
+        self.conv = nn.Conv3d(cin, cout, 3, stride=(t_stride, s_stride, s_stride), padding=1)
         self.norm = GroupNorm(cout, groups)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,28 +143,40 @@ class VideoProbe(L.LightningModule):
     def __init__(self, num_frames: int = 8, resolution: int = 32, channels: list[int] = (16, 32, 64),
                  norm_groups: int = 8, dropout: float = 0.1, attributes: dict[str, list[str]] | None = None,
                  class_of: list[str] = ("shape", "direction"), temporal_strides: list[int] = (1, 2),
-                 noise_std: float = 0.0, lr: float = 2e-3, weight_decay: float = 1e-4, total_steps: int = 400):
+                 noise_std: float = 0.0, motion_attribute: str = "direction",
+                 reverse_pairs: list = (("left", "right"), ("up", "down")), mirror_pairs: list = (("left", "right"),),
+                 pool: str = "meanmax", stem_stride: int = 2, class_count: int | None = None, lr: float = 2e-3,
+                 weight_decay: float = 1e-4,
+                 total_steps: int = 400):
         super().__init__()
         self.save_hyperparameters()
         self.config = cfg = ProbeConfig(
             num_frames=num_frames, resolution=resolution, channels=channels, norm_groups=norm_groups, dropout=dropout,
-            attributes={k: list(v) for k, v in (attributes or DEMO_ATTRIBUTES).items()}, class_of=class_of,
-            temporal_strides=temporal_strides, noise_std=noise_std, lr=lr, weight_decay=weight_decay,
+            attributes={k: list(v) for k, v in (DEMO_ATTRIBUTES if attributes is None else attributes).items()},
+            class_of=class_of,
+            temporal_strides=temporal_strides, noise_std=noise_std, motion_attribute=motion_attribute,
+            reverse_pairs=reverse_pairs, mirror_pairs=mirror_pairs, pool=pool, stem_stride=stem_stride,
+            class_count=class_count, lr=lr,
+            weight_decay=weight_decay,
             total_steps=total_steps)
         stages, cin, t = [], 3, cfg.num_frames
-        for c in cfg.channels:
-            ts = 2 if t > 2 else 1
-            stages.append(ConvStage(cin, c, ts, cfg.norm_groups))
+        for i, c in enumerate(cfg.channels):
+            ts = 2 if t > 2 and i > 0 else 1
+            stages.append(ConvStage(cin, c, ts, cfg.stem_stride if i == 0 else 2, cfg.norm_groups))
             cin, t = c, math.ceil(t / ts)
         self.features = nn.Sequential(*stages)
         self.drop = nn.Dropout(cfg.dropout)
-        self.heads = nn.ModuleDict({name: nn.Linear(cin, n) for name, n in cfg.heads.items()})
+        feat = cin * (2 if cfg.pool == "meanmax" else 1)
+        self.heads = nn.ModuleDict({name: nn.Linear(feat, n) for name, n in cfg.heads.items()})
 
     # ------------------------------------------------------------------------------------------------ inference
     def forward(self, video: Tensor) -> dict[str, Tensor]:
         """Logits per head for videos ``[B, C, T, H, W]`` in [-1, 1] (any T, H, W)."""
         x = fit_clip(video.float(), self.config.num_frames, self.config.resolution)
-        h = self.features(x).mean(dim=(2, 3, 4))
+        f = self.features(x)
+        h = f.mean(dim=(2, 3, 4))
+        if self.config.pool == "meanmax":
+            h = torch.cat([h, f.amax(dim=(2, 3, 4))], dim=1)
         h = self.drop(h)
         return {name: head(h) for name, head in self.heads.items()}
 
@@ -157,14 +193,19 @@ class VideoProbe(L.LightningModule):
     def targets(self, labels: Tensor | None = None, captions: list[str] | None = None) -> dict[str, Tensor]:
         """``{head: int64 [B]}`` with -1 where the label/caption does not say (those entries are not scored)."""
         cfg = self.config
-        a, b = cfg.class_of
-        nb = len(cfg.attributes[b])
         n = len(labels) if labels is not None else len(captions)
         out = {k: torch.full((n,), -1, dtype=torch.long) for k in cfg.heads}
         if captions is not None:
             for i, cap in enumerate(captions):
                 for k, v in parse_caption(cap or "", cfg.attributes).items():
                     out[k][i] = v
+        if not cfg.class_of:
+            if labels is not None:
+                lab = torch.as_tensor(labels, dtype=torch.long).cpu()
+                out["class"] = torch.where((lab >= 0) & (lab < cfg.num_classes), lab, torch.full_like(lab, -1))
+            return out
+        a, b = cfg.class_of
+        nb = len(cfg.attributes[b])
         if labels is not None:
             lab = torch.as_tensor(labels, dtype=torch.long).cpu()
             ok = (lab >= 0) & (lab < cfg.num_classes)
@@ -180,8 +221,20 @@ class VideoProbe(L.LightningModule):
         return {k: 1.0 / n for k, n in self.config.heads.items()}
 
     # -------------------------------------------------------------------------------------------------- training
-    def _augment(self, video: Tensor) -> Tensor:
-        """A random temporal stride and start per batch (clips must hold num_frames * stride frames)."""
+    def _swap(self, y: Tensor, pairs: list[list[str]], m: Tensor) -> Tensor:
+        """Direction indices with each named pair swapped where ``m`` (a mirrored or reversed clip)."""
+        values = self.config.attributes[self.config.motion_attribute]
+        y = y.clone()
+        src = y.clone()
+        for a, b in pairs:
+            ia, ib = values.index(a), values.index(b)
+            y[m & (src == ia)] = ib
+            y[m & (src == ib)] = ia
+        return y
+
+    def _augment(self, video: Tensor, tgt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Random temporal stride/start per batch; per clip, time reversal and horizontal mirroring with the motion
+        labels swapped accordingly (``reverse_pairs``, ``mirror_pairs``); optional pixel noise."""
         cfg = self.config
         t = video.shape[2]
         strides = [s for s in cfg.temporal_strides if (cfg.num_frames - 1) * s + 1 <= t] or [max(1, t // cfg.num_frames)]
@@ -189,9 +242,23 @@ class VideoProbe(L.LightningModule):
         span = (cfg.num_frames - 1) * s + 1
         start = int(torch.randint(max(1, t - span + 1), ()))
         video = video[:, :, start:start + span:s]
+        tgt = dict(tgt)
+        d = cfg.motion_attribute
+        b = video.shape[0]
+        for pairs, dim in ((cfg.reverse_pairs, 2), (cfg.mirror_pairs, 4)):
+            if not pairs:
+                continue
+            m = torch.rand(b) < 0.5
+            video = torch.where(m.view(b, 1, 1, 1, 1).to(video.device), video.flip(dim), video)
+            tgt[d] = self._swap(tgt[d], pairs, m)
+        if cfg.class_of and d in cfg.class_of and (cfg.reverse_pairs or cfg.mirror_pairs):
+            a, c = cfg.class_of
+            nb = len(cfg.attributes[c])
+            ok = (tgt[a] >= 0) & (tgt[c] >= 0)
+            tgt["class"] = torch.where(ok, tgt[a] * nb + tgt[c], tgt["class"])
         if cfg.noise_std > 0:
             video = video + cfg.noise_std * torch.randn_like(video)
-        return video
+        return video, tgt
 
     def _loss(self, logits: dict[str, Tensor], tgt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         loss, accs = 0.0, {}
@@ -205,7 +272,8 @@ class VideoProbe(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         tgt = self.targets(batch.get("label"), batch.get("text"))
-        logits = self(self._augment(batch["video"]))
+        video, tgt = self._augment(batch["video"], tgt)
+        logits = self(video)
         loss, accs = self._loss(logits, tgt)
         bs = batch["video"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

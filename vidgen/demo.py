@@ -33,6 +33,37 @@ STAGES = [
 ]
 
 
+# issue 10 §1: what the demo must show on its held-out split; (stage, result key path, threshold, what)
+TARGETS = [
+    ("probe", ("accuracy", "class"), 0.95, "probe class accuracy on real val clips (the ceiling)"),
+    ("tokenizer", ("psnr",), 28.0, "MAGVIT 3D-VQ tokenizer PSNR (dB), procedural val clips"),
+    ("vae", ("psnr",), 30.0, "KL VAE PSNR (dB), procedural val clips"),
+    ("magvit", ("probe", "class", "accuracy"), 0.70, "MAGVIT class-conditional: probe class accuracy"),
+    ("magvit", ("probe_fp", "direction", "accuracy"), 0.70, "MAGVIT frame prediction: probe direction accuracy"),
+    ("latte", ("probe", "class", "accuracy"), 0.70, "Latte class-conditional: probe class accuracy"),
+]
+
+
+def target_rows(results: dict) -> list[tuple[str, float | None, float, bool | None]]:
+    """``(what, measured or None, threshold, met or None)`` for every §1 target (None: the stage did not run)."""
+    rows = []
+    for stage, path, threshold, what in TARGETS:
+        v = results.get(stage)
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        value = float(v) if isinstance(v, (int, float)) else None
+        rows.append((what, value, threshold, None if value is None else value >= threshold))
+    return rows
+
+
+def format_target(what: str, value: float | None, threshold: float, met: bool | None) -> str:
+    pct = threshold <= 1.0
+    fmt = (lambda x: f"{x * 100:.0f}%") if pct else (lambda x: f"{x:.2f}")
+    got = "not run" if value is None else fmt(value)
+    mark = "" if met is None else ("  ok" if met else "  BELOW TARGET")
+    return f"{what}: {got} (target >= {fmt(threshold)}){mark}"
+
+
 @dataclasses.dataclass
 class DemoContext:
     data_dir: Path
@@ -103,6 +134,47 @@ def stage_stream(ctx: DemoContext) -> dict:
                                              str(out / "val_clips.png")]}
 
 
+def probe_entries(results: dict) -> list[tuple[str, dict]]:
+    """``(label, {head: {"accuracy", "ceiling", "chance", "n"}})`` for every ``probe`` / ``probe_<what>`` entry of
+    the stage results (``report_samples`` makes them): the per-generator lines of the summary."""
+    out = []
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        for key in sorted(r):
+            v = r[key]
+            if (key == "probe" or key.startswith("probe_")) and isinstance(v, dict) and v and all(
+                    isinstance(h, dict) and "accuracy" in h for h in v.values()):
+                out.append((name if key == "probe" else f"{name}/{key[6:]}", v))
+    return out
+
+
+def format_probe_entry(entry: dict) -> str:
+    return "; ".join(f"{k} {v['accuracy'] * 100:.0f}% (" + (f"real {v['ceiling'] * 100:.0f}%, " if v.get("ceiling")
+                     is not None else "") + f"chance {v['chance'] * 100:.0f}%)" for k, v in entry.items())
+
+
+def _jsonable(res: dict) -> dict:
+    """The JSON-serialisable entries of a stage result (numbers, strings, paths, nested dicts/lists of those)."""
+    out = {}
+    for k, v in res.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children (data-loading workers): on a shared
+    machine this, not wall time, says what a stage costs on a quiet one."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _load(target: str):
     module, _, fn = target.partition(":")
     try:
@@ -129,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx = DemoContext(Path(args.data_dir), Path(args.out_dir), fast=args.fast, seed=args.seed)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     stages = [s for s in STAGES if not args.only or s[0] in args.only or s[0] == "data"]
-    t_all = time.perf_counter()
+    previous = ctx.out_dir / "summary.json"
+    if args.only and previous.exists():  # stages not rerun hand their last results (checkpoints) to later ones
+        with open(previous) as f:
+            for name, entry in json.load(f).items():
+                if name not in args.only and isinstance(entry.get("result"), dict):
+                    ctx.results[name] = entry["result"]
+        if ctx.results:
+            print(f"reusing the results of {sorted(ctx.results)} from {previous}", flush=True)
+    t_all, cpu_all = time.perf_counter(), _cpu_seconds()
     rows, failed = [], False
     for i, (name, target, what) in enumerate(stages, 1):
         fn = _load(target)
@@ -138,34 +218,35 @@ def main(argv: list[str] | None = None) -> int:
             print("    not implemented yet; skipped", flush=True)
             rows.append((name, "skipped (not implemented yet)", 0.0, []))
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         try:
             res = fn(ctx) or {}
         except Exception as e:  # keep going: later stages that do not depend on this one still run
             traceback.print_exc()
             res = {"summary": f"FAILED: {type(e).__name__}: {e}", "outputs": []}
             failed = True
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        res.setdefault("cpu_seconds", round(cpu, 1))
         ctx.results[name] = res
         rows.append((name, res.get("summary", ""), dt, res.get("outputs", [])))
-        print(f"    done in {dt:.1f}s", flush=True)
+        print(f"    done in {dt:.1f}s wall, {cpu:.1f}s CPU", flush=True)
     total = time.perf_counter() - t_all
-    lines = ["", "=" * 78, f"vidgen demo finished in {total:.0f}s; outputs under {ctx.out_dir}/", "=" * 78]
+    lines = ["", "=" * 78, f"vidgen demo finished in {total:.0f}s wall ({_cpu_seconds() - cpu_all:.0f}s CPU); outputs "
+             f"under {ctx.out_dir}/", "=" * 78]
     for name, summary, dt, outputs in rows:
-        lines.append(f"{name:<10} {dt:6.1f}s  {summary}")
+        cpu = ctx.results.get(name, {}).get("cpu_seconds")
+        lines.append(f"{name:<10} {dt:6.1f}s" + (f" ({cpu:.0f}s CPU)" if cpu is not None else "") + f"  {summary}")
         lines += [f"{'':<18}-> {o}" for o in outputs]
-    probe_rows = [(name, r) for name, r in ctx.results.items() if isinstance(r, dict) and r.get("probe")]
-    if probe_rows:
+    lines += ["", "issue-10 targets (held-out split):"] + [f"  {format_target(*r)}" for r in target_rows(ctx.results)]
+    ran = {name for name, *_ in rows}
+    entries = [(n, e) for n, e in probe_entries(ctx.results) if n.split("/")[0] in ran]
+    if entries:
         lines += ["", "probe accuracy on each generator's samples (real val clips = the ceiling; chance):"]
-        for name, r in probe_rows:
-            lines.append(f"{name:<10} " + "; ".join(
-                f"{k} {v['accuracy'] * 100:.0f}% (real {v['ceiling'] * 100:.0f}%, chance {v['chance'] * 100:.0f}%)"
-                if v.get("ceiling") is not None else f"{k} {v['accuracy'] * 100:.0f}% (chance {v['chance'] * 100:.0f}%)"
-                for k, v in r["probe"].items()))
+        lines += [f"{name:<10} {format_probe_entry(e)}" for name, e in entries]
     print("\n".join(lines), flush=True)
     with open(ctx.out_dir / "summary.json", "w") as f:
-        json.dump({n: {"summary": s, "seconds": round(d, 1), "outputs": o,
-                       **{k: ctx.results.get(n, {}).get(k) for k in ("probe", "metrics") if ctx.results.get(n, {}).get(k)}}
+        json.dump({n: {"summary": s, "seconds": round(d, 1), "cpu_seconds": ctx.results.get(n, {}).get("cpu_seconds"),
+                       "outputs": o, "result": _jsonable(ctx.results.get(n, {}))}
                    for n, s, d, o in rows}, f, indent=1)
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
-"""``vidgen fvd``: FVD between real shards and generated videos (mp4 directory or shards), reference I3D protocol.
+"""``vidgen fvd`` (= ``vidgen eval --metrics fvd``): FVD between real shards and generated videos (mp4 directory or
+shards), reference I3D protocol.
 
     vidgen convert-i3d --out i3d_k400.pt                 # once: reference Kinetics-400 weights
     vidgen fvd --real data/ucf/train --fake samples/ --i3d i3d_k400.pt
@@ -20,6 +21,12 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict | None:
+    """Parse ``vidgen fvd`` arguments, print the FVD line and return ``{"value", "n", "protocol"}`` (None: no --fake)."""
     from vidgen.callbacks.fvd import (FVD_NUM_SAMPLES, FVD_PROTOCOL, FeatureStats, FrechetVideoDistance, accumulate_source,
                                compute_real_stats, expand_sources, extractor_id)
     from vidgen.lightning_modules.nn.i3d import load_i3d
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"real: {real.n} clips", file=sys.stderr)
     if fake_paths is None:
         print("no --fake given: real statistics only", file=sys.stderr)
-        return 0
+        return None
     metric = FrechetVideoDistance(i3d, real_stats=real).to(args.device)
     counts = accumulate_source(metric, fake_paths, False, args.num_samples, args.batch_size, device=args.device)
     if counts["used"] < 2:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     value = float(metric.compute())
     print(f"fake: {counts['used']} clips; {time.time() - t0:.1f}s; protocol: {FVD_PROTOCOL}", file=sys.stderr)
     print(f"FVD {value:.4f}")
-    return 0
+    return {"value": value, "n": counts["used"], "protocol": FVD_PROTOCOL}
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ def probe_scores(probe, videos: torch.Tensor, labels=None, captions=None) -> tup
 
 def _names(probe, head: str) -> list[str]:
     cfg = probe.config
+    if head == "class" and not cfg.class_of:
+        return [str(i) for i in range(cfg.num_classes)]
     if head == "class":
         a, b = cfg.class_of
         return [f"{x} moving {y}" if b == "direction" else f"{x} {y}" for x in cfg.attributes[a]
@@ -199,7 +201,7 @@ def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captio
     pred = None
     if probe is not None and (labels is not None or captions is not None):
         scores, pred = probe_scores(probe, videos, labels, captions)
-        ceiling = (ctx.results.get("probe", {}) or {}).get("accuracy", {})
+        ceiling = ((getattr(ctx, "results", {}) or {}).get("probe", {}) or {}).get("accuracy", {})
         for k, v in scores.items():
             v["ceiling"] = ceiling.get(k)
         res["probe"] = scores

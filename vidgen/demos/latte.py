@@ -1,138 +1,114 @@
-"""Demo stage ``latte``: train a tiny class-conditional Latte (V1, S-AdaLN, DDPM + learned sigma) on latents of the
-demo clips, then sample one clip per class with DDPM (100 steps) and classifier-free guidance (spec latte_tora.md §1).
+"""Demo stage ``latte``: train a small class-conditional Latte (``configs/demo/latte.yaml``: variant 1, S-AdaLN,
+DDPM eps + learned sigma; spec latte_tora.md §1) on cached latents of the demo's KL VAE, then sample ``per_class``
+clips for each procedural class (DDIM + classifier-free guidance, EMA weights) and score them with the probe
+(issue 10 §1: >= 70% classified as their class).
 
-Latents: the tokenizer stage's checkpoint when it is a continuous (KL / plain AE) tokenizer; otherwise (a VQ/LFQ
-tokenizer, or none) a labelled pixel-space stand-in: 32x32 frames average-pooled 2x ("pixels", not a VAE). The clips are
-encoded once and training reads them as cached latents (``batch["latents"]``), the path ``vidgen tokenize`` shards
-feed. Writes to ``<out>/latte/``: ``samples.{png,mp4}`` (one row per class), ``real.png``, ``loss.txt`` and
-``latte_tiny.ckpt``. Training runs for a fixed time budget (90 s, 15 s with --fast) on one thread: expect blurry
-coloured blobs moving, not clean shapes (about 2000 steps start to show them).
+Latents: the ``vae`` stage's checkpoint (a continuous tokenizer), its posterior means for every train clip encoded
+once (``batch["latents"]``, the path ``vidgen tokenize`` shards feed); ``vae.scale_factor`` is set to 1/std of those
+latents so the diffusion sees unit-variance data (Latte §4.1 uses SD's 0.18215 for the same purpose). Without a VAE
+checkpoint the stage says so and stops. Writes ``<out>/latte/``: ``samples.{npz,png,mp4}``, ``loss.txt``,
+``latte_tiny.ckpt``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-CLASSES_SHOWN = 8  # square and circle, moving left/right/up/down
-
-
-def _vae_config(ctx) -> tuple[dict, int, int, str]:
-    """(vae config, num_frames, resolution, description): the demo tokenizer when it has continuous latents."""
-    results = getattr(ctx, "results", {}) or {}
-    for stage in ("vae", "tokenizer"):  # the KL VAE stage first; the tokenizer stage is VQ in the default demo
-        ckpt = (results.get(stage, {}) or {}).get("checkpoint")
-        if ckpt and Path(ckpt).exists():
-            break
-    if ckpt and Path(ckpt).exists():
-        from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
-
-        try:
-            vae = latent_autoencoder({"kind": "tokenizer", "path": str(ckpt)})
-        except ValueError as e:  # a VQ / LFQ tokenizer: discrete codes
-            ctx.log(f"tokenizer checkpoint not usable for latent diffusion ({str(e).split(':')[0]})")
-        else:
-            tok = vae.model
-            frames = int(getattr(tok, "num_frames", 8))
-            return ({"kind": "tokenizer", "path": str(ckpt)}, frames, int(getattr(tok, "resolution", 64)),
-                    f"KL tokenizer latents {vae.latent_shape(frames, tok.resolution, tok.resolution)} from {ckpt}")
-    return ({"kind": "pixels", "factor": 2}, 8, 32,
-            "PIXEL STAND-IN (32x32 frames average-pooled 2x to 3x16x16; no KL tokenizer checkpoint available)")
-
-
-def _cached_latent_batches(model, dm, n_batches: int) -> tuple[list[dict], torch.Tensor]:
-    batches, real = [], None
-    it = iter(dm.train_dataloader())
-    for _ in range(n_batches):
-        try:
-            b = next(it)
-        except StopIteration:
-            break
-        with torch.no_grad():
-            z = model.vae.encode(b["video"]) / model.vae.scale_factor  # raw latents, as `vidgen tokenize` stores
-        batches.append({"latents": z, "label": b["label"]})
-        real = b["video"] if real is None else real
-    return batches, real
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "latte.yaml"
 
 
 def run(ctx) -> dict:
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
+    import yaml
 
     from vidgen.callbacks.ema import EMA, ema_weights
-    from vidgen.runtime import run_layout
-    from vidgen.datamodules import VideoDataModule
+    from vidgen.demos.common import load_clips, manifest, report_samples
     from vidgen.lightning_modules.latte import Latte
-    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
+    from vidgen.lightning_modules.nn.vae import LatentAutoencoder
 
     out = Path(ctx.out_dir) / "latte"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(ctx.seed)
-    manifest = json.loads((Path(ctx.data_dir) / "manifest.json").read_text())
-    num_classes = int(manifest.get("num_classes", 14))
-    vae, frames, resolution, what = _vae_config(ctx)
-    ctx.log(f"latents: {what}")
+    ckpt = ((getattr(ctx, "results", {}) or {}).get("vae", {}) or {}).get("checkpoint")
+    if not ckpt or not Path(ckpt).exists():
+        return {"summary": "skipped: the vae stage left no checkpoint (run it first)", "outputs": []}
+    cfg = yaml.safe_load(CONFIG.read_text())
+    margs, dargs = dict(cfg["model"]["init_args"]), cfg["data"]["init_args"]
+    steps = int(cfg["trainer"]["max_steps"]) // (4 if ctx.fast else 1)
+    bs = int(dargs["batch_size"])
+    T, R = int(margs["num_frames"]), int(margs["resolution"])
+    L.seed_everything(ctx.seed, verbose=False)
 
-    patch = 4 if vae["kind"] == "pixels" else 2  # 16x16 stand-in latents: 4x4 patches keep 16 tokens per frame
-    model = Latte(size="S", patch_size=patch, depth=4, hidden_size=96, num_heads=4, variant=1, condition="class",
-                  num_classes=num_classes, class_dropout_prob=0.1, num_frames=frames, resolution=resolution, vae=vae,
-                  lr=2e-3, grad_clip_norm=1.0, sampler="ddpm", sample_steps=100, cfg_scale=3.0)
-    cfg = model.config
-    ctx.log(f"Latte V1: {cfg.depth} blocks, d={cfg.hidden_size}, latents {cfg.num_frames}x{cfg.in_channels}x"
-            f"{cfg.input_size}^2, {sum(p.numel() for p in model.model.parameters()) / 1e6:.2f}M parameters")
-    # flip=False: a mirrored clip would contradict its "moving left/right" label
-    dm = VideoDataModule(train_shards=str(Path(ctx.data_dir) / "train"), seed=ctx.seed, num_frames=frames,
-                         frame_stride=2, resolution=resolution, crop="center", flip=False, batch_size=8, num_workers=0)
-    dm.setup("fit")
+    # cache the raw latents of every train clip once; unit variance through vae.scale_factor
+    vae_cfg = {**margs.get("vae", {}), "kind": "tokenizer", "path": str(ckpt), "scale_factor": 1.0}
+    vae = LatentAutoencoder(vae_cfg)
+    train = load_clips(ctx, "train", T, R, int(dargs.get("frame_stride", 1)))
     t0 = time.perf_counter()
-    batches, real = _cached_latent_batches(model, dm, 6 if ctx.fast else 16)
-    ctx.log(f"encoded {sum(len(b['label']) for b in batches)} clips once in {time.perf_counter() - t0:.1f}s")
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(train["video"][i:i + 32]) for i in range(0, len(train["label"]), 32)])
+    std = float(lat.std())
+    margs["vae"] = {**vae_cfg, "scale_factor": round(1.0 / std, 5)}
+    ctx.log(f"encoded {len(lat)} train clips to latents {tuple(lat.shape[1:])} in {time.perf_counter() - t0:.1f}s; "
+            f"latent std {std:.3f} -> vae.scale_factor {1 / std:.4f}")
+    model = Latte(**margs)
+    c = model.config
+    ctx.log(f"Latte V{c.variant}: {c.depth} blocks, d={c.hidden_size}, latents {c.num_frames}x{c.in_channels}x"
+            f"{c.input_size}^2, {sum(p.numel() for p in model.model.parameters()) / 1e6:.2f}M parameters; {steps} "
+            f"steps of batch {bs}")
+    g = torch.Generator().manual_seed(ctx.seed)
+    labels_all = train["label"]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                j = torch.randint(len(labels_all), (bs,), generator=g)
+                yield {"latents": lat[j], "label": labels_all[j]}
 
     losses: list[float] = []
 
-    class Record(Callback):
+    class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    budget = 15 if ctx.fast else 90  # seconds of training (about 600-900 steps on a free CPU core)
+    ema_args = next((dict(cb.get("init_args", {})) for cb in cfg["trainer"].get("callbacks", [])
+                     if str(cb.get("class_path", "")).endswith("ema.EMA")), {"decay": 0.99})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small is bound by per-op overhead: one thread is fastest (restored below)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=150 if ctx.fast else 1500,
-                        max_time={"seconds": budget}, enable_progress_bar=False, enable_model_summary=False,
-                        **run_layout(str(out), [EMA(decay=0.99), Record()]))
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True)
-    t0 = time.perf_counter()
     try:
-        trainer.fit(model, train_dataloaders=loader)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[EMA(**ema_args), Record()])
+        t0 = time.perf_counter()
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=None))
         train_s = time.perf_counter() - t0
-        steps = len(losses)
-        k = max(1, min(20, steps // 4))
+        k = max(1, min(50, len(losses) // 5))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        ctx.log(f"{steps} steps in {train_s:.0f}s ({steps / train_s:.1f} steps/s); loss {first:.3f} -> {last:.3f} "
-                f"(mean of the first/last {k})")
+        ctx.log(f"{len(losses)} steps in {train_s:.0f}s; loss {first:.3f} -> {last:.3f}; every 10%: "
+                + ", ".join(f"{sum(losses[i:i + k]) / k:.3f}" for i in range(0, len(losses), max(1, len(losses) // 10))))
         (out / "loss.txt").write_text("\n".join(f"{i} {v:.5f}" for i, v in enumerate(losses)) + "\n")
         trainer.save_checkpoint(str(out / "latte_tiny.ckpt"), weights_only=False)
 
-        shown = min(CLASSES_SHOWN, num_classes)
+        n_proc = int(manifest(ctx).get("procedural_classes", 12))
+        per_class = 2 if ctx.fast else 4
+        labels = torch.arange(n_proc).repeat_interleave(per_class)
         g = torch.Generator().manual_seed(ctx.seed)
         t0 = time.perf_counter()
-        with ema_weights(model):
-            videos = model.generate({"label": torch.arange(shown)}, generator=g)
+        with torch.no_grad(), ema_weights(model):
+            videos = torch.cat([model.generate({"label": labels[i:i + 24]}, generator=g)
+                                for i in range(0, len(labels), 24)])
+        sample_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
-    ctx.log(f"sampled {shown} clips (DDPM 100, CFG 3.0, EMA weights) in {time.perf_counter() - t0:.1f}s; rows = "
-            + ", ".join(manifest.get("classes", [str(i) for i in range(num_classes)])[:shown]))
-    write_grid_png(str(out / "samples.png"), videos, max_frames=frames)
-    save_video_grid_mp4(str(out / "samples.mp4"), videos, fps=4, nrow=4)
-    write_grid_png(str(out / "real.png"), real[:shown], max_frames=frames)
-    stand_in = vae["kind"] == "pixels"
+    ctx.log(f"sampled {len(labels)} clips ({model.sampler} {model.sample_steps} steps, CFG {model.cfg_scale}, EMA "
+            f"weights) in {sample_s:.0f}s")
+    rep = report_samples(ctx, "latte", videos, labels=labels)
+    acc = rep.get("probe", {}).get("class", {}).get("accuracy")
     return {
-        "summary": f"{steps} steps, loss {first:.3f} -> {last:.3f}; {shown} class-conditional samples"
-                   + (" [pixel stand-in latents]" if stand_in else " [KL tokenizer latents]"),
-        "steps": steps, "loss_first": first, "loss_last": last, "latents": what,
-        "checkpoint": str(out / "latte_tiny.ckpt"),
-        "outputs": [str(out / "samples.png"), str(out / "samples.mp4"), str(out / "real.png"), str(out / "loss.txt")],
+        "summary": f"{len(losses)} steps in {train_s:.0f}s, loss {first:.3f} -> {last:.3f}; probe class accuracy "
+                   + (f"{acc * 100:.0f}%" if acc is not None else "n/a (no probe)") + f" on {len(labels)} samples",
+        "steps": len(losses), "loss_first": first, "loss_last": last, "checkpoint": str(out / "latte_tiny.ckpt"),
+        "probe": rep.get("probe"), "metrics": {"class_accuracy": acc, "latent_scale_factor": 1 / std},
+        "samples": rep["samples"], "outputs": rep["outputs"] + [str(out / "loss.txt")],
     }

@@ -1,18 +1,26 @@
-"""Demo stage ``magvit``: train the tiny MAGVIT transformer (CG + FP, COMMIT) on the demo tokenizer's tokens, then
-sample class-conditional clips and frame-prediction clips conditioned on real footage (spec magvit.md Parts 2–3).
+"""Demo stage ``magvit``: train one MAGVIT transformer on class-conditional generation and frame prediction
+(``configs/demo/magvit.yaml``: CG + FP, COMMIT) over the demo tokenizer's tokens, then sample and score
+(spec magvit.md Parts 2-3; issue 10 §1):
 
-Writes to ``<out>/magvit/``: ``class_conditional.{png,mp4}``, ``frame_prediction.{png,mp4}`` (rows: condition
-video, prediction, ground truth), ``loss.txt`` and ``magvit_tiny.pt`` (hyper-parameters + weights).
+- CG: ``per_class`` clips for each of the 12 procedural classes -> ``<out>/magvit/cg/samples.{npz,png,mp4}``; the
+  probe's class accuracy is the target (>= 70%).
+- FP: every procedural val clip, given its first latent frame (``condition_frames``) ->
+  ``<out>/magvit/fp/samples.npz`` (with ``cond_videos``); reported: PSNR of the given frames as the model decodes
+  them (vs. the tokenizer's own reconstruction of them) — pasted back in the saved samples — and the probe's
+  direction accuracy of the continued motion (the target, >= 70%).
+
+The tokenizer's encodings are cached per batch (``_MemoTokenizer``): the fixed training batches are tokenised once.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "magvit.yaml"
 
 
 class _MemoTokenizer(nn.Module):
@@ -41,94 +49,101 @@ class _MemoTokenizer(nn.Module):
         return self.tok.decode(tokens)
 
 
-def _batches(dm, split: str, n: int) -> list[dict]:
-    it = iter(dm.train_dataloader() if split == "train" else dm.val_dataloader())
-    out = []
-    for _ in range(n):
-        try:
-            b = next(it)
-        except StopIteration:
-            break
-        out.append({k: b[k] for k in ("video", "label")})
-    return out
-
-
 def run(ctx) -> dict:
-    from vidgen.datamodules import VideoDataModule
+    import lightning as L
+    import yaml
+
+    from vidgen.demos.common import load_clips, manifest, report_samples
+    from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
-    from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "magvit"
     out.mkdir(parents=True, exist_ok=True)
     ckpt = (getattr(ctx, "results", {}) or {}).get("tokenizer", {}).get("checkpoint")
     if not ckpt or not Path(ckpt).exists():
         return {"summary": "skipped: the tokenizer stage left no checkpoint (run it first)", "outputs": []}
-    torch.manual_seed(ctx.seed)
+    cfg = yaml.safe_load(CONFIG.read_text())
+    margs, dargs = dict(cfg["model"]["init_args"]), cfg["data"]["init_args"]
+    steps = int(cfg["trainer"]["max_steps"]) // (4 if ctx.fast else 1)
+    bs = int(dargs["batch_size"])
+    L.seed_everything(ctx.seed, verbose=False)
     tok = VideoTokenizer.load_frozen(str(ckpt))
     T, R = int(tok.num_frames), int(tok.resolution)
     grid = tok.token_shape(T, R, R)
-    manifest = json.loads((Path(ctx.data_dir) / "manifest.json").read_text())
-    num_classes = int(manifest.get("num_classes", 14))
-    real_label = int(manifest.get("real_footage_label", -1))
-    c_frames = max(1, T // grid[0])  # one latent frame of context
-    ctx.log(f"tokenizer {ckpt}: {T}x{R}^2 -> tokens {tuple(grid)}, {tok.codebook_size} codes; FP given {c_frames} "
-            f"frame(s)")
+    m = manifest(ctx)
+    n_proc = int(m.get("procedural_classes", 12))
+    margs.update(tokenizer_path=str(ckpt), num_frames=T, resolution=R, total_steps=steps, seed=ctx.seed)
+    model = MaskedVideoTransformer(**margs)
+    model.attach_tokenizer(_MemoTokenizer(model.tokenizer))
+    c = model.config
+    ctx.log(f"tokenizer {ckpt}: {T}x{R}^2 -> tokens {tuple(grid)}, {tok.codebook_size} codes; transformer "
+            f"{c.depth or 'tiny'}x{c.hidden or ''} ({sum(p.numel() for p in model.net.parameters()) / 1e3:.0f}K "
+            f"params), tasks {c.tasks}; FP given {c.condition_frames} frame(s); {steps} steps of batch {bs}")
 
-    model = MaskedVideoTransformer(
-        size="tiny", tasks=["CG", "FP"], multi_task=True, num_classes=num_classes, num_frames=T, resolution=R,
-        condition_frames=c_frames, codebook_size=tok.codebook_size, token_shape=list(grid), dropout=0.0,
-        attn_dropout=0.0, warmup_steps=0, seed=ctx.seed)
-    model.attach_tokenizer(_MemoTokenizer(tok))
+    train = load_clips(ctx, "train", T, R)
+    g = torch.Generator().manual_seed(ctx.seed)
+    perm = torch.randperm(len(train["label"]), generator=g)
+    batches = [{"video": train["video"][perm[i:i + bs]], "label": train["label"][perm[i:i + bs]]}
+               for i in range(0, len(perm) - bs + 1, bs)]  # fixed batches: each is tokenised once
+    losses: list[float] = []
 
-    dm = VideoDataModule(train_shards=str(Path(ctx.data_dir) / "train"), val_shards=str(Path(ctx.data_dir) / "val"),
-                         seed=ctx.seed, num_frames=T, resolution=R, batch_size=8, num_workers=1, crop="center")
-    dm.setup("fit")
-    n_batches = 4 if ctx.fast else 12
-    steps = 60 if ctx.fast else 300
-    train = _batches(dm, "train", n_batches)
-    opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045)
-    model.train()
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        task = model.schedule[step]
-        ratio = model.commit.sample_ratio(model._step_generator(step), model.num_tokens)
-        res = model.commit_loss(train[step % len(train)], task, ratio)
-        opt.zero_grad(set_to_none=True)
-        res["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.net.parameters(), 1.0)
-        opt.step()
-        losses.append(res["loss"].item())
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            ctx.log(f"step {step:4d} {task:3s} loss {res['loss']:.3f} (refine {res['refine']:.3f} mask "
-                    f"{res['mask']:.3f} recons {res['recons']:.3f}) r={ratio:.2f}")
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=cfg["trainer"].get("gradient_clip_val"), callbacks=[Record()])
+    t0 = time.perf_counter()
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True))
     dt = time.perf_counter() - t0
     (out / "loss.txt").write_text("\n".join(f"{x:.5f}" for x in losses) + "\n")
-    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(),
-                "tokenizer_checkpoint": str(ckpt)}, out / "magvit_tiny.pt")
+    k = max(1, min(20, len(losses) // 5))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    ctx.log(f"{len(losses)} steps in {dt:.0f}s; loss {first:.2f} -> {last:.2f}; loss every 10%: "
+            + ", ".join(f"{sum(losses[i:i + k]) / k:.2f}" for i in range(0, len(losses), max(1, len(losses) // 10))))
+    trainer.save_checkpoint(str(out / "magvit_tiny.ckpt"), weights_only=False)
+    model.eval()
 
+    # class-conditional generation: every procedural class, per_class samples each
+    per_class = 2 if ctx.fast else 4
+    labels = torch.arange(n_proc).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(ctx.seed)
-    labels = torch.tensor([0, 1, 4, 9])  # square left/right, circle left, triangle right
-    cg = model.generate({"label": labels}, task="CG", generator=g)
-    write_grid_png(str(out / "class_conditional.png"), cg, max_frames=8)
-    save_video_grid_mp4(str(out / "class_conditional.mp4"), cg, fps=8)
+    t0 = time.perf_counter()
+    cg = torch.cat([model.generate({"label": labels[i:i + 24]}, task="CG", generator=g)
+                    for i in range(0, len(labels), 24)])
+    ctx.log(f"sampled {len(labels)} CG clips in {time.perf_counter() - t0:.0f}s")
+    rep_cg = report_samples(ctx, "magvit/cg", cg, labels=labels)
 
-    val = _batches(dm, "val", 8)
-    clips = [b["video"][b["label"] == real_label] for b in val]
-    real = torch.cat(clips) if clips else torch.empty(0)
-    source = "real footage"
-    if real.shape[0] == 0:
-        real, source = val[0]["video"], "demo clips (no real footage found in val)"
-    real = real[:4]
-    fp = model.generate({"video": real}, task="FP", generator=g)
-    cond_video, _ = TASKS["FP"].condition_video(real, c_frames, model.config.pad_value)
-    rows = torch.cat([cond_video, fp, real])
-    write_grid_png(str(out / "frame_prediction.png"), rows, max_frames=8)
-    save_video_grid_mp4(str(out / "frame_prediction.mp4"), rows, fps=8, nrow=real.shape[0])
-    first, last = sum(losses[:10]) / min(10, len(losses)), sum(losses[-10:]) / min(10, len(losses))
-    summary = (f"tiny MTM ({sum(p.numel() for p in model.net.parameters()) / 1e3:.0f}K params) {steps} steps in "
-               f"{dt:.0f}s, loss {first:.2f} -> {last:.2f}; sampled {len(labels)} CG clips and {real.shape[0]} FP "
-               f"clips from {source} in 12 steps")
-    return {"summary": summary, "loss_first": first, "loss_last": last, "checkpoint": str(out / "magvit_tiny.pt"),
-            "outputs": [str(out / n) for n in ("class_conditional.png", "class_conditional.mp4",
-                                               "frame_prediction.png", "frame_prediction.mp4")]}
+    # frame prediction from the procedural val clips
+    val = load_clips(ctx, "val", T, R, procedural_only=True, max_clips=24 if ctx.fast else None)
+    frames = c.condition_frames
+    real = val["video"]
+    model.config.replace_condition_pixels = False  # measure what the model itself decodes for the given frames
+    fp = torch.cat([model.generate({"video": real[i:i + 24]}, task="FP", generator=g)
+                    for i in range(0, len(real), 24)])
+    with torch.no_grad():
+        tok_rec = tok.decode(tok.encode(real)).clamp(-1, 1)
+    given_psnr = float(psnr_per_clip(fp[:, :, :frames], real[:, :, :frames]).mean())
+    tok_psnr = float(psnr_per_clip(tok_rec[:, :, :frames], real[:, :, :frames]).mean())
+    cond_video, given = TASKS["FP"].condition_video(real, frames, c.pad_value)
+    fp = torch.where(given, real, fp)  # paste-back (replace_condition_pixels), as the config samples
+    model.config.replace_condition_pixels = bool(margs.get("replace_condition_pixels", False))
+    rep_fp = report_samples(ctx, "magvit/fp", fp, labels=val["label"], cond=cond_video)
+    ctx.log(f"FP given frames: {given_psnr:.2f} dB as decoded by the model (the tokenizer's own: {tok_psnr:.2f} dB), "
+            "pasted back in the samples")
+
+    cg_acc = rep_cg.get("probe", {}).get("class", {}).get("accuracy")
+    fp_dir = rep_fp.get("probe", {}).get("direction", {}).get("accuracy")
+    summary = (f"{len(losses)} steps in {dt:.0f}s, loss {first:.2f} -> {last:.2f}; CG probe class accuracy "
+               + (f"{cg_acc * 100:.0f}%" if cg_acc is not None else "n/a (no probe)")
+               + f" on {len(labels)} samples; FP direction accuracy "
+               + (f"{fp_dir * 100:.0f}%" if fp_dir is not None else "n/a")
+               + f" on {len(real)} val clips, given frames {given_psnr:.1f} dB decoded (tokenizer {tok_psnr:.1f} dB)")
+    return {"summary": summary, "loss_first": first, "loss_last": last, "checkpoint": str(out / "magvit_tiny.ckpt"),
+            "probe": rep_cg.get("probe"), "probe_fp": rep_fp.get("probe"),
+            "metrics": {"cg_class_accuracy": cg_acc, "fp_direction_accuracy": fp_dir,
+                        "fp_given_frames_psnr_db": round(given_psnr, 2), "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
+            "samples": [rep_cg["samples"], rep_fp["samples"]],
+            "outputs": rep_cg["outputs"] + rep_fp["outputs"] + [str(out / "loss.txt")]}

@@ -108,7 +108,7 @@ def run(ctx) -> dict:
             batches.append({"video": clips[i, :, f], "text": [texts[j] for j in i.tolist()]})
         losses, secs, tr = _fit(clip, batches, BUDGET["clip"] * scale, len(batches))
         ckpt_clip = str(out / "clip_tiny.ckpt")
-        tr.save_checkpoint(ckpt_clip)
+        tr.save_checkpoint(ckpt_clip, weights_only=False)
         clip.eval()
         with torch.no_grad():
             mid = val["video"][:, :, t_src // 2]
@@ -140,7 +140,7 @@ def run(ctx) -> dict:
                             "text_tokens": tc["text_tokens"][c], "text_mask": tc["text_mask"][c]})
         losses, secs, tr = _fit(prior, batches, BUDGET["prior"] * scale, len(batches), ema=True)
         ckpt_prior = str(out / "prior_tiny.ckpt")
-        tr.save_checkpoint(ckpt_prior)
+        tr.save_checkpoint(ckpt_prior, weights_only=False)
         ctx.log(f"prior: {_loss_line(losses)} in {secs:.0f}s")
 
         # 3. decoder D on single frames (y_e = the frame's own CLIP embedding) -----------------------------------------
@@ -153,7 +153,7 @@ def run(ctx) -> dict:
             batches.append({"video": clips[i, :, f], "image_embed": frame_emb[i, f]})
         losses, secs, tr = _fit(dec, batches, BUDGET["image"] * scale, len(batches), ema=True)
         ckpt_d = str(out / "decoder_image_tiny.ckpt")
-        tr.save_checkpoint(ckpt_d)
+        tr.save_checkpoint(ckpt_d, weights_only=False)
         ctx.log(f"D (image stage): {_loss_line(losses)} in {secs:.0f}s, "
                 f"{sum(p.numel() for p in dec.unet.parameters()) / 1e6:.2f}M parameters")
 
