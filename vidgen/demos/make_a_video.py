@@ -167,7 +167,7 @@ def run(ctx) -> dict:
             v, fps, first = _fps_clips(clips[i], rng)
             batches.append({"video": v, "image_embed": frame_emb[i, first], "fps": fps})  # y_e of frame 0 of the clip
         losses, secs, tr = _fit(dect, batches, BUDGET["video"] * scale, len(batches), ema=True)
-        tr.save_checkpoint(str(out / "decoder_video_tiny.ckpt"))
+        tr.save_checkpoint(str(out / "decoder_video_tiny.ckpt"), weights_only=False)
         new = sum(p.numel() for _, p in dect.unet.new_video_parameters())
         ctx.log(f"D^t (video stage, no captions): {_loss_line(losses)} in {secs:.0f}s; "
                 f"{new / 1e6:.2f}M new temporal/fps parameters, spatial lr x0.5")
