@@ -82,9 +82,9 @@ def test_latte_latent_size_is_checked_before_the_model_is_built(capsys, tmp_path
 def test_dropped_callbacks_warn(capsys, cfg, tmp_path):
     with open(tmp_path / "base.yaml", "w") as f:
         yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "vidgen.callbacks.ema.EMA"},
-                                                  {"class_path": "vidgen.callbacks.throughput.ThroughputMonitor"}]}}, f)
+                                                  {"class_path": "vidgen.callbacks.throughput.VideoThroughputMonitor"}]}}, f)
     with open(tmp_path / "over.yaml", "w") as f:
-        yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "vidgen.callbacks.throughput.ThroughputMonitor"}]}}, f)
+        yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "vidgen.callbacks.throughput.VideoThroughputMonitor"}]}}, f)
     code, out, err = vidgen(capsys, "fit", "--config", cfg, "--config", "base.yaml", "--config", "over.yaml",
                             "--print_config")
     assert code == 0
