@@ -463,6 +463,7 @@ def _reap_workers_at_exit() -> None:
         return
     _REAPER.append(os.getpid())
     import atexit
+    import multiprocessing.util  # noqa: F401 - registers its own exit hook now, so ours (registered after) runs first
 
     def reap():
         import multiprocessing as mp
