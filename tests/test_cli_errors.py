@@ -89,7 +89,7 @@ def test_dropped_callbacks_warn(capsys, cfg, tmp_path):
                             "--print_config")
     assert code == 0
     assert "over.yaml sets trainer.callbacks" in err and "drops EMA" in err and "--trainer.callbacks+=" in err
-    assert [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(out)["trainer"]["callbacks"]] == ["ThroughputMonitor"]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(out)["trainer"]["callbacks"]] == ["VideoThroughputMonitor"]
 
 
 def test_too_broken_data_is_one_line_with_the_traceback_in_the_log(capsys, tmp_path, monkeypatch):
