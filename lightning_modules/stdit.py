@@ -52,6 +52,7 @@ from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffus
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_2d
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
+from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
 __all__ = [
     "STDiTConfigError",
@@ -638,7 +639,7 @@ class STDiT(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.validate_config(dict(self.hparams))
-        self.vae = LatentAutoencoder(vae or {})
+        self.vae = latent_autoencoder(vae or {})
         self.text_encoder = build_text_encoder(self._text_config(text_encoder))
         net = dict(STDIT3_MODELS[size])
         net.update({k: v for k, v in (("depth", depth), ("hidden_size", hidden_size), ("num_heads", num_heads))

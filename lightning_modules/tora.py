@@ -43,6 +43,7 @@ from vidgen.lightning_modules.nn.trajectory import (
     sample_sparse_trajectories,
 )
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
+from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 from vidgen.lightning_modules.stdit import STDiT, STDiTConfigError, _pixel_size
 
 __all__ = [
@@ -309,7 +310,7 @@ class Tora(STDiT):
                 VAEConfig.coerce(motion_vae).validate()
             except (ValueError, TypeError, FileNotFoundError) as e:
                 raise ToraConfigError(f"motion_vae: {e}") from None
-            self.motion_vae = LatentAutoencoder(motion_vae)
+            self.motion_vae = latent_autoencoder(motion_vae)
             if getattr(self.motion_vae, "from_file", False):
                 keep_out_of_checkpoints(self, ["motion_vae."])
         else:

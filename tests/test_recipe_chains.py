@@ -15,7 +15,10 @@ CHAIN_KEYS = ("tokenizer_path", "path")
 
 
 def _recipes():
-    return sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")) if "/trainer/" not in p)
+    # configs/trainer/ are trainer fragments; configs/demo/ are the demo's own stage configs (the demo passes its
+    # stages' checkpoints in), not user recipes
+    return sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))
+                  if "/trainer/" not in p and "/demo/" not in p)
 
 
 def _load(path):

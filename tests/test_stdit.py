@@ -558,8 +558,7 @@ def test_config_errors_name_the_key():
 
 
 def test_causal_vae_micro_chunks_17_frames_to_5_latents(tmp_path):
-    from vidgen.lightning_modules.nn.vae import LatentAutoencoder
-    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer, latent_autoencoder
 
     tok = VideoTokenizer(arch={"kind": "magvit2", "filters": 4, "channel_multipliers": [1, 1, 1],
                                "temporal_downsample": [True, True], "num_res_blocks": 1, "norm_groups": 2,
@@ -569,7 +568,7 @@ def test_causal_vae_micro_chunks_17_frames_to_5_latents(tmp_path):
     path = tmp_path / "vae.ckpt"
     torch.save({"hyper_parameters": dict(tok.hparams), "state_dict": tok.state_dict()}, path)
     with pytest.warns(UserWarning, match="no EMA"):
-        vae = LatentAutoencoder({"kind": "tokenizer", "path": str(path), "micro_frame_size": 17, "sample": False})
+        vae = latent_autoencoder({"kind": "tokenizer", "path": str(path), "micro_frame_size": 17, "sample": False})
     assert vae.latent_shape(17, 8, 8)[1] == 5 and vae.latent_shape(34, 8, 8)[1] == 10  # 17 -> 5, 34 -> 2 x 5
     assert vae.video_frames(5) == 17 and vae.video_frames(10) == 34
     video = torch.rand(1, 3, 34, 8, 8) * 2 - 1

@@ -27,7 +27,7 @@ def run(ctx) -> dict:
     from vidgen.callbacks.ema import EMA, ema_weights
     from vidgen.demos.common import load_clips, manifest, report_samples
     from vidgen.lightning_modules.latte import Latte
-    from vidgen.lightning_modules.nn.vae import LatentAutoencoder
+    from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
     out = Path(ctx.out_dir) / "latte"
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def run(ctx) -> dict:
 
     # cache the raw latents of every train clip once; unit variance through vae.scale_factor
     vae_cfg = {**margs.get("vae", {}), "kind": "tokenizer", "path": str(ckpt), "scale_factor": 1.0}
-    vae = LatentAutoencoder(vae_cfg)
+    vae = latent_autoencoder(vae_cfg)
     train = load_clips(ctx, "train", T, R, int(dargs.get("frame_stride", 1)))
     t0 = time.perf_counter()
     with torch.no_grad():
