@@ -589,7 +589,7 @@ def test_recipes_validate_before_any_work():
     tiny = yaml.safe_load((root / "t2v_tiny.yaml").read_text())
     STDiT.validate_config(tiny["model"]["init_args"])
     full = yaml.safe_load((root / "t2v.yaml").read_text())
-    with pytest.raises(STDiTConfigError, match="pretrained/t5-v1_1-xxl|runs/stdit_vae"):  # local files, named
+    with pytest.raises(STDiTConfigError, match="pretrained/t5-v1_1-xxl|runs/vae/"):  # local files, named
         STDiT.validate_config(full["model"]["init_args"])
     buckets = BucketConfig(full["data"]["init_args"]["bucket_config"])
     b = buckets.assign(60, 144, 256, seed=(0,))  # only 144p is small enough; 60 frames > 51 kept with p = 1
