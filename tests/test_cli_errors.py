@@ -69,13 +69,13 @@ def test_flag_and_file_errors(capsys, cfg, tmp_path, shards):
     assert not (tmp_path / "runs").exists()
 
 
-def test_latte_latent_size_is_checked_before_the_model_is_built(capsys, tmp_path, monkeypatch):
+def test_latte_latent_size_is_checked_before_the_model_is_built(capsys, tmp_path, monkeypatch, shards):
     from cliutil import ROOT
 
     monkeypatch.chdir(tmp_path)
     msg = one_error(capsys, "fit", "--config", os.path.join(ROOT, "configs/latte/ucf101_tiny.yaml"),
-                    "--data.init_args.resolution", "36", "--data.init_args.train_shards", os.path.join(ROOT, "data/demo/train"),
-                    "--data.init_args.val_shards", os.path.join(ROOT, "data/demo/val"))
+                    "--data.init_args.resolution", "36", "--data.init_args.train_shards", shards,
+                    "--data.init_args.val_shards", shards)
     assert "latent size 9" in msg and "patch_size 2" in msg and "resolution" in msg
 
 
