@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from cliutil import probe_config
+from cliutil import run_cli, probe_config
 from shardgen import write_shards
 from vidgen import cli
 
@@ -96,7 +96,14 @@ def test_too_broken_data_is_one_line_with_the_traceback_in_the_log(capsys, tmp_p
     monkeypatch.chdir(tmp_path)
     write_shards(str(tmp_path / "bad"), 1, 8, frames=10, corrupt=set(range(7)))
     probe_config(tmp_path / "b.yaml", str(tmp_path / "bad"), steps=3, workers=1, batch=1)
-    msg = one_error(capsys, "fit", "--config", "b.yaml", "--data.init_args.bad_min_samples", "4", code=1)
+    # a subprocess, as the user meets it (in-process, the crashed fit leaked optimizer state into later tests)
+    p = run_cli(["fit", "--config", "b.yaml", "--data.init_args.bad_min_samples", "4"], cwd=tmp_path, check=False,
+                timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("vidgen: ")):]
+    assert 1 <= len(lines) <= 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    msg = " ".join(lines)
     assert "data error" in msg and "max_bad_fraction" in msg and "Original Traceback" not in msg
     log = (tmp_path / "runs/b/error.log").read_text()
     assert "Traceback" in log and "BadDataError" in log
