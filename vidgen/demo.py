@@ -186,6 +186,17 @@ def _load(target: str):
     return getattr(mod, fn)
 
 
+def _quiet_trainers() -> None:
+    """The stages build many small Trainers: no "GPU available" banners or promotional tips between their lines."""
+    import logging
+
+    from vidgen.cli import _quiet_lightning
+
+    _quiet_lightning()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vidgen demo", description=__doc__)
     p.add_argument("--data-dir", default="data/demo")
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    _quiet_trainers()
     ctx = DemoContext(Path(args.data_dir), Path(args.out_dir), fast=args.fast, seed=args.seed)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     stages = [s for s in STAGES if not args.only or s[0] in args.only or s[0] == "data"]
