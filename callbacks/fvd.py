@@ -184,6 +184,7 @@ class FrechetFeatureDistance(Metric):
     protocol = "features"
     what = "clips"  # what one feature row is (error messages)
     num_frames = 1  # frames each clip needs (clip reading skips shorter ones)
+    build_hint = "a feature network"  # how to build the network (error messages)
     rows_per_clip = 1  # feature rows one clip gives
 
     def __init__(self, feature_extractor: nn.Module | None, num_features: int,
@@ -213,12 +214,22 @@ class FrechetFeatureDistance(Metric):
         """``[B, C, T, H, W]`` in [-1, 1] -> the protocol's clips (idempotent: preparing twice changes nothing)."""
         raise NotImplementedError
 
-    def features(self, videos: Tensor) -> Tensor:
-        """Videos ``[B, C, T, H, W]`` in [-1, 1] -> features ``[N, D]`` (preprocessing + network)."""
-        raise NotImplementedError
+    def network_input(self, prepared: Tensor) -> Tensor:
+        """What the network takes, from prepared clips (identity for FVD)."""
+        return prepared
 
-    def _extractor_device(self, x: Tensor) -> torch.device:
-        return next(iter(self.extractor.parameters()), x).device if isinstance(self.extractor, nn.Module) else x.device
+    @torch.no_grad()
+    def features(self, videos: Tensor) -> Tensor:
+        """Videos ``[B, C, T, H, W]`` in [-1, 1] -> float32 features ``[N, D]`` (preprocessing + network, no autocast;
+        a network returning a tuple gives its first entry)."""
+        if self.extractor is None:
+            raise ValueError(f"this {type(self).__name__} has no feature_extractor: pass features [N, D], or build it "
+                             f"with feature_extractor={self.build_hint}")
+        x = self.network_input(self.prepare(videos))
+        dev = next(iter(self.extractor.parameters()), x).device if isinstance(self.extractor, nn.Module) else x.device
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self.extractor(x.to(dev))
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
     def update(self, x: Tensor, real: bool) -> None:  # type: ignore[override]
         """Add videos ``[B, C, T, H, W]`` (run through the network) or features ``[N, D]`` to one side."""
@@ -262,6 +273,7 @@ class FrechetVideoDistance(FrechetFeatureDistance):
     """
 
     protocol = FVD_PROTOCOL
+    build_hint = "load_i3d('i3d_k400.pt')"
 
     def __init__(
         self,
@@ -282,16 +294,6 @@ class FrechetVideoDistance(FrechetFeatureDistance):
 
     def prepare(self, videos: Tensor) -> Tensor:
         return preprocess_for_i3d(videos, self.num_frames, self.resolution)
-
-    @torch.no_grad()
-    def features(self, videos: Tensor) -> Tensor:
-        """Videos ``[B, C, T, H, W]`` in [-1, 1] -> features ``[B, D]`` (preprocessing + extractor, float32)."""
-        if self.extractor is None:
-            raise ValueError("this FrechetVideoDistance has no feature_extractor: pass features [B, D], or build it "
-                             "with feature_extractor=load_i3d('i3d_k400.pt')")
-        x = self.prepare(videos)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.extractor(x.to(self._extractor_device(x))).float()
 
 
 # ---------------------------------------------------------------------------------------------- reading clips

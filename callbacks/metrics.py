@@ -252,16 +252,24 @@ class CLIPSimilarity(Metric):
         return self.total / self.n
 
 
+def _local_weights(path: str | os.PathLike, what: str, module: str, install: str):
+    """``module`` imported, after checking that the weights ``path`` is a local file (weights are never downloaded)."""
+    import importlib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {os.fspath(path)!r} not found: give a local file (weights are never "
+                                "downloaded)")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise ImportError(f"{what.split()[0]} needs {module}: pip install {install}") from e
+
+
 def load_open_clip(arch: str, checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
     """``(model, tokenizer, image_size, mean, std)`` of an open_clip model from a LOCAL checkpoint file
     (ViT-B-32 / ViT-B-16 are the papers' networks; weights are never downloaded)."""
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"CLIP checkpoint {checkpoint!r} not found: give a local open_clip/OpenAI file "
-                                "(e.g. open_clip_pytorch_model.bin of ViT-B-32)")
-    try:
-        import open_clip
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("CLIPSIM needs open_clip: pip install open_clip_torch") from e
+    open_clip = _local_weights(checkpoint, "CLIP checkpoint (e.g. open_clip_pytorch_model.bin of ViT-B-32)",
+                               "open_clip", "open_clip_torch")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=os.fspath(checkpoint), device=device)
     model.eval().requires_grad_(False)
     size = model.visual.image_size
@@ -283,17 +291,12 @@ def load_fid_inception(path: str | os.PathLike, device: str | torch.device = "cp
 
     from vidgen.lightning_modules.nn.checkpoint import read_state_dict
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights {path!r} not found: give a local pt_inception-2015-12-05-6726825d.pth "
-                                "(the torch-fidelity / pytorch-fid FID InceptionV3; weights are never downloaded)")
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("FID needs torch-fidelity: pip install 'vidgen[fid]' (or torch-fidelity)") from e
+    fe = _local_weights(path, "FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, as torch-fidelity and "
+                              "pytorch-fid use)", "torch_fidelity.feature_extractor_inceptionv3", "'vidgen[fid]'")
     buf = io.BytesIO()
     torch.save(read_state_dict(path), buf)
     buf.seek(0)
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -319,6 +322,7 @@ class FrameFID(FrechetFeatureDistance):
     features ``[N, D]``. Streaming float64 sums, real-statistics files and DDP reduction are FVD's."""
 
     what = "frames"
+    build_hint = "load_fid_inception('pt_inception-2015-12-05-6726825d.pth')"
 
     def __init__(self, feature_extractor: nn.Module | str | os.PathLike | None = None, num_features: int | None = None,
                  real_stats: FeatureStats | str | os.PathLike | None = None, num_frames: int = FID_NUM_FRAMES,
@@ -332,16 +336,9 @@ class FrameFID(FrechetFeatureDistance):
     def prepare(self, videos: Tensor) -> Tensor:
         return fid_frames(videos, self.num_frames)
 
-    @torch.no_grad()
-    def features(self, videos: Tensor) -> Tensor:
-        if self.extractor is None:
-            raise ValueError("this FrameFID has no feature_extractor: pass features [N, D], or build it with "
-                             "feature_extractor=load_fid_inception('pt_inception-2015-12-05-6726825d.pth')")
-        x = self.prepare(videos)
-        u8 = rearrange(((x + 1) * 127.5).round().to(torch.uint8), "b c t h w -> (b t) c h w")
-        with torch.autocast(device_type=u8.device.type, enabled=False):
-            out = self.extractor(u8.to(self._extractor_device(u8)))
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+    def network_input(self, prepared: Tensor) -> Tensor:
+        """Prepared clips -> uint8 images ``[(B T), 3, H, W]`` (clip-major), what the FID InceptionV3 takes."""
+        return rearrange(((prepared + 1) * 127.5).round().to(torch.uint8), "b c t h w -> (b t) c h w")
 
 
 # ------------------------------------------------------------------------------------------------------ accuracy
