@@ -12,7 +12,8 @@
 ``[N, T, H, W, 3]`` plus ``labels`` / ``captions`` / ``trajectories``), a directory of video files, or shards
 (captions from ``.txt``, labels from ``.cls``). ``vidgen fvd`` is ``vidgen eval --metrics fvd``. TrajError reads the
 requested trajectories from the ``samples.npz`` (``trajectories`` float ``[N, K, T, 2]`` pixel (x, y) per frame, NaN
-rows for absent objects, as Tora's ``predict_step`` returns them and the prediction writer stores them).
+rows for absent objects, as Tora's ``predict_step`` returns them and the prediction writer stores them; the demo's
+``report_samples`` stores them as ``cond_trajectories``, also read).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def iter_fake(spec: str, num_frames: int | None, limit: int | None
         vids = d["videos"]
         labels = d.get("labels", np.full(len(vids), -1))
         caps = d.get("captions", [""] * len(vids))
-        trajs = d.get("trajectories")
+        trajs = d.get("trajectories", d.get("cond_trajectories"))  # prediction writer / demo report_samples
         for i in range(len(vids) if limit is None else min(limit, len(vids))):
             v = vids[i]
             yield (i, (v if num_frames is None or v.shape[0] >= num_frames else None), int(labels[i]), caps[i],
