@@ -63,13 +63,22 @@ def iter_fake(spec: str, num_frames: int | None, limit: int | None
             if limit is not None and i >= limit:
                 return
             try:
-                frames = _decode_first_frames(data, num_frames or 1) if num_frames else _decode_first_frames(data, 1)
+                frames = _decode_first_frames(data, num_frames) if num_frames else _decode_all(data)
             except Exception:  # noqa: BLE001 - counted as skipped by the caller
                 frames = None
             label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
             cap = sample["txt"].decode() if "txt" in sample else ""
             yield i, frames, label, cap, None
             i += 1
+
+
+def _decode_all(data: bytes) -> np.ndarray:
+    """Every frame of an encoded video, uint8 ``[T, H, W, 3]`` (the metrics without a frame protocol see the whole
+    clip, as they do from a samples.npz)."""
+    from vidgen.datamodules.media import FrameReader
+
+    reader = FrameReader(data)
+    return reader.get(list(range(reader.num_frames)))
 
 
 def _video(frames: np.ndarray) -> torch.Tensor:
