@@ -297,6 +297,9 @@ def load_fid_inception(path: str | os.PathLike, device: str | torch.device = "cp
     torch.save(read_state_dict(path), buf)
     buf.seek(0)
     net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+    if net.INPUT_IMAGE_SIZE != FID_RESOLUTION:  # pragma: no cover - a torch-fidelity that changed the protocol
+        raise RuntimeError(f"torch-fidelity's InceptionV3 resizes to {net.INPUT_IMAGE_SIZE}, the FID protocol to "
+                           f"{FID_RESOLUTION}; pin torch-fidelity to a version with the standard 299 x 299 input")
     return net.to(device).eval().requires_grad_(False)
 
 
