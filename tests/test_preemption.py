@@ -74,7 +74,7 @@ def test_the_exit_reaper_ends_every_stubborn_worker(tmp_path):
     script = tmp_path / "reap.py"
     script.write_text(REAPER_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([os.path.join(BIN, "python"), str(script)], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([os.path.join(BIN, "python"), str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
     pids = [int(x) for x in p.stdout.split()]
     assert len(pids) == 3 and not any(_alive(pid) for pid in pids)
