@@ -234,8 +234,13 @@ class _PrefixedStream:
 
 def _stage_in_child(name: str, target: str, ctx: "DemoContext", threads: int, conn) -> None:
     """Run one stage in a forkserver child with ``threads`` torch threads; send back its (JSON-able) result."""
+    import multiprocessing as mp
+
     import torch
 
+    # a forkserver child inherits "forkserver" as its start method: its DataLoader workers would come from a second
+    # server (a torch import per stage) and outlive it; fork them from this process as a normal run does
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
     sys.stdout = _PrefixedStream(sys.__stdout__, f"[{name}] ")
     sys.stderr = _PrefixedStream(sys.__stderr__, f"[{name}] ")
