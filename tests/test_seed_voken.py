@@ -215,6 +215,16 @@ def test_raw_only_checkpoint_and_weight_choice(tmp_path):
     assert torch.equal(tok.encoder.conv_in.weight, raw["encoder.conv_in.conv_1.weight"])
     with pytest.raises(ValueError, match="no EMA weights"):
         tok.load_seed_voken(str(path), weights="ema")
+    # a recipe naming the checkpoint is a frozen tokenizer (vidgen tokenize --checkpoint, VideoPoet tokenizer_path)
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["model"]["init_args"]["init_from"] = str(path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    frozen = VideoTokenizer.load_frozen(str(tmp_path / "recipe.yaml"))
+    assert frozen.frozen and not frozen.training and frozen.discriminator is None
+    assert frozen.codebook_size == 1024 and frozen.token_shape(frozen.num_frames, 32, 32) == (5, 8, 8)
+    assert torch.equal(frozen.decoder.conv_out.weight, raw["decoder.conv_out.conv_1.weight"])
+    with pytest.raises(ConfigError, match="needs model.init_args.init_from"):
+        VideoTokenizer.load_frozen(str(TINY))
 
 
 def test_mismatched_checkpoints_and_layouts_fail_in_one_line(tmp_path):
