@@ -432,8 +432,10 @@ class VideoTokenizer(L.LightningModule):
         return model
 
     def load_seed_voken(self, path: str, weights: str = "auto") -> KeyReport:
-        """Load a SEED-Voken (Open-MAGVIT2) video tokenizer checkpoint (``video_lfqgan.VQModel`` Lightning ``.ckpt``)
-        into this tokenizer by key mapping (``seed_voken_key_map``), strictly; prints and returns the key report.
+        """Load a SEED-Voken (Open-MAGVIT2) tokenizer checkpoint (Lightning ``.ckpt``) into this tokenizer by key
+        mapping (``seed_voken_key_map``), strictly; prints and returns the key report.  Video tokenizers
+        (``video_lfqgan.VQModel``) need ``SEED_VOKEN_ARCH``; image tokenizers (``lfqgan.VQModel``) load into the
+        per-frame image model (``SEED_VOKEN_IMAGE_ARCH``, dims 2), which can then inflate into a video one.
 
         ``weights``: ``auto`` takes the EMA weights (``model_ema.<name without dots>``) when the file has them, as
         SEED-Voken's own reconstruction scripts do (``ema_scope``), else the raw ones; ``ema`` / ``raw`` force one.
@@ -459,7 +461,10 @@ class VideoTokenizer(L.LightningModule):
         for ours, theirs in names.items():
             src = SEED_EMA_PREFIX + theirs.replace(".", "") if use_ema else theirs
             if src in sd:
-                mapped[ours] = sd[src]
+                w = sd[src]
+                if self.arch.dims == 2 and w.dim() == 4 and own[ours].dim() == 5:  # nn.Conv2d kernel: T axis of 1
+                    w = rearrange(w, "o i kh kw -> o i 1 kh kw")
+                mapped[ours] = w
                 used |= {src, theirs}
         skipped = [k for k in sd if k not in used and k.startswith(("loss.", SEED_EMA_PREFIX))]
         unexpected = {k: sd[k] for k in sd if k not in used and k not in skipped}
@@ -662,15 +667,20 @@ SEED_EMA_PREFIX = "model_ema."
 SEED_VOKEN_ARCH = dict(kind="magvit2", dims=3, padding="zeros", norm_groups=32, zero_centered=True,
                        norm_per_frame=False, downsample_padding="symmetric", adaptive_norm="stats",
                        mid_adaptive_norm=False, depth_to_space="pt ph pw c", causal_upsample_keep="first")
+#: The Open-MAGVIT2 image tokenizer (``lfqgan.VQModel``, ``improved_model.py``: the same CNN in 2D, nn.Conv2d keys
+#: without ``.conv_1``, every level downsamples space) is our per-frame image model (dims 2) with these switches.
+SEED_VOKEN_IMAGE_ARCH = {**SEED_VOKEN_ARCH, "dims": 2, "norm_per_frame": None}
 
 
 def seed_voken_layout_problem(arch: ArchConfig, bottleneck: BottleneckConfig) -> str | None:
-    """One line naming the first setting that differs from the Open-MAGVIT2 layout, or None."""
-    for key, want in SEED_VOKEN_ARCH.items():
+    """One line naming the first setting that differs from the Open-MAGVIT2 video (dims 3) or image (dims 2)
+    layout, or None."""
+    image = arch.dims == 2
+    for key, want in (SEED_VOKEN_IMAGE_ARCH if image else SEED_VOKEN_ARCH).items():
         if getattr(arch, key) != want:
-            return (f"init_kind: seed_voken needs arch.{key}: {want!r} (the Open-MAGVIT2 layout), got "
-                    f"{getattr(arch, key)!r}; see configs/videopoet/tokenizer_seed_voken.yaml")
-    want_td = [m != 1 for m in arch.channel_multipliers[:-1]]
+            return (f"init_kind: seed_voken needs arch.{key}: {want!r} (the Open-MAGVIT2 {'image' if image else 'video'}"
+                    f" layout), got {getattr(arch, key)!r}; see configs/videopoet/tokenizer_seed_voken.yaml")
+    want_td = [False if image else m != 1 for m in arch.channel_multipliers[:-1]]
     if list(arch.temporal_downsample) != want_td:
         return (f"init_kind: seed_voken downsamples time where the channel multiplier is not 1: set "
                 f"arch.temporal_downsample: {want_td} for channel_multipliers {list(arch.channel_multipliers)}, got "
@@ -697,16 +707,18 @@ def _check_init_from(init_from, init_kind, init_from_2d, arch: ArchConfig, bottl
 def seed_voken_key_map(arch: ArchConfig, own: dict | None = None) -> dict[str, str]:
     """Our generator key -> SEED-Voken key (``Encoder.down[i].block[j]`` / ``downsample`` / ``mid_block``,
     ``Decoder.mid_block`` / ``adaptive[i]`` / ``up[i].block[j]`` / ``up[i].upsample.conv1``; causal convs wrap the
-    kernel in ``.conv_1``; the 1x1x1 shortcut is ``nin_shortcut``). ``own``: restrict to these keys."""
+    kernel in ``.conv_1``, the image model's nn.Conv2d do not; the 1x1 shortcut is ``nin_shortcut``). ``own``:
+    restrict to these keys."""
     L, n = len(arch.channel_multipliers), arch.num_res_blocks
-    mods = {"encoder.conv_in": "encoder.conv_in.conv_1", "encoder.norm_out": "encoder.norm_out",
-            "encoder.conv_out": "encoder.conv_out.conv_1", "decoder.conv_in": "decoder.conv_in.conv_1",
-            "decoder.norm_out": "decoder.norm_out", "decoder.conv_out": "decoder.conv_out.conv_1"}
+    c = "" if arch.dims == 2 else ".conv_1"
+    mods = {"encoder.conv_in": f"encoder.conv_in{c}", "encoder.norm_out": "encoder.norm_out",
+            "encoder.conv_out": f"encoder.conv_out{c}", "decoder.conv_in": f"decoder.conv_in{c}",
+            "decoder.norm_out": "decoder.norm_out", "decoder.conv_out": f"decoder.conv_out{c}"}
 
     def res(ours: str, theirs: str):
         mods.update({f"{ours}.norm1": f"{theirs}.norm1", f"{ours}.norm2": f"{theirs}.norm2",
-                     f"{ours}.conv1": f"{theirs}.conv1.conv_1", f"{ours}.conv2": f"{theirs}.conv2.conv_1",
-                     f"{ours}.shortcut": f"{theirs}.nin_shortcut.conv_1"})
+                     f"{ours}.conv1": f"{theirs}.conv1{c}", f"{ours}.conv2": f"{theirs}.conv2{c}",
+                     f"{ours}.shortcut": f"{theirs}.nin_shortcut{c}"})
 
     k = 0
     for i in range(L):
@@ -714,7 +726,7 @@ def seed_voken_key_map(arch: ArchConfig, own: dict | None = None) -> dict[str, s
             res(f"encoder.blocks.{k}", f"encoder.down.{i}.block.{j}")
             k += 1
         if i < L - 1:
-            mods[f"encoder.blocks.{k}.conv"] = f"encoder.down.{i}.downsample.conv_1"
+            mods[f"encoder.blocks.{k}.conv"] = f"encoder.down.{i}.downsample{c}"
             k += 1
     for j in range(n):
         res(f"encoder.blocks.{k + j}", f"encoder.mid_block.{j}")
@@ -726,7 +738,7 @@ def seed_voken_key_map(arch: ArchConfig, own: dict | None = None) -> dict[str, s
         for j in range(n):
             res(f"decoder.stages.{s}.blocks.{j}", f"decoder.up.{i}.block.{j}")
         if i > 0:
-            mods[f"decoder.stages.{s}.upsample.conv"] = f"decoder.up.{i}.upsample.conv1.conv_1"
+            mods[f"decoder.stages.{s}.upsample.conv"] = f"decoder.up.{i}.upsample.conv1{c}"
     out = {}
     for key in (own if own is not None else [f"{m}.{p}" for m in mods for p in ("weight", "bias")]):
         mod, leaf = key.rsplit(".", 1)
@@ -751,6 +763,11 @@ SIZES: dict[str, dict] = {
     "open-magvit2-video-L": dict(arch=ArchConfig(filters=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=4,
                                                  temporal_downsample=(False, True, True), **SEED_VOKEN_ARCH),
                                  bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None), batch=128),
+    # Open-MAGVIT2 image tokenizer (SEED-Voken configs/Open-MAGVIT2/gpu/imagenet_lfqgan_256_L.yaml): ch_mult
+    # [1,1,2,2,4], 256^2 -> 16^2 tokens; the per-frame image model (dims 2).
+    "open-magvit2-image-L": dict(arch=ArchConfig(filters=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=4,
+                                                 temporal_downsample=(False,) * 4, **SEED_VOKEN_IMAGE_ARCH),
+                                 bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None)),
 }
 
 

@@ -33,15 +33,17 @@ def tiny_args(**over) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ their layout
-def seed_voken_shapes(ch: int, mult: tuple[int, ...], n: int, z: int, cin: int = 3, cout: int = 3) -> dict:
+def seed_voken_shapes(ch: int, mult: tuple[int, ...], n: int, z: int, cin: int = 3, cout: int = 3,
+                      image: bool = False) -> dict:
     """Generator key -> shape of a SEED-Voken ``video_lfqgan.VQModel`` (ddconfig ch / ch_mult / num_res_blocks /
-    z_channels), as their modules name them."""
+    z_channels), or of the image ``lfqgan.VQModel`` (nn.Conv2d, no ``.conv_1``), as their modules name them."""
     shapes = {}
 
     def conv(name, co, ci, k, bias):
-        shapes[f"{name}.conv_1.weight"] = (co, ci, k, k, k)
+        name = name if image else f"{name}.conv_1"
+        shapes[f"{name}.weight"] = (co, ci, k, k) if image else (co, ci, k, k, k)
         if bias:
-            shapes[f"{name}.conv_1.bias"] = (co,)
+            shapes[f"{name}.bias"] = (co,)
 
     def gn(name, c):
         shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (c,)
@@ -78,7 +80,7 @@ def seed_voken_shapes(ch: int, mult: tuple[int, ...], n: int, z: int, cin: int =
             res(f"decoder.up.{i}.block.{j}", bi, ch * mult[i])
             bi = ch * mult[i]
         if i > 0:
-            conv(f"decoder.up.{i}.upsample.conv1", bi * (1 if mult[i - 1] == 1 else 2) * 4, bi, 3, True)
+            conv(f"decoder.up.{i}.upsample.conv1", bi * (1 if image or mult[i - 1] == 1 else 2) * 4, bi, 3, True)
     gn("decoder.norm_out", bi)
     conv("decoder.conv_out", cout, bi, 3, True)
     return shapes
@@ -111,6 +113,9 @@ def checkpoint(raw: dict, ema: dict | None) -> dict:
 
 # ------------------------------------------------------------------------------------------------- their forward
 def _conv(sd, name, x, stride=(1, 1, 1)):
+    if f"{name}.weight" in sd:  # the image model's nn.Conv2d(padding=k//2)
+        w, b = sd[f"{name}.weight"], sd.get(f"{name}.bias")
+        return F.conv2d(x, w, b, stride[1:], padding=w.shape[-1] // 2)
     w, b = sd[f"{name}.conv_1.weight"], sd.get(f"{name}.conv_1.bias")
     kt, kh, kw = w.shape[2:]
     return F.conv3d(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), w, b, stride)
@@ -123,16 +128,17 @@ def _gn(sd, name, x):
 def _res(sd, name, x):
     h = _conv(sd, f"{name}.conv1", F.silu(_gn(sd, f"{name}.norm1", x)))
     h = _conv(sd, f"{name}.conv2", F.silu(_gn(sd, f"{name}.norm2", h)))
-    return (_conv(sd, f"{name}.nin_shortcut", x) if f"{name}.nin_shortcut.conv_1.weight" in sd else x) + h
+    has_shortcut = any(k.startswith(f"{name}.nin_shortcut.") for k in sd)
+    return (_conv(sd, f"{name}.nin_shortcut", x) if has_shortcut else x) + h
 
 
-def ref_encode(sd, x, mult, n):
+def ref_encode(sd, x, mult, n, image=False):
     x = _conv(sd, "encoder.conv_in", x)
     for i, m in enumerate(mult):
         for j in range(n):
             x = _res(sd, f"encoder.down.{i}.block.{j}", x)
         if i < len(mult) - 1:
-            x = _conv(sd, f"encoder.down.{i}.downsample", x, (1 if m == 1 else 2, 2, 2))
+            x = _conv(sd, f"encoder.down.{i}.downsample", x, (1 if image or m == 1 else 2, 2, 2))
     for j in range(n):
         x = _res(sd, f"encoder.mid_block.{j}", x)
     return _conv(sd, "encoder.conv_out", F.silu(_gn(sd, "encoder.norm_out", x)))
@@ -140,11 +146,11 @@ def ref_encode(sd, x, mult, n):
 
 def ref_lfq(z):
     q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
-    idx = ((z > 0).long() * (2 ** torch.arange(z.shape[1])).view(1, -1, 1, 1, 1)).sum(1)
+    idx = ((z > 0).long() * (2 ** torch.arange(z.shape[1])).view(1, -1, *[1] * (z.dim() - 2))).sum(1)
     return q, idx
 
 
-def ref_decode(sd, q, mult, n):
+def ref_decode(sd, q, mult, n, image=False):
     flat = q.flatten(2)
     std, mean = (flat.var(-1) + 1e-6).sqrt(), flat.mean(-1)
     x = _conv(sd, "decoder.conv_in", q)
@@ -154,10 +160,15 @@ def ref_decode(sd, q, mult, n):
         a = f"decoder.adaptive.{i}"
         scale = std @ sd[f"{a}.gamma.weight"].T + sd[f"{a}.gamma.bias"]
         shift = mean @ sd[f"{a}.beta.weight"].T + sd[f"{a}.beta.bias"]
-        x = F.group_norm(x, 32, eps=1e-6) * scale[:, :, None, None, None] + shift[:, :, None, None, None]
+        ones = [1] * (x.dim() - 2)
+        x = F.group_norm(x, 32, eps=1e-6) * scale.view(*scale.shape, *ones) + shift.view(*shift.shape, *ones)
         for j in range(n):
             x = _res(sd, f"decoder.up.{i}.block.{j}", x)
-        if i > 0:
+        if i > 0 and image:  # depth_to_space: channels viewed as (h, w, c)
+            y = _conv(sd, f"decoder.up.{i}.upsample.conv1", x)
+            B, C, H, W = y.shape
+            x = y.view(B, 2, 2, C // 4, H, W).permute(0, 3, 4, 1, 5, 2).reshape(B, C // 4, 2 * H, 2 * W)
+        elif i > 0:
             tb = 1 if mult[i - 1] == 1 else 2
             y = _conv(sd, f"decoder.up.{i}.upsample.conv1", x)
             B, C, T, H, W = y.shape
@@ -205,6 +216,29 @@ def test_seed_voken_checkpoint_loads_strictly_and_matches_their_forward(tmp_path
             assert torch.equal(idx, idx_ref), "token indices (bit order / sign) differ"
             assert y.shape == x.shape and (y - y_ref).abs().max() < 1e-5, (weights, T, (y - y_ref).abs().max())
             assert idx.unique().numel() > 1 and y_ref.std() > 0.1  # a non-degenerate comparison
+
+
+def test_seed_voken_image_tokenizer_loads_into_the_per_frame_image_model(tmp_path):
+    """Open-MAGVIT2 image tokenizers (lfqgan.VQModel, 2D) load into our dims-2 model; a clip is tokenised frame by
+    frame exactly as their image model tokenises each frame (GroupNorm and AdaGN statistics per frame)."""
+    a = tiny_args(inference_only=True)
+    a["arch"] = {**a["arch"], "dims": 2, "norm_per_frame": None, "temporal_downsample": [False, False]}
+    mult, n, bits = tuple(a["arch"]["channel_multipliers"]), a["arch"]["num_res_blocks"], 10
+    sd = random_state(seed_voken_shapes(a["arch"]["filters"], mult, n, bits, image=True), 3)
+    torch.save(checkpoint(sd, None), tmp_path / "open_magvit2_image.ckpt")
+    tok = VideoTokenizer(**a)
+    assert tok.load_seed_voken(str(tmp_path / "open_magvit2_image.ckpt")).exact
+    tok = tok.double().eval()
+    sd64 = {k: v.double() for k, v in sd.items()}
+    x = torch.rand(1, 3, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        idx, y = tok.encode(x), tok.decode(tok.encode(x))
+        for t in range(3):
+            q, idx_ref = ref_lfq(ref_encode(sd64, x[:, :, t], mult, n, image=True))
+            assert torch.equal(idx[:, t], idx_ref)
+            assert (y[:, :, t] - ref_decode(sd64, q, mult, n, image=True)).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match=r"norm_per_frame: False \(the Open-MAGVIT2 video layout\)"):
+        VideoTokenizer.validate_config(tiny_args(arch={**a["arch"], "dims": 3}, init_from=str(tmp_path / "x")))
 
 
 def test_raw_only_checkpoint_and_weight_choice(tmp_path):

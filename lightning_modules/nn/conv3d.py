@@ -139,7 +139,9 @@ class AdaptiveGroupNorm(nn.Module):
 
     * ``resized``: GN(x)·(1+γ(q↑)) + β(q↑), γ/β 1×1×1 convs of the nearest-resized latent, per position (O2);
     * ``stats``: GN(x)·γ(σ(q)) + β(μ(q)), γ/β linear in the latent's per-channel std (unbiased variance + eps) and
-      mean over all of (T, H, W), no ``1+`` (SEED-Voken ``improved_video_model.AdaptiveGroupNorm``).
+      mean, no ``1+`` (SEED-Voken ``improved_video_model`` / ``improved_model`` ``AdaptiveGroupNorm``), taken over
+      the GroupNorm's extent: all of (T, H, W), or (H, W) of each frame for a per-frame norm (latent frames mapped
+      to feature frames as in ``resize_latent``).
 
     Both start as a plain normalisation (γ ≡ 1, β ≡ 0)."""
 
@@ -160,10 +162,14 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: Tensor, q: Tensor) -> Tensor:
         if self.conditioning == "stats":
-            flat = rearrange(q, "b c t h w -> b c (t h w)")
+            if self.norm.per_frame:
+                q = resize_latent(q, (x.shape[2], *q.shape[-2:]), self.causal)
+                flat = rearrange(q, "b c t h w -> b t c (h w)")
+            else:
+                flat = rearrange(q, "b c t h w -> b 1 c (t h w)")
             std = (flat.var(dim=-1) + self.norm.eps).sqrt()
-            scale = rearrange(self.gamma(std), "b c -> b c 1 1 1")
-            shift = rearrange(self.beta(flat.mean(dim=-1)), "b c -> b c 1 1 1")
+            scale = rearrange(self.gamma(std), "b t c -> b c t 1 1")
+            shift = rearrange(self.beta(flat.mean(dim=-1)), "b t c -> b c t 1 1")
             return self.norm(x) * scale + shift
         q = resize_latent(q, tuple(x.shape[-3:]), self.causal)
         return self.norm(x) * (1 + self.gamma(q)) + self.beta(q)
