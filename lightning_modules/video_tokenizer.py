@@ -657,7 +657,7 @@ class VideoTokenizer(L.LightningModule):
                 self.val_bits.reset()
 
 
-# ------------------------------------------------------------------------------------------------------------ SEED-Voken
+# ------------------------------------------------------------------------------------------------------- SEED-Voken
 # Open-MAGVIT2 video tokenizers (TencentARC/SEED-Voken, src/Open_MAGVIT2: models/video_lfqgan.py,
 # modules/diffusionmodules/improved_video_model.py, modules/vqvae/lookup_free_quantize.py). Their LFQ equals ours
 # (sign with 0 -> -1, index sum_d [z_d > 0] 2^d, first channel = LSB; no parameters), so only the CNN needs switches.
@@ -678,15 +678,17 @@ def seed_voken_layout_problem(arch: ArchConfig, bottleneck: BottleneckConfig) ->
     image = arch.dims == 2
     for key, want in (SEED_VOKEN_IMAGE_ARCH if image else SEED_VOKEN_ARCH).items():
         if getattr(arch, key) != want:
-            return (f"init_kind: seed_voken needs arch.{key}: {want!r} (the Open-MAGVIT2 {'image' if image else 'video'}"
-                    f" layout), got {getattr(arch, key)!r}; see configs/videopoet/tokenizer_seed_voken.yaml")
+            which = "image" if image else "video"
+            return (f"init_kind: seed_voken needs arch.{key}: {want!r} (the Open-MAGVIT2 {which} layout), got "
+                    f"{getattr(arch, key)!r}; see configs/videopoet/tokenizer_seed_voken.yaml")
     want_td = [False if image else m != 1 for m in arch.channel_multipliers[:-1]]
     if list(arch.temporal_downsample) != want_td:
         return (f"init_kind: seed_voken downsamples time where the channel multiplier is not 1: set "
                 f"arch.temporal_downsample: {want_td} for channel_multipliers {list(arch.channel_multipliers)}, got "
                 f"{list(arch.temporal_downsample)}")
     if bottleneck.kind != "lfq":
-        return f"init_kind: seed_voken needs bottleneck.kind: lfq (Open-MAGVIT2 is an LFQ tokenizer), got {bottleneck.kind!r}"
+        return (f"init_kind: seed_voken needs bottleneck.kind: lfq (Open-MAGVIT2 is an LFQ tokenizer), got "
+                f"{bottleneck.kind!r}")
     return None
 
 

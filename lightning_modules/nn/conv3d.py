@@ -138,8 +138,8 @@ class AdaptiveGroupNorm(nn.Module):
     """Adaptive GroupNorm conditioned on the quantised latent q (§5.2), in one of two forms (``conditioning``):
 
     * ``resized``: GN(x)·(1+γ(q↑)) + β(q↑), γ/β 1×1×1 convs of the nearest-resized latent, per position (O2);
-    * ``stats``: GN(x)·γ(σ(q)) + β(μ(q)), γ/β linear in the latent's per-channel std (unbiased variance + eps) and
-      mean, no ``1+`` (SEED-Voken ``improved_video_model`` / ``improved_model`` ``AdaptiveGroupNorm``), taken over
+    * ``stats``: GN(x)·γ(σ(q)) + β(μ(q)), γ/β linear in the latent's per-channel std (unbiased variance + eps)
+      and mean, no ``1+`` (SEED-Voken ``improved_video_model`` / ``improved_model`` ``AdaptiveGroupNorm``), taken over
       the GroupNorm's extent: all of (T, H, W), or (H, W) of each frame for a per-frame norm (latent frames mapped
       to feature frames as in ``resize_latent``).
 
@@ -302,7 +302,8 @@ class ArchConfig:
         if self.padding not in PADDING_MODES:
             raise ConfigError(f"arch.padding must be one of {PADDING_MODES}, got {self.padding!r}")
         for key, allowed in (("downsample_padding", DOWNSAMPLE_PADDINGS), ("adaptive_norm", ADAPTIVE_NORMS),
-                             ("depth_to_space", DEPTH_TO_SPACE_LAYOUTS), ("causal_upsample_keep", CAUSAL_UPSAMPLE_KEEP)):
+                             ("depth_to_space", DEPTH_TO_SPACE_LAYOUTS),
+                             ("causal_upsample_keep", CAUSAL_UPSAMPLE_KEEP)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"arch.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.downsample_padding == "symmetric" and not self.causal:
