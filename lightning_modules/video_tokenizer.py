@@ -23,11 +23,12 @@ from dataclasses import asdict, dataclass, fields
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from .nn.checkpoint import safe_load
+from .nn.checkpoint import KeyReport, safe_load
 from .nn.conv3d import ArchConfig, ConfigError, Decoder, Encoder, ResBlock, causal_param_names
 from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
@@ -172,7 +173,8 @@ class VideoTokenizer(L.LightningModule):
     def __init__(self, arch: ArchConfig | None = None, bottleneck: BottleneckConfig | None = None,
                  discriminator: DiscriminatorConfig | None = None, loss: LossConfig | None = None,
                  optim: OptimConfig | None = None, num_frames: int = 16, resolution: int = 128,
-                 init_from_2d: str | None = None, inflation: str = "central", inference_only: bool = False):
+                 init_from_2d: str | None = None, inflation: str = "central", inference_only: bool = False,
+                 init_from: str | None = None, init_kind: str = "seed_voken"):
         """
         Args:
             arch / bottleneck / discriminator / loss / optim: config groups (dataclasses or mappings).
@@ -181,6 +183,9 @@ class VideoTokenizer(L.LightningModule):
                 from (§1.11): generator, discriminator, LeCam anchors and EMA weights, central or average
                 (``inflation``); causal kernels take the last temporal slice.
             inference_only: build encoder/bottleneck/decoder only (used by :meth:`load_frozen`).
+            init_from, init_kind: a pretrained tokenizer to start from; ``seed_voken``: a SEED-Voken (Open-MAGVIT2)
+                video tokenizer Lightning checkpoint, loaded strictly by :meth:`load_seed_voken` (EMA weights when
+                the file has them); the arch must be the Open-MAGVIT2 layout (``SEED_VOKEN_ARCH``).
         """
         super().__init__()
         self.arch = _coerce(ArchConfig, arch)
@@ -192,6 +197,7 @@ class VideoTokenizer(L.LightningModule):
         self.bcfg.validate()
         if inflation not in INFLATION_MODES:
             raise ConfigError(f"inflation must be one of {INFLATION_MODES}, got {inflation!r}")
+        _check_init_from(init_from, init_kind, init_from_2d, self.arch, self.bcfg)
         if self.lcfg.r1_every < 1:
             raise ConfigError(f"loss.r1_every must be >= 1, got {self.lcfg.r1_every}")
         self.validate_frames(num_frames, self.arch)
@@ -200,7 +206,8 @@ class VideoTokenizer(L.LightningModule):
         self.save_hyperparameters({
             "arch": asdict(self.arch), "bottleneck": asdict(self.bcfg), "discriminator": asdict(self.dcfg),
             "loss": asdict(self.lcfg), "optim": asdict(self.ocfg), "num_frames": num_frames,
-            "resolution": resolution, "init_from_2d": init_from_2d, "inflation": inflation})
+            "resolution": resolution, "init_from_2d": init_from_2d, "inflation": inflation,
+            "init_from": init_from, "init_kind": init_kind})
         self.automatic_optimization = False
         self.frozen = False
         self.train_steps = 0
@@ -228,6 +235,9 @@ class VideoTokenizer(L.LightningModule):
                 self.val_bits = BitBalance(dim)
         if init_from_2d:
             self.inflate_from_2d(init_from_2d, inflation)
+        self.load_report: KeyReport | None = None
+        if init_from:
+            self.load_report = self.load_seed_voken(init_from)
 
     # ------------------------------------------------------------------------------------------------- validation
     @classmethod
@@ -249,6 +259,8 @@ class VideoTokenizer(L.LightningModule):
         cls.validate_resolution(init_args.get("resolution", 128), arch)
         if init_args.get("inflation", "central") not in INFLATION_MODES:
             raise ConfigError(f"inflation must be one of {INFLATION_MODES}, got {init_args['inflation']!r}")
+        _check_init_from(init_args.get("init_from"), init_args.get("init_kind", "seed_voken"),
+                         init_args.get("init_from_2d"), arch, _coerce(BottleneckConfig, init_args.get("bottleneck")))
 
     @staticmethod
     def validate_frames(num_frames: int, arch: ArchConfig | dict | None = None) -> int:
@@ -379,13 +391,18 @@ class VideoTokenizer(L.LightningModule):
 
     @classmethod
     def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoTokenizer":
-        """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint."""
+        """Eval-mode, no-grad tokenizer with the EMA generator weights of a training checkpoint, or, for a recipe
+        ``.yaml`` whose ``model.init_args.init_from`` names a pretrained (SEED-Voken) checkpoint, that checkpoint
+        loaded into the recipe's layout (so ``vidgen tokenize --checkpoint configs/videopoet/tokenizer_seed_voken.yaml``
+        and the VideoPoet ``tokenizer_path`` take public tokenizers)."""
+        if str(path).endswith((".yaml", ".yml")):
+            return cls._frozen_from_recipe(str(path), map_location)
         ckpt = safe_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt:
             raise ValueError(f"{path} has no hyper_parameters; it is not a VideoTokenizer checkpoint")
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in names}
-        model = cls(**{**hp, "init_from_2d": None, "inference_only": True})
+        model = cls(**{**hp, "init_from_2d": None, "init_from": None, "inference_only": True})
         weights = ema_state_dict(ckpt)
         own = model.state_dict()
         missing = [k for k in own if k not in weights]
@@ -395,6 +412,77 @@ class VideoTokenizer(L.LightningModule):
         model.freeze()
         model.frozen = True
         return model
+
+    @classmethod
+    def _frozen_from_recipe(cls, path: str, map_location) -> "VideoTokenizer":
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        args = dict(((cfg.get("model") or {}).get("init_args")) or {})
+        if not args.get("init_from"):
+            raise ConfigError(f"{path}: a recipe used as a frozen tokenizer needs model.init_args.init_from (the "
+                              "pretrained checkpoint to load); for our own runs pass the trained .ckpt instead")
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown model.init_args {unknown}; allowed: {sorted(names)}")
+        cls.validate_config(args)
+        model = cls(**{**args, "init_from_2d": None, "inference_only": True}).to(map_location)
+        model.freeze()
+        model.frozen = True
+        return model
+
+    def load_seed_voken(self, path: str, weights: str = "auto") -> KeyReport:
+        """Load a SEED-Voken (Open-MAGVIT2) tokenizer checkpoint (Lightning ``.ckpt``) into this tokenizer by key
+        mapping (``seed_voken_key_map``), strictly; prints and returns the key report.  Video tokenizers
+        (``video_lfqgan.VQModel``) need ``SEED_VOKEN_ARCH``; image tokenizers (``lfqgan.VQModel``) load into the
+        per-frame image model (``SEED_VOKEN_IMAGE_ARCH``, dims 2), which can then inflate into a video one.
+
+        ``weights``: ``auto`` takes the EMA weights (``model_ema.<name without dots>``) when the file has them, as
+        SEED-Voken's own reconstruction scripts do (``ema_scope``), else the raw ones; ``ema`` / ``raw`` force one.
+        The discriminator / LPIPS tensors (``loss.*``) are training-only and skipped (counted in the report).
+        Any missing, unexpected or shape-mismatched generator tensor raises a one-line ``ValueError``."""
+        problem = seed_voken_layout_problem(self.arch, self.bcfg)
+        if problem:
+            raise ConfigError(problem)
+        if weights not in ("auto", "ema", "raw"):
+            raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+        ckpt = safe_load(path)
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint or state dict")
+        sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+        has_ema = any(k.startswith(SEED_EMA_PREFIX) for k in sd)
+        if weights == "ema" and not has_ema:
+            raise ValueError(f"{path} has no EMA weights ({SEED_EMA_PREFIX}*); load with weights='raw'")
+        use_ema = has_ema and weights != "raw"
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(("encoder.", "quantizer.", "decoder."))}
+        names = seed_voken_key_map(self.arch, own)
+        mapped, used = {}, set()
+        for ours, theirs in names.items():
+            src = SEED_EMA_PREFIX + theirs.replace(".", "") if use_ema else theirs
+            if src in sd:
+                w = sd[src]
+                if self.arch.dims == 2 and w.dim() == 4 and own[ours].dim() == 5:  # nn.Conv2d kernel: T axis of 1
+                    w = rearrange(w, "o i kh kw -> o i 1 kh kw")
+                mapped[ours] = w
+                used |= {src, theirs}
+        skipped = [k for k in sd if k not in used and k.startswith(("loss.", SEED_EMA_PREFIX))]
+        unexpected = {k: sd[k] for k in sd if k not in used and k not in skipped}
+        kind = f"seed_voken, {'EMA' if use_ema else 'raw'} weights; {len(skipped)} training-only tensors skipped"
+        report = KeyReport.compare({**mapped, **unexpected}, own, source=str(path), kind=kind,
+                                   model="VideoTokenizer")
+        print(report.table(), flush=True)
+        if not report.exact:
+            first = ([f"missing {k} {list(s)}" for k, s in report.missing]
+                     + [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in report.mismatched]
+                     + [f"unexpected {k} {list(s)}" for k, s in report.unexpected])[0]
+            raise ValueError(f"{path} does not match this tokenizer (strict SEED-Voken load): "
+                             f"{len(report.missing)} missing, {len(report.mismatched)} shape mismatches, "
+                             f"{len(report.unexpected)} unexpected (first: {first}); set arch.filters, "
+                             "channel_multipliers, num_res_blocks and bottleneck.codebook_size to the checkpoint's "
+                             "ddconfig ch, ch_mult, num_res_blocks and n_embed")
+        self.load_state_dict({k: mapped[k] for k in report.loaded}, strict=False)
+        return report
 
     def inflate_from_2d(self, path: str, mode: str = "central") -> dict[str, list[str]]:
         """Initialise from a 2D (per-frame) checkpoint of the same layout (§1.11): generator, discriminator, LeCam
@@ -569,6 +657,98 @@ class VideoTokenizer(L.LightningModule):
                 self.val_bits.reset()
 
 
+# ------------------------------------------------------------------------------------------------------- SEED-Voken
+# Open-MAGVIT2 video tokenizers (TencentARC/SEED-Voken, src/Open_MAGVIT2: models/video_lfqgan.py,
+# modules/diffusionmodules/improved_video_model.py, modules/vqvae/lookup_free_quantize.py). Their LFQ equals ours
+# (sign with 0 -> -1, index sum_d [z_d > 0] 2^d, first channel = LSB; no parameters), so only the CNN needs switches.
+SEED_EMA_PREFIX = "model_ema."
+#: The arch switches of the Open-MAGVIT2 CNN (each documented on ``ArchConfig``); temporal_downsample follows their
+#: rule "space and time where the channel multiplier is not 1" and is checked separately.
+SEED_VOKEN_ARCH = dict(kind="magvit2", dims=3, padding="zeros", norm_groups=32, zero_centered=True,
+                       norm_per_frame=False, downsample_padding="symmetric", adaptive_norm="stats",
+                       mid_adaptive_norm=False, depth_to_space="pt ph pw c", causal_upsample_keep="first")
+#: The Open-MAGVIT2 image tokenizer (``lfqgan.VQModel``, ``improved_model.py``: the same CNN in 2D, nn.Conv2d keys
+#: without ``.conv_1``, every level downsamples space) is our per-frame image model (dims 2) with these switches.
+SEED_VOKEN_IMAGE_ARCH = {**SEED_VOKEN_ARCH, "dims": 2, "norm_per_frame": None}
+
+
+def seed_voken_layout_problem(arch: ArchConfig, bottleneck: BottleneckConfig) -> str | None:
+    """One line naming the first setting that differs from the Open-MAGVIT2 video (dims 3) or image (dims 2)
+    layout, or None."""
+    image = arch.dims == 2
+    for key, want in (SEED_VOKEN_IMAGE_ARCH if image else SEED_VOKEN_ARCH).items():
+        if getattr(arch, key) != want:
+            which = "image" if image else "video"
+            return (f"init_kind: seed_voken needs arch.{key}: {want!r} (the Open-MAGVIT2 {which} layout), got "
+                    f"{getattr(arch, key)!r}; see configs/videopoet/tokenizer_seed_voken.yaml")
+    want_td = [False if image else m != 1 for m in arch.channel_multipliers[:-1]]
+    if list(arch.temporal_downsample) != want_td:
+        return (f"init_kind: seed_voken downsamples time where the channel multiplier is not 1: set "
+                f"arch.temporal_downsample: {want_td} for channel_multipliers {list(arch.channel_multipliers)}, got "
+                f"{list(arch.temporal_downsample)}")
+    if bottleneck.kind != "lfq":
+        return (f"init_kind: seed_voken needs bottleneck.kind: lfq (Open-MAGVIT2 is an LFQ tokenizer), got "
+                f"{bottleneck.kind!r}")
+    return None
+
+
+def _check_init_from(init_from, init_kind, init_from_2d, arch: ArchConfig, bottleneck: BottleneckConfig):
+    if init_kind != "seed_voken":
+        raise ConfigError(f"init_kind must be 'seed_voken' (the only pretrained tokenizer format), got {init_kind!r}")
+    if not init_from:
+        return
+    if init_from_2d:
+        raise ConfigError("init_from and init_from_2d are both set; start from one checkpoint (set the other to null)")
+    problem = seed_voken_layout_problem(arch, bottleneck)
+    if problem:
+        raise ConfigError(problem)
+    if not os.path.isfile(init_from):
+        raise ConfigError(f"init_from={init_from!r} is not a file: put the SEED-Voken video tokenizer .ckpt there")
+
+
+def seed_voken_key_map(arch: ArchConfig, own: dict | None = None) -> dict[str, str]:
+    """Our generator key -> SEED-Voken key (``Encoder.down[i].block[j]`` / ``downsample`` / ``mid_block``,
+    ``Decoder.mid_block`` / ``adaptive[i]`` / ``up[i].block[j]`` / ``up[i].upsample.conv1``; causal convs wrap the
+    kernel in ``.conv_1``, the image model's nn.Conv2d do not; the 1x1 shortcut is ``nin_shortcut``). ``own``:
+    restrict to these keys."""
+    L, n = len(arch.channel_multipliers), arch.num_res_blocks
+    c = "" if arch.dims == 2 else ".conv_1"
+    mods = {"encoder.conv_in": f"encoder.conv_in{c}", "encoder.norm_out": "encoder.norm_out",
+            "encoder.conv_out": f"encoder.conv_out{c}", "decoder.conv_in": f"decoder.conv_in{c}",
+            "decoder.norm_out": "decoder.norm_out", "decoder.conv_out": f"decoder.conv_out{c}"}
+
+    def res(ours: str, theirs: str):
+        mods.update({f"{ours}.norm1": f"{theirs}.norm1", f"{ours}.norm2": f"{theirs}.norm2",
+                     f"{ours}.conv1": f"{theirs}.conv1{c}", f"{ours}.conv2": f"{theirs}.conv2{c}",
+                     f"{ours}.shortcut": f"{theirs}.nin_shortcut{c}"})
+
+    k = 0
+    for i in range(L):
+        for j in range(n):
+            res(f"encoder.blocks.{k}", f"encoder.down.{i}.block.{j}")
+            k += 1
+        if i < L - 1:
+            mods[f"encoder.blocks.{k}.conv"] = f"encoder.down.{i}.downsample{c}"
+            k += 1
+    for j in range(n):
+        res(f"encoder.blocks.{k + j}", f"encoder.mid_block.{j}")
+        res(f"decoder.mid.blocks.{j}", f"decoder.mid_block.{j}")
+    for s in range(L):  # our stages run deep -> shallow; theirs are indexed by level
+        i = L - 1 - s
+        for name in ("gamma", "beta"):
+            mods[f"decoder.stages.{s}.adanorm.{name}"] = f"decoder.adaptive.{i}.{name}"
+        for j in range(n):
+            res(f"decoder.stages.{s}.blocks.{j}", f"decoder.up.{i}.block.{j}")
+        if i > 0:
+            mods[f"decoder.stages.{s}.upsample.conv"] = f"decoder.up.{i}.upsample.conv1{c}"
+    out = {}
+    for key in (own if own is not None else [f"{m}.{p}" for m in mods for p in ("weight", "bias")]):
+        mod, leaf = key.rsplit(".", 1)
+        if mod in mods:
+            out[key] = f"{mods[mod]}.{leaf}"
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------ sizes
 # §1.12 (MAGVIT), §1.12 BAIR row, §5.2 (MAGVIT-v2).  Configs spell these out; this table is the reference.
 SIZES: dict[str, dict] = {
@@ -580,6 +760,16 @@ SIZES: dict[str, dict] = {
                                     temporal_downsample=(False, True, True)),
                     bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None),
                     discriminator=DiscriminatorConfig(filters=128, blur=True), batch=256),
+    # Open-MAGVIT2 video tokenizer (SEED-Voken configs/Open-MAGVIT2/gpu/ucf101_lfqfan_128_L.yaml): ch 128,
+    # ch_mult [1,2,2,4], 4 res blocks, 2^18 codes, 17x128^2 clips, 2 x 64 GPUs per batch; init_kind: seed_voken.
+    "open-magvit2-video-L": dict(arch=ArchConfig(filters=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=4,
+                                                 temporal_downsample=(False, True, True), **SEED_VOKEN_ARCH),
+                                 bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None), batch=128),
+    # Open-MAGVIT2 image tokenizer (SEED-Voken configs/Open-MAGVIT2/gpu/imagenet_lfqgan_256_L.yaml): ch_mult
+    # [1,1,2,2,4], 256^2 -> 16^2 tokens; the per-frame image model (dims 2).
+    "open-magvit2-image-L": dict(arch=ArchConfig(filters=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=4,
+                                                 temporal_downsample=(False,) * 4, **SEED_VOKEN_IMAGE_ARCH),
+                                 bottleneck=BottleneckConfig(kind="lfq", codebook_size=2 ** 18, dim=None)),
 }
 
 

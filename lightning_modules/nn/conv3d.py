@@ -16,6 +16,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 PADDING_MODES = ("reflect", "zeros", "replicate")
+DOWNSAMPLE_PADDINGS = ("same", "symmetric")
+ADAPTIVE_NORMS = ("resized", "stats")
+DEPTH_TO_SPACE_LAYOUTS = ("pt c ph pw", "pt ph pw c")
+CAUSAL_UPSAMPLE_KEEP = ("last", "first")
 
 
 class ConfigError(ValueError):
@@ -42,10 +46,11 @@ class Conv3d(nn.Conv3d):
     """3D convolution with TF-"SAME" reflect/zero/replicate padding (§1.4); ``causal`` pads k_t−1 frames in front (§5.2).
 
     Causal temporal padding replicates the first frame when the mode is reflect/replicate (reflecting would read
-    future frames) and is zero for ``zeros``."""
+    future frames) and is zero for ``zeros``.  ``symmetric`` pads k//2 on both sides of H and W whatever the stride
+    (SEED-Voken ``ConvBlock3D``); it differs from "SAME" only for strided convs ((1, 1) instead of (0, 1))."""
 
     def __init__(self, cin: int, cout: int, kernel_size, stride=1, bias: bool = True, pad_mode: str = "reflect",
-                 causal: bool = False):
+                 causal: bool = False, symmetric: bool = False):
         ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
         st = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         super().__init__(cin, cout, ks, st, padding=0, bias=bias)
@@ -53,6 +58,7 @@ class Conv3d(nn.Conv3d):
             raise ConfigError(f"padding must be one of {PADDING_MODES}, got {pad_mode!r}")
         self.pad_mode = pad_mode
         self.causal = causal
+        self.symmetric = symmetric
         lecun_normal_(self.weight)
         if bias:
             nn.init.zeros_(self.bias)
@@ -76,7 +82,10 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: Tensor) -> Tensor:
         (kt, kh, kw), (st, sh, sw) = self.kernel_size, self.stride
         T, H, W = x.shape[-3:]
-        ph, pw = _same_pads(H, kh, sh), _same_pads(W, kw, sw)
+        if self.symmetric:
+            ph, pw = (kh // 2, kh // 2), (kw // 2, kw // 2)
+        else:
+            ph, pw = _same_pads(H, kh, sh), _same_pads(W, kw, sw)
         pt = (kt - 1, 0) if self.causal else _same_pads(T, kt, st)
         tmode = ("zeros" if self.pad_mode == "zeros" else "replicate") if self.causal else self.pad_mode
         if tmode == self.pad_mode:
@@ -126,19 +135,42 @@ def resize_latent(q: Tensor, size: tuple[int, int, int], causal: bool) -> Tensor
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """Adaptive GroupNorm GN(x)·(1+γ(q)) + β(q), γ/β linear in the nearest-resized quantised latent (§5.2)."""
+    """Adaptive GroupNorm conditioned on the quantised latent q (§5.2), in one of two forms (``conditioning``):
 
-    def __init__(self, channels: int, latent_channels: int, groups: int, per_frame: bool, causal: bool):
+    * ``resized``: GN(x)·(1+γ(q↑)) + β(q↑), γ/β 1×1×1 convs of the nearest-resized latent, per position (O2);
+    * ``stats``: GN(x)·γ(σ(q)) + β(μ(q)), γ/β linear in the latent's per-channel std (unbiased variance + eps)
+      and mean, no ``1+`` (SEED-Voken ``improved_video_model`` / ``improved_model`` ``AdaptiveGroupNorm``), taken over
+      the GroupNorm's extent: all of (T, H, W), or (H, W) of each frame for a per-frame norm (latent frames mapped
+      to feature frames as in ``resize_latent``).
+
+    Both start as a plain normalisation (γ ≡ 1, β ≡ 0)."""
+
+    def __init__(self, channels: int, latent_channels: int, groups: int, per_frame: bool, causal: bool,
+                 conditioning: str = "resized"):
         super().__init__()
         self.norm = GroupNorm(channels, groups, per_frame, affine=False)
-        self.gamma = nn.Conv3d(latent_channels, channels, 1)
-        self.beta = nn.Conv3d(latent_channels, channels, 1)
-        for m in (self.gamma, self.beta):  # starts as a plain normalisation
+        self.conditioning = conditioning
+        layer = (lambda: nn.Conv3d(latent_channels, channels, 1)) if conditioning == "resized" else \
+            (lambda: nn.Linear(latent_channels, channels))
+        self.gamma, self.beta = layer(), layer()
+        for m in (self.gamma, self.beta):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if conditioning == "stats":
+            nn.init.ones_(self.gamma.bias)
         self.causal = causal
 
     def forward(self, x: Tensor, q: Tensor) -> Tensor:
+        if self.conditioning == "stats":
+            if self.norm.per_frame:
+                q = resize_latent(q, (x.shape[2], *q.shape[-2:]), self.causal)
+                flat = rearrange(q, "b c t h w -> b t c (h w)")
+            else:
+                flat = rearrange(q, "b c t h w -> b 1 c (t h w)")
+            std = (flat.var(dim=-1) + self.norm.eps).sqrt()
+            scale = rearrange(self.gamma(std), "b t c -> b c t 1 1")
+            shift = rearrange(self.beta(flat.mean(dim=-1)), "b t c -> b c t 1 1")
+            return self.norm(x) * scale + shift
         q = resize_latent(q, tuple(x.shape[-3:]), self.causal)
         return self.norm(x) * (1 + self.gamma(q)) + self.beta(q)
 
@@ -153,10 +185,12 @@ class _Layout:
     per_frame: bool    # per-frame GroupNorm
     pad_mode: str
     groups: int
+    symmetric: bool = False  # k//2 spatial padding on strided convs (SEED-Voken) instead of TF "SAME"
 
     def conv(self, cin, cout, k=3, stride=1, bias=True) -> Conv3d:
         kernel = (self.kt if k > 1 else 1, k, k)
-        return Conv3d(cin, cout, kernel, stride, bias=bias, pad_mode=self.pad_mode, causal=self.causal)
+        return Conv3d(cin, cout, kernel, stride, bias=bias, pad_mode=self.pad_mode, causal=self.causal,
+                      symmetric=self.symmetric)
 
     def norm(self, c) -> GroupNorm:
         return GroupNorm(c, self.groups, self.per_frame)
@@ -208,17 +242,24 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Decoder upsampling: nearest resize then Conv3 (MAGVIT §1.3), or Conv3 then depth-to-space (v2 §5.2).
 
-    Depth-to-space keeps the time factor outermost in the channel layout ``(pt c ph pw)`` (so inflation tiles a 2D
-    kernel over pt) and drops the first pt−1 frames so that 1+n latent frames give 1+pt·n frames."""
+    Depth-to-space reads the conv's channels as ``layout``: ``pt c ph pw`` keeps the time factor outermost (so
+    inflation tiles a 2D kernel over pt), ``pt ph pw c`` is SEED-Voken's ``depth_to_space3d`` (DCR order).  Of the
+    first latent frame's pt output frames only one is kept, so that 1+n latent frames give 1+pt·n frames: the last
+    (``keep="last"``, O2 drops the first pt−1) or the first (``keep="first"``, SEED-Voken drops frames 1..pt−1)."""
 
-    def __init__(self, channels: int, t: int, depth_to_space: bool, lay: _Layout):
+    def __init__(self, channels: int, t: int, depth_to_space: bool, lay: _Layout, layout: str = "pt c ph pw",
+                 keep: str = "last"):
         super().__init__()
         self.t, self.d2s = t, depth_to_space
+        self.pattern = f"b ({layout}) t h w -> b c (t pt) (h ph) (w pw)"
+        self.keep = keep
         self.conv = lay.conv(channels, channels * t * 4 if depth_to_space else channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.d2s:
-            x = rearrange(self.conv(x), "b (pt c ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=self.t, ph=2, pw=2)
+            x = rearrange(self.conv(x), self.pattern, pt=self.t, ph=2, pw=2)
+            if self.keep == "first":
+                return torch.cat([x[:, :, :1], x[:, :, self.t:]], dim=2)
             return x[:, :, self.t - 1:]
         x = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
         if self.t > 1:
@@ -242,6 +283,13 @@ class ArchConfig:
     conv_downsample: bool = False   # MAGVIT option (4³ strided conv); always on for magvit2
     in_channels: int = 3
     zero_centered: bool = False     # False: the network sees [0,1] pixels as in the MAGVIT configs (§1.1)
+    # Open-MAGVIT2 layout switches (SEED-Voken improved_video_model.py); the defaults are MAGVIT-v2 (§5.2, O2):
+    norm_per_frame: bool | None = None  # null: per frame for magvit2 / dims 2 (§5.2); false: GN over all frames (SEED)
+    downsample_padding: str = "same"    # same: TF "SAME" (0,1) on strided convs | symmetric: k//2 each side (SEED)
+    adaptive_norm: str = "resized"      # resized: (1+γ(q↑))GN+β(q↑) (O2) | stats: γ(std q)GN+β(mean q) (SEED)
+    mid_adaptive_norm: bool = True      # AdaGN before the decoder's middle res blocks (O2); SEED: none there
+    depth_to_space: str = "pt c ph pw"  # decoder depth-to-space channel layout; "pt ph pw c": SEED depth_to_space3d
+    causal_upsample_keep: str = "last"  # first latent frame keeps its last (O2) or first (SEED Upsampler) new frame
 
     def validate(self):
         if self.kind not in ("magvit", "magvit2"):
@@ -253,6 +301,14 @@ class ArchConfig:
                               f"{len(self.channel_multipliers) - 1} entries, got {list(self.temporal_downsample)}")
         if self.padding not in PADDING_MODES:
             raise ConfigError(f"arch.padding must be one of {PADDING_MODES}, got {self.padding!r}")
+        for key, allowed in (("downsample_padding", DOWNSAMPLE_PADDINGS), ("adaptive_norm", ADAPTIVE_NORMS),
+                             ("depth_to_space", DEPTH_TO_SPACE_LAYOUTS),
+                             ("causal_upsample_keep", CAUSAL_UPSAMPLE_KEEP)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"arch.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.downsample_padding == "symmetric" and not self.causal:
+            raise ConfigError("arch.downsample_padding: symmetric needs the 3×3×3 strided convs of kind: magvit2 "
+                              f"(kind {self.kind!r} downsamples with 4³ convs or pooling); set it to 'same'")
         for m in self.channel_multipliers:
             _check_groups(self.filters * m, self.norm_groups)
 
@@ -262,8 +318,10 @@ class ArchConfig:
 
     @property
     def layout(self) -> _Layout:
-        return _Layout(kt=3 if self.dims == 3 else 1, causal=self.causal,
-                       per_frame=self.causal or self.dims == 2, pad_mode=self.padding, groups=self.norm_groups)
+        per_frame = (self.causal or self.dims == 2) if self.norm_per_frame is None else self.norm_per_frame
+        return _Layout(kt=3 if self.dims == 3 else 1, causal=self.causal, per_frame=per_frame,
+                       pad_mode=self.padding, groups=self.norm_groups,
+                       symmetric=self.downsample_padding == "symmetric")
 
     @property
     def time_strides(self) -> tuple[int, ...]:
@@ -305,13 +363,15 @@ class Encoder(nn.Module):
 class DecoderStage(nn.Module):
     """One decoder resolution: [adaptive GN on the latent (v2)] → res blocks → [upsample]."""
 
-    def __init__(self, cin: int, cout: int, n: int, up_t: int | None, cfg: ArchConfig, latent_channels: int):
+    def __init__(self, cin: int, cout: int, n: int, up_t: int | None, cfg: ArchConfig, latent_channels: int,
+                 adaptive: bool = True):
         super().__init__()
         lay = cfg.layout
-        self.adanorm = (AdaptiveGroupNorm(cin, latent_channels, cfg.norm_groups, lay.per_frame, cfg.causal)
-                        if cfg.causal else None)
+        self.adanorm = (AdaptiveGroupNorm(cin, latent_channels, cfg.norm_groups, lay.per_frame, cfg.causal,
+                                          cfg.adaptive_norm) if cfg.causal and adaptive else None)
         self.blocks = nn.Sequential(*[ResBlock(cin if j == 0 else cout, cout, lay) for j in range(n)])
-        self.upsample = Upsample(cout, up_t, cfg.causal, lay) if up_t is not None else None
+        self.upsample = (Upsample(cout, up_t, cfg.causal, lay, cfg.depth_to_space, cfg.causal_upsample_keep)
+                         if up_t is not None else None)
 
     def forward(self, x: Tensor, q: Tensor) -> Tensor:
         if self.adanorm is not None:
@@ -328,7 +388,7 @@ class Decoder(nn.Module):
         lay, f, m = cfg.layout, cfg.filters, cfg.channel_multipliers
         cin = f * m[-1]
         self.conv_in = lay.conv(latent_channels, cin)
-        self.mid = DecoderStage(cin, cin, cfg.num_res_blocks, None, cfg, latent_channels)
+        self.mid = DecoderStage(cin, cin, cfg.num_res_blocks, None, cfg, latent_channels, cfg.mid_adaptive_norm)
         stages = []
         for i in reversed(range(len(m))):
             up_t = cfg.time_strides[i - 1] if i > 0 else None
