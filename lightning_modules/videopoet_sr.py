@@ -475,6 +475,8 @@ class VideoPoetSR(L.LightningModule):
                 raise SRConfigError(f"text_dim={cfg.text_dim} disagrees with the text encoder "
                                     f"({self.text_model.token_dim}); drop it")
             cfg.text_dim = self.text_model.token_dim
+        # what the tokenizer and text encoder resolved, so a checkpoint rebuilds without them (load_frozen)
+        self.hparams.update(visual_codes=int(cfg.visual_codes), token_grid=list(cfg.token_grid), text_dim=int(cfg.text_dim))
         bits = int(cfg.visual_codes).bit_length() - 1
         self.net = SRTransformer(cfg.net(bits, tuple(cfg.token_grid), int(cfg.text_dim)))
         self.fact = self.net.fact
@@ -501,15 +503,23 @@ class VideoPoetSR(L.LightningModule):
         cls.make_config(init_args).validate()
 
     @classmethod
-    def load_frozen(cls, path: str, map_location: str | torch.device = "cpu") -> "VideoPoetSR":
-        """An eval-mode SR stage from a checkpoint (EMA weights when it has them), for the predict cascade."""
-        from .nn.checkpoint import KeyReport, read_state_dict, safe_load
+    def load_frozen(cls, path: str, map_location: str | torch.device = "cpu", tokenizer: bool = False) -> "VideoPoetSR":
+        """An eval-mode SR stage from a checkpoint (EMA weights when it has them), for the predict cascade (token in,
+        token out: its tokenizer is loaded only with ``tokenizer=True``)."""
+        import warnings
+
+        from .nn.checkpoint import KeyReport, ema_state_dict, safe_load
 
         ckpt = safe_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt:
             raise SRConfigError(f"{path} has no hyper_parameters; it is not a VideoPoetSR checkpoint")
-        model = cls(**ckpt["hyper_parameters"])
-        sd = read_state_dict(path)
+        hp = dict(ckpt["hyper_parameters"])
+        if not tokenizer:
+            hp["tokenizer_path"] = None
+        model = cls(**hp)
+        with warnings.catch_warnings():  # a checkpoint without EMA gives its raw weights
+            warnings.simplefilter("ignore")
+            sd = ema_state_dict(ckpt)
         report = KeyReport.compare(sd, model.state_dict(), source=path, kind="VideoPoet SR", model="sr")
         if not report.exact:
             raise SRConfigError(f"{path} does not match the SR stage its hyper-parameters describe:\n{report.table()}")
@@ -581,6 +591,12 @@ class VideoPoetSR(L.LightningModule):
         rand = torch.randint(0, self.fact.codebook, (B, M), generator=generator).to(lr.device)
         return torch.where(hit, rand, lr)
 
+    def condition_drops(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """§2.8: drop the LR condition and the text **independently**, each with its rate (10%) → two bool ``[B]``."""
+        drop_lr = torch.rand(batch_size, generator=generator) < self.config.lr_dropout
+        drop_text = torch.rand(batch_size, generator=generator) < self.config.text_dropout
+        return drop_lr, drop_text
+
     # ---------------------------------------------------------------------------------------------------- training
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
@@ -596,8 +612,7 @@ class VideoPoetSR(L.LightningModule):
         masked = random_token_mask(B, N, ratio, g, hr.device)
         inputs = torch.where(masked, self.fact.mask_id, hr)
         lr_in = self.noise_lr(lr, g)
-        drop_lr = (torch.rand(B, generator=g) < c.lr_dropout).to(hr.device)
-        drop_text = (torch.rand(B, generator=g) < c.text_dropout).to(hr.device)
+        drop_lr, drop_text = (d.to(hr.device) for d in self.condition_drops(B, g))
         lr_in = torch.where(drop_lr[:, None], self.fact.mask_id, lr_in)
         emb, ln = self.text_of(batch, B)
         text_mask = None if emb is None else torch.arange(emb.shape[1], device=hr.device)[None] < ln[:, None]
