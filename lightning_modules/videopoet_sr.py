@@ -420,7 +420,7 @@ class VideoPoetSR(L.LightningModule):
         visual_codes: int | None = None,
         token_grid: list[int] | None = None,
         num_frames: int = 17,
-        resolution: list[int] | None = None,
+        resolution: list[int] | int | None = None,
         windows: dict[str, list[int]] | None = None,
         factors: int = 2,
         attention: str = "window",
@@ -486,6 +486,8 @@ class VideoPoetSR(L.LightningModule):
     def make_config(args: Mapping[str, Any]) -> VideoPoetSRConfig:
         names = {f.name for f in fields(VideoPoetSRConfig)}
         a = {k: v for k, v in args.items() if k in names and v is not None}
+        if isinstance(a.get("resolution"), int):                # the datamodule's square resolution (linked)
+            a["resolution"] = [a["resolution"]] * 2
         for k in ("betas", "resolution", "token_grid"):
             if k in a:
                 a[k] = [int(x) if k != "betas" else float(x) for x in a[k]]
