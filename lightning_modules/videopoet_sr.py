@@ -252,8 +252,9 @@ class SRTransformer(nn.Module):
             text, text_mask = null, torch.ones(B, 1, dtype=torch.bool, device=x.device)
         else:
             text = torch.cat([null, text.to(x.dtype)], 1)
-            real = torch.ones(text.shape[:2], dtype=torch.bool, device=x.device) if text_mask is None else \
-                F.pad(text_mask.bool(), (1, 0), value=False)
+            given = torch.ones(B, text.shape[1] - 1, dtype=torch.bool, device=x.device) if text_mask is None \
+                else text_mask.bool()
+            real = F.pad(given, (1, 0), value=False)     # the null slot is seen only when the text is dropped
             keep = torch.ones(B, dtype=torch.bool, device=x.device) if keep_text is None else keep_text.bool()
             keep = keep & real[:, 1:].any(-1)              # an empty caption is the null text too
             only_null = torch.zeros_like(real)

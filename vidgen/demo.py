@@ -26,6 +26,8 @@ STAGES = [
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
     ("videopoet", "vidgen.demos.videopoet:run",
      "train a tiny VideoPoet prefix LM on the tokenizer's tokens (AGD over T2V/I2V/FP), sample, extend a long video"),
+    ("videopoet_sr", "vidgen.demos.videopoet_sr:run",
+     "train a tiny VideoPoet super-resolution stage (16^2 -> 32^2 in token space), PSNR vs bicubic"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
     ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
     ("make_a_video", "vidgen.demos.make_a_video:run",
