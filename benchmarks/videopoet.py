@@ -262,58 +262,77 @@ def sr_main(args):
                 tot += w.num_windows * (math.prod(w.window) ** 2 + math.prod(w.window) * math.prod(lr_window(w.window)))
         return tot * args.sr_depth
 
-    res = {}
+    from vidgen.lightning_modules.nn.attention import attention_backend
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2 ** bits, (batch, n_tok), generator=g).to(device)
+    lr = torch.randint(0, 2 ** bits, (batch, math.prod(lr_grid)), generator=g).to(device)
+    text = torch.randn(batch, args.text_tokens, args.text_dim, generator=g).to(device)
+    masked = torch.rand(batch, n_tok, generator=g).to(device) < 0.5
+    arms = {}
     for kind in ("window", "full"):
         torch.manual_seed(0)
         cfg = SRTransformerConfig(bits=bits, grid=grid, windows=windows, width=args.sr_width, depth=args.sr_depth,
                                   heads=args.sr_heads, text_dim=args.text_dim, attention=kind)
         net = SRTransformer(cfg).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 2 ** bits, (batch, n_tok), generator=g).to(device)
-        lr = torch.randint(0, 2 ** bits, (batch, math.prod(lr_grid)), generator=g).to(device)
-        text = torch.randn(batch, args.text_tokens, args.text_dim, generator=g).to(device)
-        masked = torch.rand(batch, n_tok, generator=g).to(device) < 0.5
+        arms[kind] = (net, torch.optim.AdamW(net.parameters(), lr=1e-4))
 
-        def step(saved=None):
-            inputs = torch.where(masked, net.fact.mask_id, tokens)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-                if saved is None:
+    def step(kind, saved=None):
+        net, opt = arms[kind]
+        inputs = torch.where(masked, net.fact.mask_id, tokens)
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t) if saved is not None else None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            if hooks is None:
+                logits = net(inputs, lr, text)
+            else:
+                with hooks:
                     logits = net(inputs, lr, text)
-                else:
-                    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size())
-                                                                  or t, lambda t: t):
-                        logits = net(inputs, lr, text)
-            sub = net.fact.split(tokens)
-            loss = sum(torch.nn.functional.cross_entropy(lg[masked].float(), sub[masked][:, j])
-                       for j, lg in enumerate(logits))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        sub = net.fact.split(tokens)
+        loss = sum(torch.nn.functional.cross_entropy(lg[masked].float(), sub[masked][:, j])
+                   for j, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-        saved: list[int] = []
-        step(saved)
+    saved = {}
+    for kind in arms:
+        for backend in ("sdpa", "math"):   # math materialises the softmax: the memory an unfused kernel needs
+            if gpu and backend == "math":
+                continue
+            saved[kind, backend] = []
+            with attention_backend(backend):
+                step(kind, saved[kind, backend])
         for _ in range(args.warmup):
-            step()
-        if gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if gpu:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else float("nan")
-        res[kind] = (args.steps / dt, sum(saved) / 2 ** 20, scores(kind), peak)
-        print(f"  {kind:6s} attention: {args.steps / dt:7.2f} steps/s, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M "
-              f"params, saved activations {sum(saved) / 2 ** 20:8.1f} MiB, attention scores "
-              f"{scores(kind) / 1e6:8.2f}M per sample per head" + (f", peak CUDA memory {peak:.2f} GiB" if gpu else ""),
+            step(kind)
+    times = {k: [] for k in arms}
+    peak = {}
+    for _ in range(args.rounds):   # interleaved rounds: contention on a shared machine hits both arms alike
+        for kind in arms:
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(kind)
+            if gpu:
+                torch.cuda.synchronize()
+                peak[kind] = torch.cuda.max_memory_allocated() / 2 ** 30
+            times[kind].append(args.steps / (time.perf_counter() - t0))
+    res = {}
+    for kind, (net, _) in arms.items():
+        sps = sorted(times[kind])[len(times[kind]) // 2]
+        mib = {b: sum(v) / 2 ** 20 for (k, b), v in saved.items() if k == kind}
+        res[kind] = (sps, mib, scores(kind), peak.get(kind))
+        mem = ", ".join(f"saved activations ({b}) {v:8.1f} MiB" for b, v in mib.items())
+        print(f"  {kind:6s} attention: {sps:7.2f} steps/s (median of {args.rounds}), "
+              f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, {mem}, attention scores "
+              f"{scores(kind) / 1e6:8.2f}M per sample per head" + (f", peak CUDA memory {peak[kind]:.2f} GiB" if gpu else ""),
               flush=True)
-        del net, opt
     w, f = res["window"], res["full"]
-    print(f"  windowed / full: {w[0] / f[0]:.2f}x steps/s, {w[1] / f[1]:.2f}x saved activations, "
-          f"{w[2] / f[2]:.4f}x attention-score elements" + (f", {w[3] / f[3]:.2f}x peak CUDA memory" if gpu else ""))
+    ratios = ", ".join(f"{w[1][b] / f[1][b]:.2f}x saved activations ({b})" for b in w[1])
+    print(f"  windowed / full: {w[0] / f[0]:.2f}x steps/s, {ratios}, {w[2] / f[2]:.4f}x attention-score elements"
+          + (f", {w[3] / f[3]:.2f}x peak CUDA memory" if gpu else ""))
 
 
 def main(argv=None):
@@ -339,6 +358,7 @@ def main(argv=None):
     p.add_argument("--sr-width", type=int, default=128)
     p.add_argument("--sr-depth", type=int, default=1, help="SR blocks (of three layers)")
     p.add_argument("--sr-heads", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="--sr: interleaved timing rounds per arm (median)")
     args = p.parse_args(argv)
     if args.sr:
         sr_main(args)
