@@ -166,7 +166,7 @@ def run(ctx) -> dict:
                f"bicubic), LR tokens+bicubic {psnr['lr_tokens_bicubic']:.2f} dB, tokenizer ceiling "
                f"{psnr['tokenizer_ceiling']:.2f} dB; HR token acc {tok_acc * 100:.1f}% (paper sampling "
                f"{paper_acc * 100:.1f}%; copying the LR code {copy_acc * 100:.1f}%, chance "
-               f"{100 / tok.codebook_size:.1f}%); probe on greedy SR on SR: shape {acc('shape')}, colour {acc('colour')}, "
+               f"{100 / tok.codebook_size:.1f}%); probe on the greedy SR clips: shape {acc('shape')}, colour {acc('colour')}, "
                f"direction {acc('direction')}; stage wall {wall:.0f}s")
     ctx.log(summary)
     return {"summary": summary, "psnr": psnr, "token_accuracy": tok_acc, "token_accuracy_paper_sampling": paper_acc,
