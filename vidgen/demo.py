@@ -46,6 +46,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "vae": ("data",),
     "magvit": ("tokenizer", "probe"),
     "videopoet": ("tokenizer", "probe"),
+    "videopoet_sr": ("tokenizer", "probe"),
     "latte": ("vae", "probe"),
     "tora": ("vae", "probe"),
     "make_a_video": ("probe",),
