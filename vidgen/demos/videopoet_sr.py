@@ -9,13 +9,13 @@ two 512-way heads at 2^18 codes). Windows keep the shape of the §2.8 stage-1 ta
 Trained with the MAGVIT masked-token objective, LR token noise and independent 10% LR / text drops on cached tokens
 (every clip tokenised once, every caption embedded once with MiniLM), then decoded in 24 non-autoregressive steps
 twice: with the paper's stage-1 guidance (text CFG 4, LR CFG 1) at temperature 1, and greedily without guidance
-(temperature 0, CFG 1), which this under-trained tiny model decodes better (the samples and the probe use it). Reports, on held-out procedural clips, PSNR against the 32^2
-ground truth of: the SR stage, bicubic upsampling of the 16^2 input, the LR tokens decoded then bicubic-upsampled
-(what the SR stage starts from) and the tokenizer's own reconstruction of the ground-truth tokens (the ceiling any
-token-space SR can reach); plus HR token accuracy against copying each LR code onto its 2x2 HR tokens and chance
-(1/256), and the probe on the SR clips. On these smooth procedural clips bicubic 16^2 -> 32^2 is nearly lossless, so
-no token-space model can beat it here (its ceiling is the tokenizer's PSNR): the learning signal is SR against the
-LR-token baseline and the ceiling.
+(temperature 0, CFG 1), which this under-trained tiny model decodes better (the samples and the probe use it).
+Reports, on held-out procedural clips, PSNR against the 32^2 ground truth of: the SR stage, bicubic upsampling of
+the 16^2 input, the LR tokens decoded then bicubic-upsampled (what the SR stage starts from) and the tokenizer's own
+reconstruction of the ground-truth tokens (the ceiling any token-space SR can reach); plus HR token accuracy against
+copying each LR code onto its 2x2 HR tokens and chance (1/256), and the probe on the SR clips. On these smooth
+procedural clips bicubic 16^2 -> 32^2 is nearly lossless, so no token-space model can beat it here (its ceiling is
+the tokenizer's PSNR): the learning signal is SR against the LR-token baseline and the ceiling.
 
 Writes ``<out>/videopoet_sr/samples.{npz,png,mp4}`` (via ``report_samples``; greedy SR, the condition is the
 bicubic-upsampled LR input), ``compare.{png,mp4}`` (GT | bicubic | greedy SR), ``loss.txt`` and ``videopoet_sr_tiny.pt``.
