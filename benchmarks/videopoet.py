@@ -17,6 +17,16 @@ parameters/compute, fp32 reduction, activation checkpointing of every block), on
 ``FlopCounterMode``, over the GPU's bf16 dense peak) and peak memory:
 
     python benchmarks/videopoet.py --gpu --size 1B --batch 8
+
+Super-resolution transformer (``--sr``, spec §2.8): training steps/s and memory of the same SR model (same
+parameters) with the paper's local-window attention (three axis windows + windowed LR cross-attention) vs full
+attention over every token, side by side. CPU: a (5, 28, 16) token grid with the stage-1 window shapes scaled to it;
+memory = the bytes autograd saves for backward, plus the attention-score elements a materialised softmax would hold
+(SDPA's fused kernels do not materialise them, the math kernel does). GPU (``--sr --gpu``): the stage-1 grid
+(5, 56, 32) and windows of the table, bf16 autocast, peak CUDA memory:
+
+    python benchmarks/videopoet.py --sr
+    python benchmarks/videopoet.py --sr --gpu --sr-width 1024 --sr-depth 2 --batch 4
 """
 
 from __future__ import annotations
@@ -217,6 +227,114 @@ def gpu_main(args):
     dist.destroy_process_group()
 
 
+def sr_main(args):
+    """§2.8 SR transformer: windowed vs full attention at equal size (steps/s, memory), printed as ratios."""
+    import math
+
+    import torch
+
+    from vidgen.lightning_modules.nn.attention import Windows
+    from vidgen.lightning_modules.videopoet_sr import AXES, WINDOWS, SRTransformer, SRTransformerConfig, lr_window
+
+    gpu = args.gpu
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu and not torch.cuda.is_available():
+        sys.exit("--sr --gpu needs CUDA")
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    if gpu:
+        grid, windows = (5, 56, 32), WINDOWS["stage1"]
+    else:  # the stage-1 window shapes on a half-size grid: whole axis x 1/8, 1/7 x whole axis, all frames x 4 x 4
+        grid, windows = (5, 28, 16), {"vertical": (1, 28, 2), "horizontal": (1, 4, 16), "temporal": (5, 4, 4)}
+    bits, batch = 18, args.batch
+    n_tok, lr_grid = math.prod(grid), (grid[0], grid[1] // 2, grid[2] // 2)
+    print(f"SR transformer: grid {grid} ({n_tok} tokens), LR {lr_grid}, width {args.sr_width}, {args.sr_depth} blocks "
+          f"x 3 layers, batch {batch}, {device}{' bf16 autocast' if gpu else ''}", flush=True)
+
+    def scores(kind):
+        """Attention-score elements per sample, summed over layers (self + LR cross), per head."""
+        tot = 0
+        for axis in AXES:
+            if kind == "full":
+                tot += n_tok * n_tok + n_tok * math.prod(lr_grid)
+            else:
+                w = Windows(grid, windows[axis])
+                tot += w.num_windows * (math.prod(w.window) ** 2 + math.prod(w.window) * math.prod(lr_window(w.window)))
+        return tot * args.sr_depth
+
+    from vidgen.lightning_modules.nn.attention import attention_backend
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2 ** bits, (batch, n_tok), generator=g).to(device)
+    lr = torch.randint(0, 2 ** bits, (batch, math.prod(lr_grid)), generator=g).to(device)
+    text = torch.randn(batch, args.text_tokens, args.text_dim, generator=g).to(device)
+    masked = torch.rand(batch, n_tok, generator=g).to(device) < 0.5
+    arms = {}
+    for kind in ("window", "full"):
+        torch.manual_seed(0)
+        cfg = SRTransformerConfig(bits=bits, grid=grid, windows=windows, width=args.sr_width, depth=args.sr_depth,
+                                  heads=args.sr_heads, text_dim=args.text_dim, attention=kind)
+        net = SRTransformer(cfg).to(device)
+        arms[kind] = (net, torch.optim.AdamW(net.parameters(), lr=1e-4))
+
+    def step(kind, saved=None):
+        net, opt = arms[kind]
+        inputs = torch.where(masked, net.fact.mask_id, tokens)
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t) if saved is not None else None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            if hooks is None:
+                logits = net(inputs, lr, text)
+            else:
+                with hooks:
+                    logits = net(inputs, lr, text)
+        sub = net.fact.split(tokens)
+        loss = sum(torch.nn.functional.cross_entropy(lg[masked].float(), sub[masked][:, j])
+                   for j, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    saved = {}
+    for kind in arms:
+        for backend in ("sdpa", "math"):   # math materialises the softmax: the memory an unfused kernel needs
+            if gpu and backend == "math":
+                continue
+            saved[kind, backend] = []
+            with attention_backend(backend):
+                step(kind, saved[kind, backend])
+        for _ in range(args.warmup):
+            step(kind)
+    times = {k: [] for k in arms}
+    peak = {}
+    for _ in range(args.rounds):   # interleaved rounds: contention on a shared machine hits both arms alike
+        for kind in arms:
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(kind)
+            if gpu:
+                torch.cuda.synchronize()
+                peak[kind] = torch.cuda.max_memory_allocated() / 2 ** 30
+            times[kind].append(args.steps / (time.perf_counter() - t0))
+    res = {}
+    for kind, (net, _) in arms.items():
+        sps = sorted(times[kind])[len(times[kind]) // 2]
+        mib = {b: sum(v) / 2 ** 20 for (k, b), v in saved.items() if k == kind}
+        res[kind] = (sps, mib, scores(kind), peak.get(kind))
+        mem = ", ".join(f"saved activations ({b}) {v:8.1f} MiB" for b, v in mib.items())
+        print(f"  {kind:6s} attention: {sps:7.2f} steps/s (median of {args.rounds}), "
+              f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, {mem}, attention scores "
+              f"{scores(kind) / 1e6:8.2f}M per sample per head" + (f", peak CUDA memory {peak[kind]:.2f} GiB" if gpu else ""),
+              flush=True)
+    w, f = res["window"], res["full"]
+    ratios = ", ".join(f"{w[1][b] / f[1][b]:.2f}x saved activations ({b})" for b in w[1])
+    print(f"  windowed / full: {w[0] / f[0]:.2f}x steps/s, {ratios}, {w[2] / f[2]:.4f}x attention-score elements"
+          + (f", {w[3] / f[3]:.2f}x peak CUDA memory" if gpu else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="FSDP2 bf16 path (default size 1B)")
@@ -236,8 +354,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sample-batch", type=int, default=2)
     p.add_argument("--sample-frames", type=int, default=2)
+    p.add_argument("--sr", action="store_true", help="the SR transformer: windowed vs full attention (§2.8)")
+    p.add_argument("--sr-width", type=int, default=128)
+    p.add_argument("--sr-depth", type=int, default=1, help="SR blocks (of three layers)")
+    p.add_argument("--sr-heads", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="--sr: interleaved timing rounds per arm (median)")
     args = p.parse_args(argv)
-    if args.gpu:
+    if args.sr:
+        sr_main(args)
+    elif args.gpu:
         args.size = args.size or "1B"
         if args.size != "tiny":
             args.codes, args.text_dim, args.text_tokens, args.grid, args.frames = 262144, 2048, 64, 16, 5

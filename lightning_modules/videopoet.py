@@ -582,6 +582,7 @@ class VideoPoetConfig:
     predict_prompts: list[str] | None = None
     extend_steps: int = 0                         # predict: long-video extension rounds after the first clip
     sample_fps: float = 8.0
+    sr_stages: list[str] | None = None            # §2.8 cascade: VideoPoetSR checkpoints run on the sampled tokens
 
     def validate(self) -> None:
         """Raise :class:`VideoPoetConfigError` naming the key and the fix; reads no files."""
@@ -621,6 +622,13 @@ class VideoPoetConfig:
             raise VideoPoetConfigError(f"durations lists {len(self.durations)} lengths; at most {NUM_DURATION_TOKENS}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise VideoPoetConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        for path in self.sr_stages or []:
+            if not os.path.isfile(path):
+                raise VideoPoetConfigError(f"sr_stages entry {path!r} is not a file: train the stage (vidgen fit "
+                                           "--config configs/videopoet/sr_stage1.yaml) and list its checkpoint")
+        if self.sr_stages and self.extend_steps:
+            raise VideoPoetConfigError("extend_steps re-tokenises the base-resolution clip; it cannot follow "
+                                       "sr_stages: set one of them")
         if self.guidance_scale != 1.0 and self.text_dropout <= 0:
             raise VideoPoetConfigError("guidance_scale != 1 needs an unconditional branch: train with text_dropout > 0")
 
@@ -690,6 +698,7 @@ class VideoPoet(L.LightningModule):
         predict_prompts: list[str] | None = None,
         extend_steps: int = 0,
         sample_fps: float = 8.0,
+        sr_stages: list[str] | None = None,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -726,7 +735,7 @@ class VideoPoet(L.LightningModule):
     def make_config(args: Mapping[str, Any]) -> VideoPoetConfig:
         names = {f.name for f in fields(VideoPoetConfig)}
         a = {k: v for k, v in args.items() if k in names and v is not None}
-        for k in ("durations", "betas", "predict_prompts"):
+        for k in ("durations", "betas", "predict_prompts", "sr_stages"):
             if k in a:
                 a[k] = list(a[k])
         if "tasks" in a:
@@ -1109,7 +1118,25 @@ class VideoPoet(L.LightningModule):
             else:
                 raise ValueError(f"task {layout.name} needs batch['video'] or batch['tokens'] for its condition")
         out = self.sample(layout.name, n, grid, batch=batch, given_tokens=given, generator=generator)
-        return self._tok().decode(out["tokens"]).float().clamp(-1, 1)
+        return self._tok().decode(self.super_resolve(out["tokens"], batch, generator)).float().clamp(-1, 1)
+
+    def super_resolve(self, tokens: Tensor, batch: Mapping[str, Any] | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """§2.8 cascade: the ``sr_stages`` (``VideoPoetSR`` checkpoints, loaded once) upsample the sampled codes 2x
+        each, in token space, before the one detokenisation; no stages: the codes unchanged."""
+        if not self.config.sr_stages:
+            return tokens
+        if getattr(self, "_sr_cascade", None) is None:
+            from .videopoet_sr import VideoPoetSR
+
+            _hidden(self, "_sr_cascade", [VideoPoetSR.load_frozen(p) for p in self.config.sr_stages])
+        for path, stage in zip(self.config.sr_stages, self._sr_cascade):
+            if stage.config.visual_codes != self.vocab.visual_codes or tuple(tokens.shape[1:]) != stage.lr_grid:
+                raise VideoPoetConfigError(f"sr stage {path} upsamples {stage.lr_grid} tokens of a "
+                                           f"{stage.config.visual_codes}-code tokenizer; it was given "
+                                           f"{tuple(tokens.shape[1:])} tokens of {self.vocab.visual_codes} codes")
+            tokens = stage.to(self.device).super_resolve(tokens, batch, generator)
+        return tokens
 
     @torch.no_grad()
     def extend_video(self, video: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:

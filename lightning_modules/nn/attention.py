@@ -15,6 +15,12 @@ Backend choice (``set_attention_backend`` / env ``VIDGEN_ATTENTION_BACKEND``):
 - ``"math"``: explicit ``softmax(QK^T / sqrt(d)) V`` in float32, the reference.
 
 xformers is optional and imported lazily; nothing here requires it.
+
+Local windows (MaxViT / VideoPoet SR §2.8): ``MultiHeadAttention(window=(wt, wh, ww))`` attends inside
+non-overlapping windows of a ``(T, H, W)`` token grid (raster order t, h, w) given to ``forward(grid=...)``;
+``CrossAttention(window=..., context_window=...)`` pairs the query grid's windows one to one with the context grid's
+(e.g. windows isomorphic at half the spatial size). Windows are folded into the batch axis (:class:`Windows`), so the
+kernel is the same ``attention()`` as everywhere; ``window=None`` is full attention.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "xformers_available",
     "causal_mask",
     "prefix_lm_mask",
+    "Windows",
     "KVCache",
     "MultiHeadAttention",
     "CrossAttention",
@@ -237,6 +244,53 @@ def attention(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Local windows
+# ----------------------------------------------------------------------------------------------------------------------
+class Windows:
+    """Non-overlapping ``(wt, wh, ww)`` windows of a ``(T, H, W)`` token grid flattened raster (t, h, w).
+
+    ``split``: ``[B, T·H·W, D]`` → ``[B·nT·nH·nW, wt·wh·ww, D]`` (every token in exactly one window);
+    ``merge`` is its inverse. A window entry ``None`` spans its whole axis.
+    """
+
+    def __init__(self, grid: tuple[int, int, int] | list[int], window: tuple[int | None, ...] | list[int | None]):
+        if len(grid) != 3 or len(window) != 3:
+            raise ValueError(f"Windows need a (T, H, W) grid and a (wt, wh, ww) window, got {grid} and {window}")
+        self.grid = tuple(int(g) for g in grid)
+        self.window = tuple(g if w is None else int(w) for g, w in zip(self.grid, window))
+        for axis, g, w in zip("THW", self.grid, self.window):
+            if w < 1 or g % w:
+                raise ValueError(f"window {self.window} does not tile the token grid {self.grid}: {axis} = {g} is not a "
+                                 f"multiple of {w}")
+        self.counts = tuple(g // w for g, w in zip(self.grid, self.window))
+
+    @property
+    def num_windows(self) -> int:
+        return self.counts[0] * self.counts[1] * self.counts[2]
+
+    def split(self, x: Tensor) -> Tensor:
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        if x.shape[1] != n:
+            raise ValueError(f"{x.shape[1]} tokens do not form the grid {self.grid} ({n} tokens)")
+        (nt, nh, nw), (wt, wh, ww) = self.counts, self.window
+        return rearrange(x, "b (nt wt nh wh nw ww) ... -> (b nt nh nw) (wt wh ww) ...",
+                         nt=nt, nh=nh, nw=nw, wt=wt, wh=wh, ww=ww)
+
+    def merge(self, x: Tensor) -> Tensor:
+        (nt, nh, nw), (wt, wh, ww) = self.counts, self.window
+        return rearrange(x, "(b nt nh nw) (wt wh ww) ... -> b (nt wt nh wh nw ww) ...",
+                         nt=nt, nh=nh, nw=nw, wt=wt, wh=wh, ww=ww)
+
+
+def _windows(window, grid, who: str) -> Windows | None:
+    if window is None:
+        return None
+    if grid is None:
+        raise ValueError(f"{who} was built with window={window}: pass grid=(T, H, W) of the tokens to forward()")
+    return Windows(grid, window)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # KV cache
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -308,6 +362,8 @@ class MultiHeadAttention(nn.Module):
     cache is passed (its keys/values are extended in place; RoPE positions continue from ``kv_cache.length``).
     ``rope`` given to ``forward`` is a rotary embedding owned by the caller (STDiT3's one top-level ``rope`` shared by
     its temporal blocks); it replaces ``self.rope`` for that call.
+    ``window``: ``(wt, wh, ww)`` local-window attention over the token grid passed as ``forward(grid=(T, H, W))``
+    (MaxViT-style, e.g. one axis per layer); no mask, KV cache or RoPE with windows.
     """
 
     def __init__(
@@ -321,11 +377,15 @@ class MultiHeadAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: str | None = None,
+        window: tuple[int | None, int | None, int | None] | None = None,
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: dim={dim} is not divisible by heads={heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.window = None if window is None else tuple(window)
+        if self.window is not None and (rope or causal):
+            raise ValueError("MultiHeadAttention: local windows go without rope and causal masking")
         self.causal = causal
         self.attn_drop = attn_drop
         self.backend = backend
@@ -343,7 +403,13 @@ class MultiHeadAttention(nn.Module):
         kv_cache: KVCache | None = None,
         positions: Tensor | None = None,
         rope: RotaryEmbedding | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
+        win = _windows(self.window, grid, "MultiHeadAttention")
+        if win is not None:
+            if mask is not None or kv_cache is not None or rope is not None:
+                raise ValueError("MultiHeadAttention with local windows takes no mask, kv_cache or rope")
+            x = win.split(x)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)
         rope = self.rope if rope is None else rope
@@ -359,6 +425,8 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
         )
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        if win is not None:
+            out = win.merge(out)
         return out if kv_cache is None else (out, kv_cache)
 
 
@@ -367,6 +435,9 @@ class CrossAttention(nn.Module):
 
     ``context_mask``: bool ``[B, M]``, True for real context tokens (padding is ignored). With a ``kv_cache`` the
     context keys/values are computed on the first call and reused afterwards (autoregressive decoding).
+    ``window`` / ``context_window``: windowed cross-attention (VideoPoet SR §2.8): the query grid
+    ``forward(grid=...)`` and the context grid ``forward(context_grid=...)`` are cut into the same number of windows
+    per axis and window ``i`` of the queries attends only to window ``i`` of the context.
     """
 
     def __init__(
@@ -379,10 +450,16 @@ class CrossAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: str | None = None,
+        window: tuple[int | None, int | None, int | None] | None = None,
+        context_window: tuple[int | None, int | None, int | None] | None = None,
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"CrossAttention: dim={dim} is not divisible by heads={heads}")
+        if (window is None) != (context_window is None):
+            raise ValueError("CrossAttention: give both window and context_window (windowed) or neither (full)")
+        self.window = None if window is None else tuple(window)
+        self.context_window = None if context_window is None else tuple(context_window)
         context_dim = dim if context_dim is None else context_dim
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.attn_drop = attn_drop
@@ -400,7 +477,21 @@ class CrossAttention(nn.Module):
         context: Tensor | None,
         context_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        grid: tuple[int, int, int] | None = None,
+        context_grid: tuple[int, int, int] | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
+        win = _windows(self.window, grid, "CrossAttention")
+        if win is not None:
+            cwin = _windows(self.context_window, context_grid, "CrossAttention (context)")
+            if cwin.counts != win.counts:
+                raise ValueError(f"CrossAttention windows do not pair up: the queries' grid {win.grid} / {win.window} "
+                                 f"gives {win.counts} windows per axis, the context's {cwin.grid} / {cwin.window} "
+                                 f"gives {cwin.counts}")
+            if kv_cache is not None or context is None:
+                raise ValueError("windowed CrossAttention needs its context each call (no kv_cache)")
+            x, context = win.split(x), cwin.split(context)
+            if context_mask is not None:
+                context_mask = cwin.split(context_mask)
         q = self.q_norm(rearrange(self.q_linear(x), "b n (h d) -> b h n d", h=self.heads))
         if kv_cache is not None and kv_cache.k is not None:
             k, v = kv_cache.k[..., : kv_cache.length, :], kv_cache.v[..., : kv_cache.length, :]
@@ -420,6 +511,8 @@ class CrossAttention(nn.Module):
             mask = rearrange(context_mask.bool(), "b m -> b 1 1 m")
         out = attention(q, k, v, mask=mask, backend=self.backend, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        if win is not None:
+            out = win.merge(out)
         return out if kv_cache is None else (out, kv_cache)
 
 

@@ -101,7 +101,9 @@ def masked_decode(
 
     Args:
         logits_fn: ``(tokens [B, N], unknown [B, N] bool) -> logits [B, N, K]`` over the ``K`` codes (guidance, e.g.
-            CFG with the condition tokens replaced by ``[MASK]`` where unknown, is the caller's).
+            CFG with the condition tokens replaced by ``[MASK]`` where unknown, is the caller's).  Factorised codes
+            (VideoPoet SR §2.8): a tuple of logits ``[B, N, K_j]``, one per sub-token, most significant first; each
+            sub-token is sampled independently, the code is ``Σ_j s_j·Π_{i>j} K_i`` and its confidence ``Σ_j log p(s_j)``.
         fallback: ``[B, N]`` long: what an unknown position holds — ``[MASK]`` or, under COMMIT, the condition
             token ``z̃_i`` in the condition region.  Step 0 starts from it with every position unknown.
         steps: ``K`` iterations (12); ``temperature``: token sampling temperature (1.0);
@@ -123,18 +125,23 @@ def masked_decode(
     history: list[DecodeStep] = []
     sampled = tokens
     for t in range(steps):
-        logits = logits_fn(tokens, unknown).float()
-        if logits.shape[:2] != (b, n_tok):
-            raise ValueError(f"logits_fn returned {tuple(logits.shape)}, expected [{b}, {n_tok}, K]")
-        logp = torch.log_softmax(logits, dim=-1)
-        # categorical sample by Gumbel-max at temperature T (T -> 0: argmax)
-        if temperature > 0:
-            g = gumbel_noise(tuple(logits.shape), generator, device)
-            draw = (logp / temperature + g).argmax(-1)
-        else:
-            draw = logp.argmax(-1)
+        out = logits_fn(tokens, unknown)
+        factors = list(out) if isinstance(out, (tuple, list)) else [out]
+        draw, conf = torch.zeros_like(tokens), torch.zeros(b, n_tok, device=device)
+        for logits in factors:  # factorised heads (VideoPoet SR §2.8): independent sub-tokens, most significant first
+            logits = logits.float()
+            if logits.shape[:2] != (b, n_tok):
+                raise ValueError(f"logits_fn returned {tuple(logits.shape)}, expected [{b}, {n_tok}, K]")
+            logp = torch.log_softmax(logits, dim=-1)
+            # categorical sample by Gumbel-max at temperature T (T -> 0: argmax)
+            if temperature > 0:
+                g = gumbel_noise(tuple(logits.shape), generator, device)
+                d = (logp / temperature + g).argmax(-1)
+            else:
+                d = logp.argmax(-1)
+            draw = draw * logits.shape[-1] + d
+            conf = conf + torch.gather(logp, -1, d[..., None])[..., 0]
         sampled = torch.where(unknown, draw, tokens)
-        conf = torch.gather(logp, -1, draw[..., None])[..., 0]
         conf = torch.where(unknown, conf, torch.full_like(conf, math.inf))
         ratio = float(mask_ratio((t + 1) / steps, schedule, n_tok))
         n_unknown = unknown.sum(-1)

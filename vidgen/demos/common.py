@@ -73,6 +73,26 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
     return {"video": c["video"][idx], "label": c["label"][idx], "text": [c["text"][i] for i in idx.tolist()]}
 
 
+class CaptionTable:
+    """Every distinct caption embedded once by the frozen MiniLM encoder (never per step); calling it with captions
+    gives ``(embeddings [N, slots, D], valid lengths [N])``, ``slots`` = the longest caption's token count."""
+
+    def __init__(self, captions, max_length: int = 16):
+        from vidgen.lightning_modules.nn.text_encoders import MiniLMTextEncoder
+
+        self.encoder = MiniLMTextEncoder(max_length=max_length)
+        caps = sorted(set(captions))
+        enc = self.encoder(caps)
+        self.slots = int(enc.mask.sum(-1).max())
+        self.table = {c: (enc.tokens[i, :self.slots].float(), int(enc.mask[i].sum())) for i, c in enumerate(caps)}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __call__(self, caps) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([self.table[c][0] for c in caps]), torch.tensor([self.table[c][1] for c in caps])
+
+
 # ---------------------------------------------------------------------------------------------------------- probe
 def get_probe(ctx):
     """The demo's trained probe (``ctx.results["probe"]["checkpoint"]``), loaded once; None when there is none."""

@@ -23,8 +23,7 @@ import torch
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import load_clips, report_samples
-    from vidgen.lightning_modules.nn.text_encoders import MiniLMTextEncoder
+    from vidgen.demos.common import CaptionTable, load_clips, report_samples
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet import LAYOUTS, VideoPoet
     from vidgen.media import save_video_grid_mp4, write_grid_png
@@ -45,14 +44,8 @@ def run(ctx) -> dict:
     val = load_clips(ctx, "val", T, R, procedural_only=True)
     with torch.no_grad():
         codes = torch.cat([tok.encode(v) for v in train["video"].split(32)])
-    text_model = MiniLMTextEncoder(max_length=16)
-    captions = sorted(set(train["text"]) | set(val["text"]))
-    enc = text_model(captions)
-    L_ = int(enc.mask.sum(-1).max())
-    table = {c: (enc.tokens[i, :L_].float(), int(enc.mask[i].sum())) for i, c in enumerate(captions)}
-
-    def text(caps):
-        return torch.stack([table[c][0] for c in caps]), torch.tensor([table[c][1] for c in caps])
+    captions = text = CaptionTable(train["text"] + val["text"])
+    text_model, L_ = captions.encoder, captions.slots
 
     ctx.log(f"tokenised {len(codes)} clips {T}x{R}^2 -> {grid} tokens, {len(captions)} captions embedded "
             f"({L_} slots) in {time.perf_counter() - t0:.0f}s")
