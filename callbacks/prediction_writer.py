@@ -9,7 +9,8 @@
 
 Per batch (every rank writes its own samples; file names carry the key, grids the rank):
 
-* ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio;
+* ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio (also muxed
+  into the mp4);
 * ``<out>/grid_r<rank>_<batch>.png`` (one row per sample, conditioning rows first) and ``.mp4`` (the batch tiled);
 
 At the end of the predict epoch ``<out>/samples.npz`` (``samples_r<rank>.npz`` per rank when distributed):
@@ -123,9 +124,11 @@ class PredictionWriter(BasePredictionWriter):
                 v = videos[i]
                 if v.shape[1] == 1:
                     self.written.append(media.write_grid_png(os.path.join(root, f"{key}.png"), v[None], padding=0))
-                else:
+                else:  # a soundtrack (v2a, a2v, audio tokenizers) is muxed into the mp4 as well as written as wav
+                    sound = pred["audio"][i] if pred.get("audio") is not None else None
                     self.written.append(media.write_video(os.path.join(root, f"{key}.mp4"), v, fps=self.fps,
-                                                          layout="cthw"))
+                                                          layout="cthw", audio=sound,
+                                                          sample_rate=pred.get("sample_rate")))
                 if pred.get("audio") is not None:
                     self.written.append(write_wav(os.path.join(root, f"{key}.wav"), pred["audio"][i],
                                                   int(pred["sample_rate"])))

@@ -26,6 +26,8 @@ STAGES = [
     ("magvit", "vidgen.demos.magvit:run", "train the tiny MAGVIT transformer, sample class/frame-prediction clips"),
     ("videopoet", "vidgen.demos.videopoet:run",
      "train a tiny VideoPoet prefix LM on the tokenizer's tokens (AGD over T2V/I2V/FP), sample, extend a long video"),
+    ("videopoet_audio", "vidgen.demos.videopoet_audio:run",
+     "tiny SoundStream on the demo soundtracks, VideoPoet video-to-audio; a spectral probe names the shape"),
     ("latte", "vidgen.demos.latte:run", "train a tiny class-conditional Latte on the KL VAE latents, sample"),
     ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
     ("make_a_video", "vidgen.demos.make_a_video:run",
