@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import wave
 from typing import Any
 
 import numpy as np
@@ -70,16 +69,7 @@ def _safe(key: Any) -> str:
 
 def write_wav(path: str, audio: Any, sample_rate: int) -> str:
     """Mono/multi-channel float audio ``[C, S]`` in [-1, 1] -> 16-bit PCM wav."""
-    a = audio.detach().float().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float32)
-    a = a.reshape(1, -1) if a.ndim == 1 else a
-    pcm = (np.clip(a, -1, 1) * 32767).round().astype("<i2").T  # [S, C]
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(pcm.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(pcm.tobytes())
-    media.atomic_write(path, buf.getvalue())
+    media.atomic_write(path, media.encode_audio_wav(audio, int(sample_rate)))
     return path
 
 

@@ -149,6 +149,14 @@ def test_v2a_predict_writes_the_soundtrack_into_the_mp4(tmp_path):
     got = media.read_audio(str(tmp_path / "a.mp4"), 0.0, None, 8000)
     assert got is not None and got[0].shape[-1] >= 6 * codec.hop - 1100  # AAC frames: the whole soundtrack
     assert (tmp_path / "a.wav").exists()
+    # audio-to-video: the prefix holds the audio tokens, the sampled video tokens stay in the visual slots
+    lm_a2v = VideoPoet(size="tiny", visual_codes=32, audio_levels=4, audio_codes=16, text_dim=8, tasks={"a2v": 1.0},
+                       num_frames=4, durations=[4])
+    out = lm_a2v.sample("a2v", 2, (2, 3, 3), batch={"audio_tokens": codes}, generator=torch.Generator().manual_seed(1))
+    assert out["tokens"].shape == (2, 2, 3, 3) and int(out["tokens"].max()) < 32
+    seq = out["sequence"]
+    ids = lm_a2v.vocab.audio(codes)
+    assert any(torch.equal(seq[0, i:i + ids.shape[1]], ids[0]) for i in range(seq.shape[1] - ids.shape[1] + 1))
     with pytest.raises(VideoPoetConfigError, match="audio_codes"):
         VideoPoet(size="tiny", visual_codes=32, audio_codes=32, text_dim=8).attach_audio_tokenizer(codec)
 
