@@ -893,9 +893,18 @@ class VideoPoet(L.LightningModule):
     def tasks_for(self, kind: str) -> dict[str, float]:
         return {k: w for k, w in self.config.tasks.items() if w > 0 and LAYOUTS[k].kind == kind}
 
-    def task_at(self, step: int, kind: str) -> Layout:
-        """§2.7: the task group of this step among those that train on this batch's data kind (seeded by step)."""
+    def task_at(self, step: int, kind: str, audio: bool = True) -> Layout:
+        """§2.7: the task group of this step among those that train on this batch's data kind (seeded by step);
+        a batch without audio tokens (``audio=False``, clips without a soundtrack) draws among the tasks that need
+        none (§2.4: an absent modality drops out)."""
         cands = self.tasks_for(kind)
+        if not audio and cands:
+            cands = {k: w for k, w in cands.items()
+                     if not any(PARTS[p][0] == "audio" for p in LAYOUTS[k].needs)}
+            if not cands:
+                raise ValueError(f"a batch without audio tokens arrived but every configured task needs audio "
+                                 f"(tasks: {dict(self.config.tasks)}); tokenise with --audio-checkpoint "
+                                 "--audio-required (drops clips without a soundtrack) or add a video-only task")
         if not cands:
             raise ValueError(f"a batch of {kind} tokens arrived but no configured task trains on {kind}s "
                              f"(tasks: {dict(self.config.tasks)}); add one (e.g. t2i for images) or drop the source")
@@ -939,7 +948,8 @@ class VideoPoet(L.LightningModule):
     def step_loss(self, batch: Mapping[str, Any], step: int, layout: Layout | None = None) -> dict[str, Tensor]:
         tokens = self.tokens_of(batch)
         n = tokens.shape[0]
-        layout = layout or self.task_at(step, "image" if tokens.shape[1] == 1 else "video")
+        layout = layout or self.task_at(step, "image" if tokens.shape[1] == 1 else "video",
+                                        audio=self.audio_tokens_of(batch) is not None)
         emb, ln = self.text_of(batch, n) if layout.text != "none" else (None, None)
         ln = self._text_drop(ln, step)
         seq = self.sequences_for(layout, batch, tokens, (emb, ln), n)

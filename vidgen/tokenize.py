@@ -22,7 +22,8 @@ Audio tokens (VideoPoet §2.2): ``--audio-checkpoint`` (a ``SoundStream`` checkp
 codes ``[levels, frames]`` (int16) of the soundtrack of exactly the clip that was tokenised (same start and
 duration, ``datamodules.decode.audio_window``), resampled to the codec's rate; row-major, so flattening gives the
 level-major order VideoPoet's sequences use (all level-1 codes, then level 2, ...). Clips without a soundtrack get
-no audio member (their count is ``audio_tokenizer.clips_without_audio`` in the index). ``--fps`` fixes every clip's duration (num_frames / fps),
+no audio member (their count is ``audio_tokenizer.clips_without_audio`` in the index), or with ``--audio-required``
+are skipped. ``--fps`` fixes every clip's duration (num_frames / fps),
 so every clip gets the same number of audio frames.
 """
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target clip fps (overrides --frame-stride where the source fps is known)")
     p.add_argument("--audio-checkpoint", default=None,
                    help="SoundStream checkpoint: also write the clip's audio tokens as {key}.audio.npy")
+    p.add_argument("--audio-required", action="store_true",
+                   help="with --audio-checkpoint: skip clips without a soundtrack (counted as no_audio), so every "
+                        "sample has audio tokens (v2a/a2v-only training)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -253,7 +257,8 @@ def _run(args: argparse.Namespace) -> int:
         os.remove(os.path.join(args.out, f))
     urls = expand_shards(args.shards, what="--shards")
     spec = ClipSpec(num_frames=num_frames, frame_stride=args.frame_stride, fps=args.fps, height=resolution,
-                    width=resolution, crop="center", audio_rate=None if audio_tok is None else audio_tok.sample_rate)
+                    width=resolution, crop="center", audio_rate=None if audio_tok is None else audio_tok.sample_rate,
+                    audio_policy="skip" if args.audio_required else "silence")
     loader = torch.utils.data.DataLoader(_ShardClips(urls, spec), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=list)
     gen = torch.Generator(device=device).manual_seed(args.seed)
