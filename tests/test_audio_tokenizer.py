@@ -157,6 +157,13 @@ def test_v2a_predict_writes_the_soundtrack_into_the_mp4(tmp_path):
     seq = out["sequence"]
     ids = lm_a2v.vocab.audio(codes)
     assert any(torch.equal(seq[0, i:i + ids.shape[1]], ids[0]) for i in range(seq.shape[1] - ids.shape[1] + 1))
+    # a batch without audio tokens (a clip without a soundtrack) trains a task that needs none, or says why not
+    both = VideoPoet(size="tiny", visual_codes=32, audio_levels=4, audio_codes=16, text_dim=8,
+                     tasks={"v2a": 1.0, "uncond": 1.0}, num_frames=4, durations=[4])
+    assert {both.task_at(s, "video", audio=False).name for s in range(20)} == {"uncond"}
+    assert {both.task_at(s, "video").name for s in range(20)} == {"uncond", "v2a"}
+    with pytest.raises(ValueError, match="audio-required"):
+        lm.step_loss({"tokens": tokens}, 0)
     with pytest.raises(VideoPoetConfigError, match="audio_codes"):
         VideoPoet(size="tiny", visual_codes=32, audio_codes=32, text_dim=8).attach_audio_tokenizer(codec)
 
