@@ -100,7 +100,7 @@ def run(ctx) -> dict:
             f"({T / 8:.3f} s at {RATE} Hz) in {time.perf_counter() - t0:.0f}s")
 
     # ---- 1. the codec
-    steps_codec = 40 if ctx.fast else 150
+    steps_codec = 40 if ctx.fast else 150  # fewer (120) left the codec unable to keep the pitch (measured)
     codec = SoundStream(size="tiny", codebook_size=1024, lr=3e-3, betas=[0.9, 0.99], warmup_steps=0,
                         train_crop_seconds=0.5, disc_ffts=[256, 128], disc_filters=8, seed=ctx.seed)
     opt_g = torch.optim.Adam([p for n, p in codec.named_parameters() if not n.startswith("discriminator")], 3e-3,
