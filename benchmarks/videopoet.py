@@ -27,6 +27,11 @@ memory = the bytes autograd saves for backward, plus the attention-score element
 
     python benchmarks/videopoet.py --sr
     python benchmarks/videopoet.py --sr --gpu --sr-width 1024 --sr-depth 2 --batch 4
+Audio tokenizer (``--audio``, issue #16): SoundStream encode and decode real-time factors (seconds of compute per
+second of audio; < 1 is faster than real time) for the paper's 16 kHz codec and the tiny 8 kHz one, on a
+2.125 s clip (VideoPoet's clip length), one clip and a batch, side by side; ``--audio-device cuda`` on a GPU:
+
+    python benchmarks/videopoet.py --audio
 """
 
 from __future__ import annotations
@@ -333,6 +338,43 @@ def sr_main(args):
     ratios = ", ".join(f"{w[1][b] / f[1][b]:.2f}x saved activations ({b})" for b in w[1])
     print(f"  windowed / full: {w[0] / f[0]:.2f}x steps/s, {ratios}, {w[2] / f[2]:.4f}x attention-score elements"
           + (f", {w[3] / f[3]:.2f}x peak CUDA memory" if gpu else ""))
+def audio_main(args):
+    """Real-time factors of SoundStream encode (waveform → RVQ codes) and decode (codes → waveform)."""
+    import torch
+
+    from vidgen.lightning_modules.soundstream import SoundStream
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.audio_device)
+    print(f"SoundStream real-time factor (compute s / audio s; lower is faster), {args.audio_seconds} s clips, "
+          f"{device}, {args.threads} thread(s); shared machines inflate CPU numbers")
+    print(f"{'size':>5} {'rate':>6} {'batch':>5} {'frames':>6} {'encode RTF':>11} {'decode RTF':>11} "
+          f"{'enc x-realtime':>15} {'dec x-realtime':>15}")
+    for size in args.audio_sizes.split(","):
+        torch.manual_seed(0)
+        m = SoundStream(size=size, inference_only=True).to(device).eval()
+        for b in (1, args.audio_batch):
+            x = torch.randn(b, 1, int(args.audio_seconds * m.sample_rate), device=device) * 0.1
+
+            def timed(fn):
+                for _ in range(args.warmup):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                return sorted(times)[len(times) // 2]
+
+            codes = m.encode(x)
+            te, td = timed(lambda: m.encode(x)), timed(lambda: m.decode(codes))
+            audio_s = b * args.audio_seconds
+            print(f"{size:>5} {m.sample_rate:>6} {b:>5} {codes.shape[-1]:>6} {te / audio_s:>11.4f} "
+                  f"{td / audio_s:>11.4f} {audio_s / te:>14.1f}x {audio_s / td:>14.1f}x")
 
 
 def main(argv=None):
@@ -359,10 +401,17 @@ def main(argv=None):
     p.add_argument("--sr-depth", type=int, default=1, help="SR blocks (of three layers)")
     p.add_argument("--sr-heads", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="--sr: interleaved timing rounds per arm (median)")
+    p.add_argument("--audio", action="store_true", help="SoundStream encode/decode real-time factors instead")
+    p.add_argument("--audio-sizes", default="16k,tiny", help="SOUNDSTREAM_SIZES rows, comma-separated")
+    p.add_argument("--audio-seconds", type=float, default=2.125)
+    p.add_argument("--audio-batch", type=int, default=8)
+    p.add_argument("--audio-device", default="cpu")
     args = p.parse_args(argv)
+    if args.audio:
+        return audio_main(args)
     if args.sr:
-        sr_main(args)
-    elif args.gpu:
+        return sr_main(args)
+    if args.gpu:
         args.size = args.size or "1B"
         if args.size != "tiny":
             args.codes, args.text_dim, args.text_tokens, args.grid, args.frames = 262144, 2048, 64, 16, 5

@@ -9,7 +9,8 @@
 
 Per batch (every rank writes its own samples; file names carry the key, grids the rank):
 
-* ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio;
+* ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio (also muxed
+  into the mp4);
 * ``<out>/grid_r<rank>_<batch>.png`` (one row per sample, conditioning rows first) and ``.mp4`` (the batch tiled);
 
 At the end of the predict epoch ``<out>/samples.npz`` (``samples_r<rank>.npz`` per rank when distributed):
@@ -26,7 +27,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import wave
 from typing import Any
 
 import numpy as np
@@ -69,16 +69,7 @@ def _safe(key: Any) -> str:
 
 def write_wav(path: str, audio: Any, sample_rate: int) -> str:
     """Mono/multi-channel float audio ``[C, S]`` in [-1, 1] -> 16-bit PCM wav."""
-    a = audio.detach().float().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, np.float32)
-    a = a.reshape(1, -1) if a.ndim == 1 else a
-    pcm = (np.clip(a, -1, 1) * 32767).round().astype("<i2").T  # [S, C]
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(pcm.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(pcm.tobytes())
-    media.atomic_write(path, buf.getvalue())
+    media.atomic_write(path, media.encode_audio_wav(audio, int(sample_rate)))
     return path
 
 
@@ -123,9 +114,11 @@ class PredictionWriter(BasePredictionWriter):
                 v = videos[i]
                 if v.shape[1] == 1:
                     self.written.append(media.write_grid_png(os.path.join(root, f"{key}.png"), v[None], padding=0))
-                else:
+                else:  # a soundtrack (v2a, a2v, audio tokenizers) is muxed into the mp4 as well as written as wav
+                    sound = pred["audio"][i] if pred.get("audio") is not None else None
                     self.written.append(media.write_video(os.path.join(root, f"{key}.mp4"), v, fps=self.fps,
-                                                          layout="cthw"))
+                                                          layout="cthw", audio=sound,
+                                                          sample_rate=pred.get("sample_rate")))
                 if pred.get("audio") is not None:
                     self.written.append(write_wav(os.path.join(root, f"{key}.wav"), pred["audio"][i],
                                                   int(pred["sample_rate"])))

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .media import FrameReader, MediaError, printable, read_image
+from .media import AUDIO_EXTS, FrameReader, MediaError, printable, read_audio, read_image
 from .motion import clip_motion, has_motion
 from .tario import IMAGE_EXTS, VIDEO_EXTS
 
 SHORT_POLICIES = ("loop", "pad", "skip")
+AUDIO_POLICIES = ("silence", "skip")
 CROPS = ("center", "random")
 
 
@@ -54,6 +55,10 @@ class ClipSpec:
     # per-clip target fps drawn from lo + (hi - lo) * Beta(a, b) (train; eval takes the Beta mean). Make-A-Video §3.4
     fps_range: tuple[float, float] | None = None
     fps_beta: tuple[float, float] = (1.0, 1.0)
+    # audio aligned with the clip (VideoPoet §2.2): None = no audio; else the rate it is resampled to
+    audio_rate: int | None = None
+    audio_channels: int = 1  # 1: mean of the channels (mono); 2: stereo (a mono track is duplicated)
+    audio_policy: str = "silence"  # no audio track: silence + has_audio False | skip (counted as no_audio)
 
 
 def target_fps(spec: ClipSpec, rng: np.random.Generator | None) -> float | None:
@@ -98,6 +103,12 @@ def clip_indices(n: int, num_frames: int, step: float, offset_u: float | None, p
 
 def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
     """-> (uint8 frames [T,H,W,C], source fps, step); decoding is ``media.FrameReader`` (decord, PyAV fallback)."""
+    frames, fps, step, _ = read_clip(data, spec, offset_u, meta_fps)
+    return frames, fps, step
+
+
+def read_clip(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: float | None):
+    """``read_video`` plus the clip's source frame indices (the audio window starts at ``idx[0] / fps``)."""
     try:
         reader = FrameReader(data, backend=spec.backend)
     except MediaError as e:
@@ -110,7 +121,47 @@ def read_video(data: bytes, spec: ClipSpec, offset_u: float | None, meta_fps: fl
         frames = reader.get(uniq.tolist())
     except MediaError as e:
         raise SkipSample("corrupt", str(e)) from e
-    return frames[inv], fps, step
+    return frames[inv], fps, step, idx
+
+
+def audio_window(spec: ClipSpec, idx: np.ndarray | None, src_fps: float, step: float) -> tuple[float, float]:
+    """(start, duration) in seconds of the audio that goes with a clip of source frames ``idx``.
+
+    The clip shows frames ``idx[0], idx[0] + step, ...``; frame ``i`` covers ``[i / fps, (i + 1) / fps)``, so the
+    clip spans ``num_frames * step / fps`` seconds from ``idx[0] / fps`` (= ``num_frames / spec.fps`` with a target
+    fps). A clip that loops or pads a short video keeps the window from 0 (silence past the track's end)."""
+    if src_fps <= 0:
+        raise SkipSample("no_audio", "the video has no frame rate, so its clip has no time span")
+    start = float(idx[0]) / src_fps if idx is not None and len(idx) else 0.0
+    return start, spec.num_frames * step / src_fps
+
+
+def audio_length(spec: ClipSpec, src_fps: float, step: float) -> int:
+    return int(round(spec.num_frames * step / src_fps * spec.audio_rate)) if src_fps > 0 else \
+        int(round(spec.num_frames / (spec.fps or 1.0) * spec.audio_rate))
+
+
+def clip_audio(sample: dict[str, bytes], video: bytes | None, spec: ClipSpec, start: float, duration: float) -> dict:
+    """``{"audio": float32 [channels, S], "has_audio": bool}`` for the window; a separate audio member
+    (``{key}.m4a``/``.wav``/...: video2dataset) wins over the video's own track. No track: ``audio_policy``."""
+    ext = next((e for e in AUDIO_EXTS if e in sample), None)
+    src = sample[ext] if ext is not None else video
+    n = int(round(duration * spec.audio_rate))
+    got = None
+    if src is not None:
+        try:
+            got = read_audio(src, start, duration, spec.audio_rate, mono=spec.audio_channels == 1)
+        except MediaError as e:
+            if ext is not None:  # a broken audio member is a broken sample; a video's broken track counts as none
+                raise SkipSample("corrupt", f"{ext}: {e}") from e
+    if got is None:
+        if spec.audio_policy == "skip":
+            raise SkipSample("no_audio", "no audio track or audio member (data.audio_policy: skip)")
+        return {"audio": torch.zeros(spec.audio_channels, n), "has_audio": False}
+    x = got[0]
+    if x.shape[0] != spec.audio_channels:
+        x = np.repeat(x[:1], spec.audio_channels, axis=0)
+    return {"audio": torch.from_numpy(np.ascontiguousarray(x[:, :n])), "has_audio": True}
 
 
 def _step(spec: ClipSpec, src_fps: float) -> float:
@@ -202,8 +253,11 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     try:
         if kind[0] == "video":
             meta_fps = float(meta["fps"]) if isinstance(meta.get("fps"), (int, float)) else None
-            frames, src_fps, step = read_video(media, spec, None if u is None else float(u[0]), meta_fps)
+            frames, src_fps, step, idx = read_clip(media, spec, None if u is None else float(u[0]), meta_fps)
             fps = src_fps / step if src_fps > 0 else float(spec.fps or 0.0)
+            if spec.audio_rate:
+                start, dur = audio_window(spec, idx, src_fps, step)
+                sound = clip_audio(sample, media, spec, start, dur)
         else:
             frames = read_image(media)[None]
             fps = 0.0
@@ -221,6 +275,12 @@ def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.ra
     if kind[0] == "image" and spec.image_frames == "repeat":
         video = video.expand(-1, spec.num_frames, -1, -1).contiguous()
     out = {"video": video, "text": text, "label": label, "fps": fps, "key": key, "kind": kind[0]}
+    if spec.audio_rate:  # stills have no sound: the policy decides (a constant length for image + video batches)
+        if kind[0] == "image":
+            if spec.audio_policy == "skip":
+                raise SkipSample("no_audio", "a still image has no audio (data.audio_policy: skip)")
+            sound = {"audio": torch.zeros(spec.audio_channels, audio_length(spec, 0.0, 1.0)), "has_audio": False}
+        out.update(sound)
     if kind[0] == "video" and has_motion(sample):  # Tora's trajectories / flow follow the clip (motion.py)
         out.update(clip_motion(sample, meta, spec, u, step, spec.height, spec.width, flipped))
     return out
@@ -264,11 +324,18 @@ def read_extras(sample: dict[str, bytes], meta: dict) -> dict:
 
 
 ARRAY_KEYS = ("video", "tokens", "latents")
-STACKED_EXTRAS = ("text_emb", "audio_tokens", "text_len")
+STACKED_EXTRAS = ("text_emb", "audio_tokens", "text_len", "audio", "has_audio")
 
 
 def main_tensor(sample: dict) -> torch.Tensor:
     return next(sample[k] for k in ARRAY_KEYS if k in sample)
+
+
+def sample_shape(sample: dict) -> tuple[int, ...]:
+    """The shape a batch bucket groups by: the main tensor's, plus the audio length when there is audio (without a
+    target fps, sources of different frame rates give clips of different durations)."""
+    shape = tuple(main_tensor(sample).shape)
+    return shape + (int(sample["audio"].shape[-1]),) if "audio" in sample else shape
 
 
 def to_float(video_u8: torch.Tensor) -> torch.Tensor:

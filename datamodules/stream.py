@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import tario
-from .decode import ARRAY_KEYS, STACKED_EXTRAS, ClipSpec, SkipSample, decode_sample, main_tensor
+from .decode import ARRAY_KEYS, STACKED_EXTRAS, ClipSpec, SkipSample, decode_sample, sample_shape
 from .motion import collate_motion
 
 MAX_STAGES = 32
@@ -364,7 +364,7 @@ class VideoStream(IterableDataset):
                             raise BadDataError(f"source {self.sources[si].name!r}: no usable samples in a full pass "
                                                f"({failures} tried). Examples: {examples}")
                         continue
-                    bkey = bucket_key((si, sid, sample["kind"], main_tensor(sample).shape))
+                    bkey = bucket_key((si, sid, sample["kind"], sample_shape(sample)))
                     bucket = buckets.setdefault(bkey, [])
                     bucket.append((sample, [si, *pos]))
                     if len(bucket) >= self.bucket_batch_size(bkey, bs):
@@ -434,8 +434,8 @@ class VideoStream(IterableDataset):
         arrays = {k: torch.stack([s[k] for s in samples]) for k in ARRAY_KEYS if k in samples[0]}
         for k in STACKED_EXTRAS:  # token shards' cached text embeddings / audio tokens, when every sample has them
             if all(k in s for s in samples):
-                arrays[k] = torch.stack([s[k] for s in samples]) if k != "text_len" else \
-                    torch.tensor([s[k] for s in samples], dtype=torch.long)
+                arrays[k] = torch.stack([s[k] for s in samples]) if k not in ("text_len", "has_audio") else \
+                    torch.tensor([s[k] for s in samples], dtype=torch.long if k == "text_len" else torch.bool)
         return {
             **arrays,
             **collate_motion(samples),  # Tora: trajectories / flow when every sample has them

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from . import tario
-from .decode import CROPS, SHORT_POLICIES, ClipSpec, to_float
+from .decode import AUDIO_POLICIES, CROPS, SHORT_POLICIES, ClipSpec, to_float
 from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, split_quota)
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,15 @@ class VideoDataModule(L.LightningDataModule):
             for mixing unlabelled data), and shards whose ``index.json`` says they hold none are a config error.
         max_bad_fraction: above this fraction of unusable samples (after ``bad_min_samples``) the run stops with an
             error naming example keys; below it they are skipped and counted.
+        audio_rate: decode each clip's soundtrack too (VideoPoet §2.2): the audio of the same start and duration as the
+            clip, resampled to this rate, ``batch["audio"]`` float32 ``[B, audio_channels, S]`` in [-1, 1] with
+            ``S = round(duration * audio_rate)`` and ``batch["has_audio"]`` bool ``[B]``. A separate audio member
+            (``{key}.m4a``/``.wav``/``.mp3``/``.flac``, video2dataset style) is read before the video's own track.
+            Set ``fps`` too so that every clip lasts ``num_frames / fps`` seconds (else clips of sources with other
+            frame rates last longer or shorter and are batched apart).
+        audio_channels: 1 (mean of the channels, default) or 2.
+        audio_policy: samples without audio (no track, stills): ``silence`` (zeros and ``has_audio`` False) or
+            ``skip`` (skipped and counted as ``no_audio``). A track that is present but silent is audio.
         bucket_config: Open-Sora v1.2 variable resolution/duration for training (``datamodules.buckets``):
             ``{resolution: {frames: [keep_prob, batch_size]}}``; each sample's clip shape and its batch's size come
             from its bucket (needs height/width/num_frames in the sample json); ``resolution``/``num_frames`` then
@@ -120,6 +129,9 @@ class VideoDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         bucket_config: dict | None = None,
+        audio_rate: int | None = None,
+        audio_channels: int = 1,
+        audio_policy: str = "silence",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -137,6 +149,15 @@ class VideoDataModule(L.LightningDataModule):
         if fps is not None and fps <= 0:
             raise DataConfigError(f"data.fps must be positive or null, got {fps!r}")
         fps_range, fps_beta = _check_fps_sampling(fps, fps_range, fps_beta)
+        _check_choice("data.audio_policy", audio_policy, AUDIO_POLICIES)
+        if audio_rate is not None and (not isinstance(audio_rate, int) or audio_rate < 1000):
+            raise DataConfigError(f"data.audio_rate must be an integer sample rate >= 1000 (e.g. 16000) or null, got "
+                                  f"{audio_rate!r}")
+        if audio_channels not in (1, 2):
+            raise DataConfigError(f"data.audio_channels must be 1 (mono) or 2 (stereo), got {audio_channels!r}")
+        if audio_rate is not None and fps_range is not None:
+            raise DataConfigError("data.audio_rate with data.fps_range: clips of random frame rates last random "
+                                  "durations, so their audio cannot be batched; set data.fps instead (or drop one)")
         if not 0 <= max_bad_fraction <= 1:
             raise DataConfigError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         self.height, self.width = _hw(resolution)
@@ -169,7 +190,8 @@ class VideoDataModule(L.LightningDataModule):
                              width=self.width, crop=crop, flip=flip, short_policy=short_video_policy,
                              image_frames=image_frames, require_text=require_text, require_label=require_labels,
                              backend=decoder, motion=motion,
-                             fps_range=fps_range, fps_beta=fps_beta)
+                             fps_range=fps_range, fps_beta=fps_beta, audio_rate=audio_rate,
+                             audio_channels=audio_channels, audio_policy=audio_policy)
         if require_labels:
             self._check_labelled()
         self.buckets = None

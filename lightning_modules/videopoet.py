@@ -583,6 +583,10 @@ class VideoPoetConfig:
     extend_steps: int = 0                         # predict: long-video extension rounds after the first clip
     sample_fps: float = 8.0
     sr_stages: list[str] | None = None            # §2.8 cascade: VideoPoetSR checkpoints run on the sampled tokens
+    # §2.2 audio: a SoundStream checkpoint (lightning_modules/soundstream.py) decodes v2a samples and encodes raw
+    # batch["audio"]; audio_frames sizes the output of v2a sampling (2.125 s at 50 Hz: 106)
+    audio_tokenizer_path: str | None = None
+    audio_frames: int = 106
 
     def validate(self) -> None:
         """Raise :class:`VideoPoetConfigError` naming the key and the fix; reads no files."""
@@ -603,6 +607,12 @@ class VideoPoetConfig:
         if self.tokenizer_path is None and self.visual_codes is None:
             raise VideoPoetConfigError("set tokenizer_path (a VideoTokenizer checkpoint) or visual_codes (the "
                                        "codebook size of the token shards) to train on token batches only")
+        if self.audio_tokenizer_path is not None and not os.path.isfile(self.audio_tokenizer_path):
+            raise VideoPoetConfigError(f"audio_tokenizer_path {self.audio_tokenizer_path!r} is not a file: train one "
+                                       "(vidgen fit --config configs/videopoet/audio_tokenizer_tiny.yaml) or point at "
+                                       "its checkpoint")
+        if self.audio_frames < 1:
+            raise VideoPoetConfigError(f"audio_frames must be >= 1 (2.125 s at 50 Hz: 106), got {self.audio_frames}")
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             raise VideoPoetConfigError(f"tokenizer_path {self.tokenizer_path!r} does not exist: train one (vidgen fit "
                                        "--config configs/videopoet/tokenizer_lfq_tiny.yaml) or point at its checkpoint")
@@ -699,6 +709,8 @@ class VideoPoet(L.LightningModule):
         extend_steps: int = 0,
         sample_fps: float = 8.0,
         sr_stages: list[str] | None = None,
+        audio_tokenizer_path: str | None = None,
+        audio_frames: int = 106,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -707,6 +719,7 @@ class VideoPoet(L.LightningModule):
         cfg.validate()
         _hidden(self, "tokenizer", None)
         _hidden(self, "text_model", None)
+        _hidden(self, "audio_tokenizer", None)
         if cfg.tokenizer_path is not None:
             from .video_tokenizer import VideoTokenizer
 
@@ -728,6 +741,10 @@ class VideoPoet(L.LightningModule):
             cfg.text_dim = self.text_model.token_dim
         self.vocab = Vocabulary(int(cfg.visual_codes), cfg.audio_levels, cfg.audio_codes, cfg.text_vocab)
         self.net = PrefixLM(cfg.lm(self.vocab.size))
+        if cfg.audio_tokenizer_path is not None:
+            from .soundstream import SoundStream
+
+            self.attach_audio_tokenizer(SoundStream.load_frozen(cfg.audio_tokenizer_path))
         self.init_report = self.load_lm_weights(cfg.init_from) if cfg.init_from else None
 
     # ---------------------------------------------------------------------------------------------------- config
@@ -780,6 +797,28 @@ class VideoPoet(L.LightningModule):
             raise VideoPoetConfigError(f"text encoder width {encoder.token_dim} != the model's text_dim "
                                        f"{self.net.cfg.text_dim}")
         _hidden(self, "text_model", encoder)
+
+    def attach_audio_tokenizer(self, codec: nn.Module) -> None:
+        """Use ``codec`` (a frozen ``SoundStream``) to encode ``batch["audio"]`` and decode sampled audio tokens (§2.2);
+        never saved in checkpoints. Its levels and codebook must match the vocabulary's audio slots."""
+        c = codec.config
+        if (c.levels, c.codebook_size) != (self.vocab.audio_levels, self.vocab.audio_codes):
+            raise VideoPoetConfigError(f"the audio tokenizer has {c.levels} levels x {c.codebook_size} codes; the "
+                                       f"vocabulary was built for audio_levels={self.vocab.audio_levels} x "
+                                       f"audio_codes={self.vocab.audio_codes}: set those to match")
+        codec.eval()
+        for p in codec.parameters():
+            p.requires_grad_(False)
+        _hidden(self, "audio_tokenizer", codec)
+
+    def audio_tokens_of(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """``batch["audio_tokens"]`` [B, levels, frames], else ``batch["audio"]`` [B, 1, S] encoded by the audio
+        tokenizer, else None."""
+        if batch.get("audio_tokens") is not None:
+            return torch.as_tensor(batch["audio_tokens"])
+        if batch.get("audio") is not None and self.audio_tokenizer is not None:
+            return self.audio_tokenizer.to(self.device).encode(torch.as_tensor(batch["audio"]).to(self.device))
+        return None
 
     def _tok(self) -> nn.Module:
         if self.tokenizer is None:
@@ -843,7 +882,7 @@ class VideoPoet(L.LightningModule):
 
     def sequences_for(self, layout: Layout, batch: Mapping[str, Any], tokens: Tensor | None,
                       text: tuple[Tensor | None, Tensor | None], n: int) -> PackedSequences:
-        audio = batch.get("audio_tokens")
+        audio = self.audio_tokens_of(batch)
         commit = batch.get("commit_tokens")
         if commit is None and "commit" in layout.needs and batch.get("video") is not None:
             commit = self.commit_tokens(batch["video"][:n], layout)
@@ -863,9 +902,18 @@ class VideoPoet(L.LightningModule):
     def tasks_for(self, kind: str) -> dict[str, float]:
         return {k: w for k, w in self.config.tasks.items() if w > 0 and LAYOUTS[k].kind == kind}
 
-    def task_at(self, step: int, kind: str) -> Layout:
-        """§2.7: the task group of this step among those that train on this batch's data kind (seeded by step)."""
+    def task_at(self, step: int, kind: str, audio: bool = True) -> Layout:
+        """§2.7: the task group of this step among those that train on this batch's data kind (seeded by step);
+        a batch without audio tokens (``audio=False``, clips without a soundtrack) draws among the tasks that need
+        none (§2.4: an absent modality drops out)."""
         cands = self.tasks_for(kind)
+        if not audio and cands:
+            cands = {k: w for k, w in cands.items()
+                     if not any(PARTS[p][0] == "audio" for p in LAYOUTS[k].needs)}
+            if not cands:
+                raise ValueError(f"a batch without audio tokens arrived but every configured task needs audio "
+                                 f"(tasks: {dict(self.config.tasks)}); tokenise with --audio-checkpoint "
+                                 "--audio-required (drops clips without a soundtrack) or add a video-only task")
         if not cands:
             raise ValueError(f"a batch of {kind} tokens arrived but no configured task trains on {kind}s "
                              f"(tasks: {dict(self.config.tasks)}); add one (e.g. t2i for images) or drop the source")
@@ -909,7 +957,8 @@ class VideoPoet(L.LightningModule):
     def step_loss(self, batch: Mapping[str, Any], step: int, layout: Layout | None = None) -> dict[str, Tensor]:
         tokens = self.tokens_of(batch)
         n = tokens.shape[0]
-        layout = layout or self.task_at(step, "image" if tokens.shape[1] == 1 else "video")
+        layout = layout or self.task_at(step, "image" if tokens.shape[1] == 1 else "video",
+                                        audio=self.audio_tokens_of(batch) is not None)
         emb, ln = self.text_of(batch, n) if layout.text != "none" else (None, None)
         ln = self._text_drop(ln, step)
         seq = self.sequences_for(layout, batch, tokens, (emb, ln), n)
@@ -1036,6 +1085,10 @@ class VideoPoet(L.LightningModule):
         if texts is not None:
             batch["text"] = list(texts)[:n]
         grid = self._template(layout, n, token_shape, given_tokens)
+        if any(PARTS.get(p, ("",))[0] == "audio" for p in layout.output) and self.audio_tokens_of(batch) is None:
+            # placeholders for the sampled audio (v2a / avcont output): audio_frames frames per level
+            batch["audio_tokens"] = torch.zeros(n, c.audio_levels, c.audio_frames, dtype=torch.long,
+                                                device=self.device)
         emb, ln = self.text_of(batch, n) if layout.text != "none" else (None, None)
         if layout.text == "required" and emb is None:
             raise ValueError(f"task {task} needs prompts (texts=...) or cached text embeddings")
@@ -1101,8 +1154,11 @@ class VideoPoet(L.LightningModule):
         batch = dict(batch or {})
         name = task or batch.get("task") or c.sample_task or ("t2v" if "t2v" in c.tasks else next(iter(c.tasks)))
         layout = get_layout(name if isinstance(name, str) else name[0])
-        n = num_samples or next((len(batch[k]) for k in ("text", "video", "tokens", "text_emb")
+        n = num_samples or next((len(batch[k]) for k in ("text", "video", "tokens", "text_emb", "audio_tokens", "audio")
                                  if batch.get(k) is not None and len(batch[k])), c.num_samples)
+        if layout.name == "v2a":  # the pictures are the input's; their sound is generate_audio()
+            return (batch["video"][:n].float() if batch.get("video") is not None else
+                    self._tok().decode(self.tokens_of(batch)[:n]).float().clamp(-1, 1))
         if layout.text == "required" and not batch.get("text") and batch.get("text_emb") is None:
             batch["text"] = (list(c.predict_prompts or []) or [""]) * n
             batch["text"] = batch["text"][:n]
@@ -1139,6 +1195,20 @@ class VideoPoet(L.LightningModule):
         return tokens
 
     @torch.no_grad()
+    def generate_audio(self, batch: Mapping[str, Any], num_samples: int | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """§2.5 video-to-audio: sample the audio tokens (level-major) of the clips in ``batch`` (``tokens`` or
+        ``video``) → (waveforms ``[B, 1, frames·hop]`` decoded by the audio tokenizer, codes ``[B, levels, frames]``)."""
+        if self.audio_tokenizer is None:
+            raise RuntimeError("v2a decodes audio tokens: set audio_tokenizer_path or call attach_audio_tokenizer()")
+        batch = {k: v for k, v in batch.items() if k not in ("audio", "audio_tokens")}
+        tokens = self.tokens_of(batch)
+        n = num_samples or tokens.shape[0]
+        out = self.sample("v2a", n, tuple(tokens.shape[1:]), given_tokens=tokens[:n], batch=batch, generator=generator)
+        codes = out["audio"]
+        return self.audio_tokenizer.to(self.device).decode(codes), codes
+
+    @torch.no_grad()
     def extend_video(self, video: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
         """§2.9 long video: repeatedly re-tokenise the last frames (``condition_latents`` latent frames, "the last
         second"), predict the next latent frames with the FP task, decode and append the new frames."""
@@ -1166,6 +1236,14 @@ class VideoPoet(L.LightningModule):
         c = self.config
         g = torch.Generator().manual_seed(c.seed + batch_idx * 100003 + self.global_rank)
         name = c.predict_task or c.sample_task or ("t2v" if "t2v" in c.tasks else next(iter(c.tasks)))
+        if name == "v2a":  # the input clips with their generated soundtracks (muxed by the PredictionWriter)
+            audio, _ = self.generate_audio(batch, generator=g)
+            videos = batch["video"].float() if batch.get("video") is not None else \
+                self._tok().decode(self.tokens_of(batch)).float().clamp(-1, 1)
+            n = videos.shape[0]
+            keys = list(batch.get("key") or [f"{batch_idx:05d}_{i:03d}" for i in range(n)])[:n]
+            return {"videos": videos, "keys": keys, "audio": audio.float().cpu(),
+                    "sample_rate": self.audio_tokenizer.sample_rate, "task": name}
         videos = self.generate(batch, generator=g, task=name)
         if c.extend_steps:
             videos = self.extend_video(videos, c.extend_steps, g)
@@ -1174,6 +1252,11 @@ class VideoPoet(L.LightningModule):
         out = {"videos": videos, "keys": keys, "captions": list(batch.get("text") or [""] * n)[:n]}
         if name in ("i2v", "fp") and batch.get("video") is not None:
             out["cond_videos"] = batch["video"][:n]
+        if name == "a2v" and self.audio_tokenizer is not None:  # the conditioning soundtrack goes with the video
+            audio = batch.get("audio")
+            audio = torch.as_tensor(audio)[:n] if audio is not None else \
+                self.audio_tokenizer.to(self.device).decode(self.audio_tokens_of(batch)[:n].to(self.device))
+            out.update(audio=audio.float().cpu(), sample_rate=self.audio_tokenizer.sample_rate)
         return out
 
 

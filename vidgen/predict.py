@@ -37,6 +37,8 @@ def add_predict_arguments(parser) -> None:
     parser.add_argument("--classes", type=list[int] | None, default=None,
                         help="class ids to sample (class-conditional models; default: every class)")
     parser.add_argument("--prompts", type=list[str] | None, default=None, help="captions to sample (text-conditional models)")
+    parser.add_argument("--task", type=str | None, default=None,
+                        help="the task to predict, for models with several (VideoPoet: t2v, i2v, fp, v2a, a2v, ...)")
 
 
 def model_inputs(model) -> dict:
@@ -108,6 +110,17 @@ def run_predict(cli, model, datamodule=None, **kwargs) -> Any:
 
     cfg = cli.config_init["predict"]
     num_samples, classes, prompts = cfg.get("num_samples"), cfg.get("classes"), cfg.get("prompts")
+    if cfg.get("task"):
+        if not hasattr(getattr(model, "config", None), "predict_task"):
+            print(f"vidgen predict: --task given, but {type(model).__name__} has a single task", file=sys.stderr)
+            sys.exit(2)
+        from vidgen.lightning_modules.videopoet import LAYOUTS
+
+        if cfg["task"] not in LAYOUTS:
+            print(f"vidgen predict: --task {cfg['task']!r} is not a task; allowed: {', '.join(LAYOUTS)}",
+                  file=sys.stderr)
+            sys.exit(2)
+        model.config.predict_task = cfg["task"]
     trainer = cli.trainer
     has_data = datamodule is not None and getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)(
         "predict_shards") is not None

@@ -6,7 +6,8 @@ when a label is given).  Shards are ``{prefix}-{000000}.tar`` beside an ``index.
 ``{"format": "vidgen-shards/1", "num_samples": N, "shards": {name: {"num_samples": n, "bytes": b}}, "skipped": [...]}``.
 
 Videos are copied byte-for-byte unless cutting/resizing/resampling is asked for; then each clip is decoded (resized at
-decode time) and re-encoded to mp4 with PyAV (libx264 when the wheel has it, else mpeg4).  ``--scene-cuts`` first
+decode time) and re-encoded to mp4 with PyAV (libx264 when the wheel has it, else mpeg4); a soundtrack is kept: the
+clip's time span of it is cut and muxed as AAC (own rate and channels; ``audio_rate`` in the json).  ``--scene-cuts`` first
 splits a video where consecutive downscaled frames differ strongly (colour-histogram and mean-absolute-difference
 thresholds; see ``detect_scene_cuts``), so no clip straddles a cut.  Hard cuts only: cross-fades are not detected
 (compared with PySceneDetect's content/adaptive detectors in ``benchmarks/scene_cuts.py``; this one scored higher).
@@ -360,11 +361,16 @@ def _video_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple
         reader = media.FrameReader(item.path)
     samples = []
     cutting = clip_frames is not None or opts.scene_cuts
+    has_audio = media.read_audio(item.path, 0.0, 0.0) is not None
     for ci, (a, b) in enumerate(ranges):
         frames = reader.get(sel[a:b])
-        data = media.encode_video(frames, out_fps, crf=opts.crf, layout="thwc")
-        key = f"{base}_{ci:04d}" if cutting else base
         fa, fb = int(sel[a]), int(sel[b - 1]) + 1
+        sound = None
+        if has_audio:  # the soundtrack of the clip's time span, at its own rate and channels (kept, not resampled)
+            sound = media.read_audio(item.path, fa / src_fps, (b - a) / out_fps, mono=False)
+        data = media.encode_video(frames, out_fps, crf=opts.crf, layout="thwc",
+                                  audio=None if sound is None else sound[0], sample_rate=None if sound is None else sound[1])
+        key = f"{base}_{ci:04d}" if cutting else base
         info = {
             "fps": float(out_fps),
             "num_frames": int(b - a),
@@ -378,6 +384,9 @@ def _video_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple
             "clip_index": ci,
             "source_fps": float(src_fps),
         }
+        if sound is not None:
+            channels = int(sound[0].shape[0])
+            info["audio_rate"], info["audio_channels"] = int(sound[1]), channels if channels <= 2 else 1
         samples.append((key, _members(key, "mp4", data, item, info)))
     return samples, None
 

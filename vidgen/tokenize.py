@@ -17,6 +17,14 @@ Cached text embeddings (VideoPoet §2.2, trained from token shards without re-en
 ``{key}.text.npy`` (float16 ``[max_text_tokens, D]``, zero-padded) and ``"text_len"`` in the json. Input shards that
 already hold tokens (a previous ``vidgen tokenize`` output) pass their ``.npy`` (and ``.audio.npy``) through unchanged
 and only get what is missing, so ``--checkpoint`` is needed only when the input holds videos/images.
+
+Audio tokens (VideoPoet §2.2): ``--audio-checkpoint`` (a ``SoundStream`` checkpoint) adds ``{key}.audio.npy``, the RVQ
+codes ``[levels, frames]`` (int16) of the soundtrack of exactly the clip that was tokenised (same start and
+duration, ``datamodules.decode.audio_window``), resampled to the codec's rate; row-major, so flattening gives the
+level-major order VideoPoet's sequences use (all level-1 codes, then level 2, ...). Clips without a soundtrack get
+no audio member (their count is ``audio_tokenizer.clips_without_audio`` in the index), or with ``--audio-required``
+are skipped. ``--fps`` fixes every clip's duration (num_frames / fps),
+so every clip gets the same number of audio frames.
 """
 
 from __future__ import annotations
@@ -46,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=None, help="clip length (default: the tokenizer's)")
     p.add_argument("--resolution", type=int, default=None, help="square clip size (default: the tokenizer's)")
     p.add_argument("--frame-stride", type=int, default=1)
+    p.add_argument("--fps", type=float, default=None,
+                   help="target clip fps (overrides --frame-stride where the source fps is known)")
+    p.add_argument("--audio-checkpoint", default=None,
+                   help="SoundStream checkpoint: also write the clip's audio tokens as {key}.audio.npy")
+    p.add_argument("--audio-required", action="store_true",
+                   help="with --audio-checkpoint: skip clips without a soundtrack (counted as no_audio), so every "
+                        "sample has audio tokens (v2a/a2v-only training)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -124,6 +139,27 @@ def _text_member(sample: dict) -> dict[str, bytes]:
     return {"text.npy": sample["members"]["text.npy"]} if "text.npy" in sample["members"] else {}
 
 
+def _audio_tokens(group: list[dict], codec, info: dict | None) -> list[dict[str, bytes]]:
+    """Per sample of ``group``: ``{"audio.npy": int16 codes [levels, frames]}`` of its clip's soundtrack, or ``{}``
+    (no codec, or no soundtrack: counted in ``info["clips_without_audio"]``). Clips of one length are encoded
+    together."""
+    out: list[dict[str, bytes]] = [{} for _ in group]
+    if codec is None:
+        return out
+    by_len: dict[int, list[int]] = {}
+    for i, smp in enumerate(group):
+        if smp.get("has_audio"):
+            by_len.setdefault(int(smp["audio"].shape[-1]), []).append(i)
+        else:
+            info["clips_without_audio"] += 1
+    for rows in by_len.values():
+        with torch.no_grad():
+            codes = codec.encode(torch.stack([group[i]["audio"] for i in rows])).cpu()
+        for j, i in enumerate(rows):
+            out[i] = {"audio.npy": _npy(codes[j].numpy().astype(np.int16))}
+    return out
+
+
 def _text_encoder(args: argparse.Namespace):
     """The frozen text encoder of ``--text-encoder`` (None for "none"); local weights only."""
     if args.text_encoder == "none":
@@ -175,6 +211,11 @@ def _run(args: argparse.Namespace) -> int:
         raise TokenizeError("--samples-per-shard and --batch-size must be >= 1")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise TokenizeError(f"--checkpoint {args.checkpoint!r} is not a file")
+    if args.audio_checkpoint is not None and not os.path.isfile(args.audio_checkpoint):
+        raise TokenizeError(f"--audio-checkpoint {args.audio_checkpoint!r} is not a file")
+    if args.audio_checkpoint is not None and args.checkpoint is None:
+        raise TokenizeError("--audio-checkpoint tokenises the soundtracks of the clips --checkpoint tokenises: give "
+                            "both")
     if args.checkpoint is None and args.text_encoder == "none":
         raise TokenizeError("nothing to write: give --checkpoint (tokenise videos) and/or --text-encoder (cache "
                             "caption embeddings of token shards)")
@@ -196,6 +237,18 @@ def _run(args: argparse.Namespace) -> int:
                 "codebook_size": tok.codebook_size, "shape": list(grid[1:] if discrete else grid),
                 "num_frames": num_frames, "resolution": resolution, "frame_stride": args.frame_stride}
 
+    audio_tok, audio_info = None, None
+    if args.audio_checkpoint is not None:
+        from vidgen.lightning_modules.soundstream import SoundStream
+
+        audio_tok = SoundStream.load_frozen(args.audio_checkpoint).to(device)
+        audio_info = {"checkpoint": os.path.abspath(args.audio_checkpoint), "sample_rate": audio_tok.sample_rate,
+                      "levels": audio_tok.config.levels, "codebook_size": audio_tok.config.codebook_size,
+                      "hop": audio_tok.hop, "order": "level-major [levels, frames]"}
+        if info is not None:
+            info["audio_tokenizer"] = dict(audio_info)
+        audio_info["clips_without_audio"] = 0
+
     os.makedirs(args.out, exist_ok=True)
     old = [f for f in os.listdir(args.out) if f.endswith(".tar")]
     if old and not args.overwrite:
@@ -203,8 +256,9 @@ def _run(args: argparse.Namespace) -> int:
     for f in old:
         os.remove(os.path.join(args.out, f))
     urls = expand_shards(args.shards, what="--shards")
-    spec = ClipSpec(num_frames=num_frames, frame_stride=args.frame_stride, height=resolution, width=resolution,
-                    crop="center")
+    spec = ClipSpec(num_frames=num_frames, frame_stride=args.frame_stride, fps=args.fps, height=resolution,
+                    width=resolution, crop="center", audio_rate=None if audio_tok is None else audio_tok.sample_rate,
+                    audio_policy="skip" if args.audio_required else "silence")
     loader = torch.utils.data.DataLoader(_ShardClips(urls, spec), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=list)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -237,13 +291,16 @@ def _run(args: argparse.Namespace) -> int:
                 out = tok.encode(video, sample=args.latents == "sample", generator=gen) \
                     if tok.bcfg.kind == "kl" else tok.encode(video)
             out = out.cpu()
+            sounds = _audio_tokens(group, audio_tok, audio_info)
             for i, smp in enumerate(group):
                 arr = out[i].numpy().astype(dtype) if discrete else \
                     out[i].float().numpy().astype(np.float16 if args.float16 else np.float32)
-                writer.write(smp["key"], {"npy": _npy(arr), **_members(smp, info), **_text_member(smp)})
+                writer.write(smp["key"], {"npy": _npy(arr), **_members(smp, info), **_text_member(smp), **sounds[i]})
                 n += 1
     shards = writer.close()  # counts and sizes known while writing: no re-scan
     extra = {"tokenizer": info} if info is not None else {}
+    if audio_info is not None:
+        extra["audio_tokenizer"] = audio_info
     if text_encoder is not None:
         extra["text_encoder"] = {"kind": args.text_encoder, "path": args.text_encoder_path,
                                  "max_text_tokens": args.max_text_tokens, "dim": int(text_encoder.token_dim)}

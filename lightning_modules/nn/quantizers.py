@@ -1,5 +1,6 @@
 """Bottlenecks for autoencoders on ``[B, D, T, H, W]`` latents: VQ (spec magvit.md §1.5), LFQ (§5.1),
-diagonal Gaussian (KL) and identity (plain AE).  Shared by the tokenizer and the models that read its tokens.
+diagonal Gaussian (KL) and identity (plain AE); residual VQ (SoundStream, spec make_a_video_videopoet.md §2.2) on
+``[B, D, F]`` sequences, built from the same VQ.  Shared by the tokenizers and the models that read their tokens.
 
 Every bottleneck returns a :class:`QuantizerOutput`: the latents the decoder sees (straight-through for VQ/LFQ), the
 weighted loss, the unweighted terms for logging and, for discrete bottlenecks, token indices ``[B, T, H, W]``.
@@ -90,6 +91,92 @@ class VectorQuantizer(nn.Module):
 
     def indices_to_latents(self, idx: Tensor) -> Tensor:
         return rearrange(self.codebook[idx], "b t h w d -> b d t h w")
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """SoundStream residual VQ (§2.2: 4 levels × 1024 codes): level ``l`` quantises what the levels before it left,
+    ``r_l = r_{l−1} − q_l(r_{l−1})``, ``r_0 = z``; the decoder sees ``Σ_l q_l`` (straight-through). Each level is a
+    :class:`VectorQuantizer` (commitment and codebook losses per level, summed). Codebooks start from the first
+    training batch's residuals (SoundStream initialises them from data, there by k-means; here by a random draw of
+    residual vectors), so no level starts with dead codes."""
+
+    def __init__(self, levels: int = 4, codebook_size: int = 1024, dim: int = 64, commitment_weight: float = 0.25,
+                 codebook_weight: float = 1.0):
+        super().__init__()
+        self.levels, self.codebook_size, self.dim = levels, codebook_size, dim
+        self.vq = nn.ModuleList(VectorQuantizer(codebook_size, dim, commitment_weight, codebook_weight,
+                                                entropy_weight=0.0) for _ in range(levels))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from_data(self, z: Tensor, generator: torch.Generator | None = None) -> None:
+        """Set each level's codebook to vectors of that level's residuals of ``z`` [B, D, F] drawn at random (with
+        replacement when there are fewer vectors than codes). The residual handed to the next level quantises each
+        vector with the codes drawn from *other* vectors (leave-one-out), as unseen data would be; otherwise every
+        drawn vector would be its own code and the deeper levels would start from zeros."""
+        r = rearrange(z, "b d f -> (b f) d").float()
+        n, k = r.shape[0], self.codebook_size
+        for vq in self.vq:
+            pick = (torch.randint(0, n, (k,), generator=generator) if n < k else
+                    torch.randperm(n, generator=generator)[:k]).to(r.device)
+            vq.codebook.data.copy_(r[pick])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(vq.codebook.data, 0)  # every rank starts from rank 0's draw
+                pick = torch.full_like(pick, -1)  # other ranks' draws: no vector here is its own code
+            dist = vq.distances(r)
+            own = pick[None, :] == torch.arange(n, device=r.device)[:, None]
+            dist = dist.masked_fill(own, float("inf"))
+            r = r - vq.codebook[dist.argmin(1)].float()
+        self.initialized.fill_(True)
+
+    def forward(self, z: Tensor, step: int | None = None, levels: int | None = None) -> QuantizerOutput:
+        """``z`` [B, D, F] → the summed quantisation, loss, per-level terms, indices int64 [B, levels, F]."""
+        if self.training and not bool(self.initialized):
+            self.init_from_data(z.detach())
+        residual, total, loss, idx, terms = z, torch.zeros_like(z), z.new_zeros(()).float(), [], {}
+        for lv, vq in enumerate(self.vq[: levels or self.levels]):
+            out = vq(rearrange(residual, "b d f -> b d f 1 1"))
+            q = rearrange(out.latents, "b d f 1 1 -> b d f")
+            total = total + q
+            residual = residual - q.detach()
+            loss = loss + out.loss
+            idx.append(rearrange(out.indices, "b f 1 1 -> b f"))
+            for k, v in out.terms.items():
+                terms[f"{k}_{lv}"] = v
+            terms[f"residual_{lv}"] = residual.detach().float().pow(2).mean()
+        return QuantizerOutput(total, loss, terms, torch.stack(idx, 1))
+
+    @torch.no_grad()
+    def residual_norms(self, z: Tensor) -> list[float]:
+        """RMS of ``z`` and of the residual after each level (the quantisation error shrinks level by level)."""
+        r, out = z.float(), [float(z.float().pow(2).mean().sqrt())]
+        for vq in self.vq:
+            r = r - self._lookup(vq, self._nearest(vq, r))
+            out.append(float(r.pow(2).mean().sqrt()))
+        return out
+
+    @staticmethod
+    def _nearest(vq: VectorQuantizer, r: Tensor) -> Tensor:
+        return rearrange(vq.distances(rearrange(r, "b d f -> (b f) d").float()).argmin(1), "(b f) -> b f",
+                         b=r.shape[0])
+
+    @staticmethod
+    def _lookup(vq: VectorQuantizer, idx: Tensor) -> Tensor:
+        return rearrange(vq.codebook[idx], "b f d -> b d f")
+
+    @torch.no_grad()
+    def encode(self, z: Tensor) -> Tensor:
+        """``z`` [B, D, F] → codes int64 [B, levels, F]."""
+        r, idx = z.float(), []
+        for vq in self.vq:
+            i = self._nearest(vq, r)
+            r = r - self._lookup(vq, i).float()
+            idx.append(i)
+        return torch.stack(idx, 1)
+
+    def indices_to_latents(self, idx: Tensor) -> Tensor:
+        """Codes [B, L, F] (L ≤ levels: coarser reconstructions from fewer levels) → Σ_l codebook_l[idx_l] [B, D, F]."""
+        return sum(self._lookup(vq, idx[:, lv]) for lv, vq in enumerate(self.vq[: idx.shape[1]]))
 
 
 class LookupFreeQuantizer(nn.Module):
