@@ -39,7 +39,7 @@ from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet,
                                               unet_config)
 
 __all__ = ["PriorConfig", "DiffusionPriorNetwork", "DiffusionPrior", "MakeAVideoDecoder", "MakeAVideoConfigError",
-           "PRIOR_SIZES"]
+           "PRIOR_SIZES", "unet_state_dict", "load_stage"]
 
 
 class MakeAVideoConfigError(ValueError):
@@ -87,14 +87,16 @@ class CLIPConditionedDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, kw = self.model_inputs(batch, train=True)
-        loss = self.diffusion.training_losses(self.denoiser, x0, kw)["loss"].mean()
+        mask = kw.pop("loss_mask", None)  # ↑F: the loss over masked frames only
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, mask=mask)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, kw = self.model_inputs(batch, train=False)
+        mask = kw.pop("loss_mask", None)
         g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
-        loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g)["loss"].mean()
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g, mask=mask)["loss"].mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
@@ -445,10 +447,7 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
 
     def load_image_stage(self, path: str) -> KeyReport:
         """Load D (an image-stage checkpoint, EMA weights when present) into this U-Net with no conversion."""
-        sd = read_state_dict(path)
-        if any(k.startswith("unet.") for k in sd):
-            sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-        return self.unet.load_image_weights(sd, source=path)
+        return self.unet.load_image_weights(unet_state_dict(path), source=path)
 
     # -- data --------------------------------------------------------------------------------------------------------
     def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[Tensor, dict[str, Any]]:
@@ -546,6 +545,33 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
         if batch.get("text") is not None:
             out["captions"] = list(batch["text"])[: len(videos)]
         return out
+
+
+def unet_state_dict(path: str) -> dict[str, Tensor]:
+    """The U-Net weights of a Make-A-Video stage checkpoint (EMA weights when present), without the ``unet.`` prefix."""
+    sd = read_state_dict(path)
+    if any(k.startswith("unet.") for k in sd):
+        sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    return sd
+
+
+def load_stage(cls, path: str, **overrides: Any):
+    """A trained Make-A-Video stage (``cls``: ``MakeAVideoDecoder``, ``MaskedFrameInterpolation``,
+    ``MakeAVideoSR``) from its Lightning checkpoint: its own hyper-parameters (``init_from`` dropped: the weights are
+    the checkpoint's) plus ``overrides``, EMA weights when present, on the CPU, in eval mode."""
+    from vidgen.lightning_modules.nn.checkpoint import safe_load
+
+    ckpt = safe_load(path)
+    hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if k in _defaults(cls)}
+    hp.update({"init_from": None} if "init_from" in _defaults(cls) else {})
+    hp.update(overrides)
+    module = cls(**hp)
+    sd = read_state_dict(ckpt)
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if [k for k in missing if not k.startswith("diffusion")] or unexpected:
+        raise ValueError(f"{path}: not a {cls.__name__} checkpoint of this shape (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    return module.eval()
 
 
 def _defaults(cls) -> dict[str, Any]:

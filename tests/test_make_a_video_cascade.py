@@ -1,0 +1,128 @@
+"""Make-A-Video part 2 (spec make_a_video_videopoet.md §1.1, §1.4, §1.5): ↑F masks and its identity to D^t at init,
+the SR stages' conditioning, shared noise and chunking, the cascade end to end, and tiny overfits."""
+
+import pytest
+import torch
+from einops import rearrange, repeat
+
+from vidgen.lightning_modules.clip import CLIP_SIZES
+from vidgen.lightning_modules.make_a_video import MakeAVideoConfigError, MakeAVideoDecoder
+from vidgen.lightning_modules.make_a_video_interp import (MaskedFrameInterpolation, animation_mask, extrapolation_mask,
+                                                          interpolated_length, interpolation_mask, masked_frames,
+                                                          spread_frames)
+
+CLIP = {"model_cfg": CLIP_SIZES["tiny"]}  # a random tiny CLIP (embed_dim 64): no checkpoint needed
+UNET = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_head_channels=8,
+            groups=4, num_cond_tokens=2)
+
+
+def _randomise(module, scale=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def _overfit(loss_fn, params, steps, lr):
+    opt = torch.optim.Adam(list(params), lr=lr)
+    with torch.no_grad():
+        first = float(loss_fn())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    with torch.no_grad():
+        return first, float(loss_fn())
+
+
+# ------------------------------------------------------------------------------------------------------------ ↑F
+def test_interpolation_masks_and_frame_counts():
+    assert interpolated_length(16, 5) == 76  # the paper's 16 -> 76 at frame skip 5
+    keep = interpolation_mask(16, 5)
+    assert keep.shape == (76,) and int(keep.sum()) == 16
+    assert torch.equal(torch.nonzero(keep).flatten(), torch.arange(0, 76, 5))
+    for n, k in [(8, 5), (4, 3), (5, 1), (3, 7)]:  # any skip works
+        m = interpolation_mask(n, k)
+        assert m.numel() == (n - 1) * k + 1 and int(m.sum()) == n and m[0] and m[-1]
+    fut, past = extrapolation_mask(10, 3, "future"), extrapolation_mask(10, 3, "past")
+    assert fut[:3].all() and not fut[3:].any() and past[-3:].all() and not past[:-3].any()
+    anim = animation_mask(6)
+    assert anim[0] and int(anim.sum()) == 1
+    video = torch.randn(2, 3, 4, 5, 5)
+    full, keep = spread_frames(video, 3)
+    assert full.shape == (2, 3, 10, 5, 5) and torch.equal(full[:, :, ::3], video)
+    assert torch.all(full[:, :, ~keep] == 0)
+    cond = masked_frames(full, keep)  # masked RGB (zeros on masked frames) + 1 on masked frames
+    assert cond.shape == (2, 4, 10, 5, 5)
+    assert torch.equal(cond[:, :3], full) and torch.all(cond[:, 3, keep] == 0) and torch.all(cond[:, 3, ~keep] == 1)
+
+
+def _decoder_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    dec = MakeAVideoDecoder(stage="video", unet=UNET, clip=CLIP, num_frames=4, resolution=8)
+    _randomise(dec.unet)  # zero-initialised layers would make the comparison trivial
+    path = tmp_path / "dt.ckpt"
+    torch.save({"state_dict": dec.state_dict(), "hyper_parameters": dict(dec.hparams)}, path)
+    return dec, str(path)
+
+
+def test_upF_at_init_equals_Dt_on_the_noisy_channels_and_kept_frames_pass_through(tmp_path):
+    dec, path = _decoder_checkpoint(tmp_path)
+    up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, init_from=path, num_frames=4, resolution=8, frame_skips=[3],
+                                  sample_steps=2, sample_skip=3)
+    assert {k for k, _ in up.load_report.missing} and all("skip_embed" in k for k, _ in up.load_report.missing)
+    w = up.unet.input_conv.spatial.weight
+    assert w.shape[1] == 7 and torch.all(w[:, 3:] == 0)  # noisy RGB + masked RGB + mask; the 4 new columns zero
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 7, 8, 8, generator=g), torch.tensor([3, 700])
+    cond, fps = torch.randn(2, 64, generator=g), torch.tensor([4.0, 20.0])
+    x_cond = masked_frames(torch.randn(2, 3, 7, 8, 8, generator=g), interpolation_mask(3, 3))
+    with torch.no_grad():
+        ref = dec.unet(x, t, cond=cond, fps=fps)
+        out = up.unet(x, t, cond=cond, fps=fps, frame_skip=torch.tensor([3.0, 5.0]), x_cond=x_cond)
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # interpolation: n frames -> (n-1)*skip+1, the given frames returned unchanged
+    clip = torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1
+    out = up.interpolate(clip, 3, y_e=cond, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, 3, 7, 8, 8)
+    assert torch.equal(out[:, :, ::3], clip)
+    assert not torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_upF_training_batches_draw_masks_and_skips():
+    up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=11, resolution=8, frame_skips=[2, 5],
+                                  masks={"interpolation": 1.0})
+    seen = set()
+    for s in range(12):
+        x0, kw = up.model_inputs({"video": torch.randn(2, 3, 11, 8, 8), "fps": torch.tensor([8.0, 8.0])}, True,
+                                 generator=torch.Generator().manual_seed(s))
+        skip = int(kw["frame_skip"][0])
+        seen.add(skip)
+        assert x0.shape[2] == interpolated_length((11 - 1) // skip + 1, skip)  # 11 frames at skip 2 and 5
+        given = kw["x_cond"][:, 3, :, 0, 0] == 0
+        assert torch.equal(given[0], interpolation_mask((11 - 1) // skip + 1, skip))
+        assert torch.equal(kw["loss_mask"].flatten(), ~given[0])  # the loss covers the masked frames
+    assert seen == {2, 5}
+    with pytest.raises(MakeAVideoConfigError, match="frame_skips"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 4, "resolution": 8, "frame_skips": [5],
+                                                  "unet": UNET})
+    with pytest.raises(MakeAVideoConfigError, match="masks"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 8, "resolution": 8, "unet": UNET,
+                                                  "masks": {"inpainting": 1.0}})
+
+
+def test_tiny_upF_overfits():
+    torch.manual_seed(0)
+    up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=7, resolution=8, frame_skips=[3],
+                                  masks={"interpolation": 1.0}, cond_drop_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    video = repeat(torch.rand(2, 3, 7, 8, 8, generator=g) * 2 - 1, "b ... -> (r b) ...", r=3)
+    x0, kw = up.model_inputs({"video": video, "image_embed": torch.randn(6, 64, generator=g),
+                              "fps": torch.full((6,), 8.0)}, train=False, generator=g)
+    mask = kw.pop("loss_mask")
+    t, noise = torch.tensor([100, 150, 400, 450, 800, 850]), torch.randn(x0.shape, generator=g)
+    first, last = _overfit(lambda: up.diffusion.training_losses(up.unet, x0, kw, t=t, noise=noise,
+                                                                mask=mask)["loss"].mean(),
+                           up.unet.parameters(), 40, 5e-3)
+    assert last * 5 <= first, (first, last)
