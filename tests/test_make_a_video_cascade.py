@@ -126,3 +126,113 @@ def test_tiny_upF_overfits():
                                                                 mask=mask)["loss"].mean(),
                            up.unet.parameters(), 40, 5e-3)
     assert last * 5 <= first, (first, last)
+
+
+# ------------------------------------------------------------------------------------------------------------ SR
+SR_UNET = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), num_head_channels=8,
+               groups=4)
+
+
+def _sr(**kw):
+    from vidgen.lightning_modules.make_a_video_sr import MakeAVideoSR
+
+    args = dict(stage="spatial", phase="image", unet=SR_UNET, scale_factor=2, resolution=8, num_frames=3,
+                sample_steps=3)
+    return MakeAVideoSR(**{**args, **kw})
+
+
+def test_sr_conditioning_is_the_upsampled_input_and_the_aug_level_reaches_the_embedding():
+    from vidgen.lightning_modules.make_a_video_sr import downsample, upsample_bilinear
+
+    torch.manual_seed(0)
+    sr = _sr(stage="spatiotemporal", phase="video", sample_aug_level=0.0)
+    _randomise(sr.unet, 0.1)
+    seen = {}
+    sr.unet.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    sr.unet.aug_embed.register_forward_hook(lambda m, a, out: seen.update(aug_in=a[0], aug_out=out))
+    low = torch.rand(2, 3, 3, 4, 4) * 2 - 1
+    sr.upsample(low, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen["x_cond"], upsample_bilinear(low, (8, 8)))  # level 0: exactly the upsampled LR
+    assert torch.all(seen["aug_in"] == 0)
+    sr.upsample(low, torch.Generator().manual_seed(0), aug_level=0.5)
+    assert torch.all(seen["aug_in"] == round(0.5 * 999))  # the chosen level is what the embedding receives
+    # the embedding output enters the network: two levels, same noise, different outputs
+    a = sr.upsample(low, torch.Generator().manual_seed(0), aug_level=0.0)
+    b = sr.unet(torch.zeros(2, 3, 3, 8, 8), torch.tensor([5, 5]), x_cond=upsample_bilinear(low, (8, 8)),
+                aug_level=torch.tensor([0.0, 0.0]))
+    c = sr.unet(torch.zeros(2, 3, 3, 8, 8), torch.tensor([5, 5]), x_cond=upsample_bilinear(low, (8, 8)),
+                aug_level=torch.tensor([400.0, 400.0]))
+    assert a.shape == (2, 3, 3, 8, 8) and (b - c).abs().max() > 1e-4
+    # training: the LR input is the antialiased downsampled target, noised to a drawn level (level 0 -> clean)
+    x0, kw = sr.model_inputs({"video": torch.rand(4, 3, 3, 8, 8) * 2 - 1}, train=True,
+                             generator=torch.Generator().manual_seed(3))
+    assert x0.shape == (4, 3, 3, 8, 8) and kw["x_cond"].shape == x0.shape and kw["aug_level"].max() <= 500
+    clean = sr.condition(downsample(x0, 2), (8, 8), torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(clean, upsample_bilinear(downsample(x0, 2), (8, 8)))
+
+
+def test_sr_h_shares_the_initial_noise_across_frames_not_clips_and_frame_batching_is_exact():
+    torch.manual_seed(0)
+    sr = _sr(sample_aug_level=0.2)
+    _randomise(sr.unet, 0.1)
+    assert not any("temporal" in n for n, _ in sr.unet.named_parameters())  # SR_h: no temporal layers
+    frame = torch.rand(1, 3, 1, 4, 4) * 2 - 1
+    low = repeat(frame, "1 c 1 h w -> b c t h w", b=2, t=3)  # 2 clips of 3 identical frames
+    out = sr.upsample(low, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 3, 8, 8)
+    for i in range(1, 3):
+        torch.testing.assert_close(out[:, :, i], out[:, :, 0], rtol=0, atol=1e-6)  # same LR frame -> same output
+    assert (out[0] - out[1]).abs().max() > 1e-3  # a different noise per clip
+    batched = sr.upsample(low, torch.Generator().manual_seed(0), frame_batch=2)
+    torch.testing.assert_close(batched, out, rtol=0, atol=1e-5)  # frame batches bound memory, same result
+    per_frame = _sr(sample_aug_level=0.2, shared_noise=False)
+    per_frame.load_state_dict(sr.state_dict())
+    pf = per_frame.upsample(low, torch.Generator().manual_seed(0))
+    assert (pf[:, :, 1] - pf[:, :, 0]).abs().max() > 1e-3  # the ablation: per-frame noise breaks the consistency
+
+
+def test_sr_l_temporal_chunking_and_images_then_video(tmp_path):
+    from vidgen.lightning_modules.make_a_video_sr import chunked_over_time, temporal_windows
+
+    assert temporal_windows(76, 16, 4) == [(s, s + 16) for s in (0, 12, 24, 36, 48, 60)]
+    assert temporal_windows(10, 16, 4) == [(0, 10)]
+    wins = temporal_windows(13, 5, 2)
+    assert wins[0][0] == 0 and wins[-1][1] == 13 and all(b[0] < a[1] for a, b in zip(wins, wins[1:]))
+    # images first: the image phase has no temporal layers; the video phase loads it and starts at identity
+    torch.manual_seed(0)
+    img = _sr(stage="spatiotemporal", phase="image", sample_aug_level=0.0)
+    _randomise(img.unet, 0.1)
+    path = tmp_path / "sr_image.ckpt"
+    torch.save({"state_dict": img.state_dict()}, path)
+    vid = _sr(stage="spatiotemporal", phase="video", init_from=str(path), sample_aug_level=0.0, chunk_frames=4,
+              chunk_overlap=2)
+    assert vid.load_report.missing and all("temporal" in k for k, _ in vid.load_report.missing)
+    low = torch.rand(1, 3, 9, 4, 4) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    full = img.upsample(low, g())  # frames independently
+    torch.testing.assert_close(vid.upsample(low, g()), full, rtol=0, atol=1e-5)  # identity temporal layers, chunked
+    # with trained (random) temporal layers the windows' outputs are averaged where they overlap
+    _randomise(vid.unet, 0.1, seed=5)
+    x, t = torch.randn(1, 3, 9, 8, 8), torch.tensor([10])
+    kw = {"x_cond": torch.randn(1, 3, 9, 8, 8), "aug_level": torch.tensor([0.0])}
+    with torch.no_grad():
+        chunked = chunked_over_time(vid.unet, 4, 2)(x, t, **kw)
+        first = vid.unet(x[:, :, :4], t, x_cond=kw["x_cond"][:, :, :4], aug_level=kw["aug_level"])
+        whole = chunked_over_time(vid.unet, 9, 2)(x, t, **kw)
+    torch.testing.assert_close(chunked[:, :, :2], first[:, :, :2])  # frames in one window only: that window's output
+    torch.testing.assert_close(whole, vid.unet(x, t, **kw))
+    with pytest.raises(MakeAVideoConfigError, match="SR_h has no temporal"):
+        _sr(stage="spatial", phase="video")
+
+
+@pytest.mark.parametrize("stage,phase", [("spatial", "image"), ("spatiotemporal", "video")])
+def test_tiny_sr_overfits(stage, phase):
+    torch.manual_seed(0)
+    sr = _sr(stage=stage, phase=phase)
+    g = torch.Generator().manual_seed(0)
+    video = repeat(torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1, "b ... -> (r b) ...", r=3)
+    x0, kw = sr.model_inputs({"video": video}, train=True, generator=g)
+    t, noise = torch.randint(50, 900, (x0.shape[0],), generator=g), torch.randn(x0.shape, generator=g)
+    first, last = _overfit(lambda: sr.diffusion.training_losses(sr.unet, x0, kw, t=t, noise=noise)["loss"].mean(),
+                           sr.unet.parameters(), 40, 1e-2)
+    assert last * 5 <= first, (first, last)
