@@ -296,7 +296,8 @@ class DiffusionPrior(CLIPConditionedDiffusion):
     # -- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, texts: list[str] | None = None, conditions: Mapping[str, Tensor] | None = None,
-               generator: torch.Generator | None = None, cfg_scale: float | None = None) -> Tensor:
+               generator: torch.Generator | None = None, cfg_scale: float | None = None,
+               steps: int | str | None = None) -> Tensor:
         """y_e ``[B, D]`` (unit norm) for captions (or precomputed text conditions), with CFG against the null text."""
         kw = dict(conditions) if conditions is not None else self.text_conditions(list(texts or []))
         kw = {k: v.to(self.device) for k, v in kw.items() if k != "cond_drop"}
@@ -308,6 +309,7 @@ class DiffusionPrior(CLIPConditionedDiffusion):
         self.network.eval()
         try:
             x0 = self.diffusion.sample(self.network, (b, self.config.embed_dim), cfg_scale=scale, generator=generator,
+                                       steps=steps,
                                        model_kwargs=cond, uncond_kwargs=uncond if scale != 1.0 else None,
                                        device=self.device)
         finally:
@@ -515,23 +517,33 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
         """Videos ``[B, 3, T, H, W]`` in [-1, 1] (T = 1 for the image stage): y_e (P or given) -> D^t with CFG."""
         y_e = self.image_embeddings(batch, num_samples, generator)
         b = y_e.shape[0]
-        hp = self.hparams
         fps = (batch or {}).get("fps")
         fps = (torch.as_tensor(fps, dtype=torch.float32, device=self.device)[:b] if fps is not None
-               else torch.full((b,), float(hp.sample_fps), device=self.device))
+               else torch.full((b,), float(self.hparams.sample_fps), device=self.device))
+        return self.sample_videos(y_e, fps, generator)
+
+    @torch.no_grad()
+    def sample_videos(self, y_e: Tensor, fps: Tensor, generator: torch.Generator | None = None,
+                      steps: int | str | None = None, cfg_scale: float | None = None) -> Tensor:
+        """D (images ``[B, 3, 1, H, W]``) or D^t (``[B, 3, T, H, W]`` at ``fps`` ``[B]``) for given y_e ``[B, D]``,
+        with classifier-free guidance against the null embedding (``steps`` / ``cfg_scale``: override the config)."""
+        hp = self.hparams
+        b = y_e.shape[0]
+        scale = hp.cfg_scale if cfg_scale is None else cfg_scale
         res = hp.resolution if isinstance(hp.resolution, int) else hp.resolution[0]
         video = hp.stage == "video"
         shape = (b, 3, hp.num_frames, res, res) if video else (b, 3, res, res)
         cond = {"cond": y_e, "cond_drop": torch.zeros(b, dtype=torch.bool, device=self.device)}
         uncond = {"cond": y_e, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
         if video:
-            cond["fps"] = uncond["fps"] = fps
+            cond["fps"] = uncond["fps"] = fps.to(self.device).float()
         was = self.unet.training
         self.unet.eval()
         try:
-            x = self.diffusion.sample(self.unet, shape, sampler=hp.sampler, steps=hp.sample_steps,
-                                      cfg_scale=hp.cfg_scale, generator=generator, model_kwargs=cond,
-                                      uncond_kwargs=uncond if hp.cfg_scale != 1.0 else None, device=self.device)
+            x = self.diffusion.sample(self.unet, shape, sampler=hp.sampler,
+                                      steps=hp.sample_steps if steps is None else steps, cfg_scale=scale,
+                                      generator=generator, model_kwargs=cond,
+                                      uncond_kwargs=uncond if scale != 1.0 else None, device=self.device)
         finally:
             self.unet.train(was)
         x = x.clamp(-1, 1)
