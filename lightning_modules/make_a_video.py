@@ -577,7 +577,17 @@ def load_stage(cls, path: str, **overrides: Any):
     hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if k in _defaults(cls)}
     hp.update({"init_from": None} if "init_from" in _defaults(cls) else {})
     hp.update(overrides)
-    module = cls(**hp)
+    try:  # built inside another module's __init__ under LightningCLI, save_hyperparameters() would record the CLI's
+        # hyper-parameters of the OUTER module (Lightning's instantiation context): build this one outside it
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # older Lightning: no such context
+        module = cls(**hp)
+    else:
+        token = _given_hyperparameters.set(None)
+        try:
+            module = cls(**hp)
+        finally:
+            _given_hyperparameters.reset(token)
     sd = read_state_dict(ckpt)
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if [k for k in missing if not k.startswith("diffusion")] or unexpected:

@@ -218,7 +218,7 @@ def run(ctx) -> dict:
 # Stage ``make_a_video_cascade``: ↑F, SR_l^t and SR_h on top of the stage above, then the whole cascade (Eq. 1)
 # ======================================================================================================================
 CASCADE_FRAMES, SKIP = 16, 5  # ↑F trains on 16-frame clips (skips 2..5); the cascade interpolates 8 -> 36 at skip 5
-CASCADE_STEPS = {"interpolation": 120, "sr_low_image": 100, "sr_low_video": 60, "sr_high": 100}  # training steps
+CASCADE_STEPS = {"interpolation": 120, "sr_low_image": 200, "sr_low_video": 60, "sr_high": 200}  # training steps
 SAMPLE_STEPS = {"prior": 32, "decoder": 20, "interpolation": 8, "sr_low": 4, "sr_high": 3}
 SR_UNET = dict(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(), num_head_channels=8,
                groups=4)
@@ -328,7 +328,7 @@ def run_cascade(ctx) -> dict:
         # 2. SR_l^t: images first (no temporal layers), then video (temporal layers at identity) ------------------------
         srl_img = MakeAVideoSR(stage="spatiotemporal", phase="image", unet=SR_UNET, scale_factor=2, resolution=2 * b0,
                                lr=3e-3, sample_steps=SAMPLE_STEPS["sr_low"], diffusion=DIFFUSION)
-        losses, secs, tr = _fit(srl_img, _frame_batches(mid, steps["sr_low_image"], 16, g), steps["sr_low_image"])
+        losses, secs, tr = _fit(srl_img, _frame_batches(mid, steps["sr_low_image"], 8, g), steps["sr_low_image"])
         ckpt_srl_img = str(out / "sr_low_image_tiny.ckpt")
         tr.save_checkpoint(ckpt_srl_img, weights_only=False)
         ctx.log(f"SR_l^t image phase ({b0}->{2 * b0}): {_loss_line(losses)} in {secs:.0f}s")
@@ -347,7 +347,7 @@ def run_cascade(ctx) -> dict:
         # 3. SR_h: per frame, no temporal layers ----------------------------------------------------------------------
         srh = MakeAVideoSR(stage="spatial", phase="image", unet=SR_UNET, scale_factor=2, resolution=4 * b0, lr=3e-3,
                            sample_steps=SAMPLE_STEPS["sr_high"], diffusion=DIFFUSION)
-        losses, secs, tr = _fit(srh, _frame_batches(hi, steps["sr_high"], 8, g), steps["sr_high"])
+        losses, secs, tr = _fit(srh, _frame_batches(hi, steps["sr_high"], 4, g), steps["sr_high"])
         ckpt_srh = str(out / "sr_high_tiny.ckpt")
         tr.save_checkpoint(ckpt_srh, weights_only=False)
         ctx.log(f"SR_h ({2 * b0}->{4 * b0}, per frame): {_loss_line(losses)} in {secs:.0f}s")
