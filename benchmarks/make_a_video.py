@@ -135,7 +135,8 @@ def time_cascade(size: str, gpu: bool, max_frames: int | None) -> list[dict]:
 
     def timed(name: str, fn, frames_timed: int, scale: float, out_shape: str) -> None:
         with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-            fn()  # warm-up
+            if gpu or size == "tiny":  # warm-up (a paper-size CPU step takes minutes: its first-call overhead is noise)
+                fn()
             _sync(gpu)
             t0 = time.perf_counter()
             fn()

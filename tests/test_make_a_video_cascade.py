@@ -245,7 +245,7 @@ def _save(module, path):
 
 
 def _tiny_cascade(tmp_path, **kw):
-    from vidgen.lightning_modules.make_a_video import DiffusionPrior
+    from vidgen.lightning_modules.make_a_video import DiffusionPrior, _defaults
     from vidgen.lightning_modules.make_a_video_cascade import MakeAVideoCascade
 
     torch.manual_seed(0)
@@ -259,11 +259,17 @@ def _tiny_cascade(tmp_path, **kw):
     srh = _sr(stage="spatial", phase="image", resolution=32)
     for m in (srl, srh):
         _randomise(m.unet, 0.05)
-    return MakeAVideoCascade(
-        decoder=dec_path, interpolation=_save(up, tmp_path / "upF.ckpt"), sr_low=_save(srl, tmp_path / "srl.ckpt"),
-        sr_high=_save(srh, tmp_path / "srh.ckpt"), frame_skip=2,
-        steps={"prior": 2, "decoder": 2, "interpolation": 2, "sr_low": 2, "sr_high": 2},
-        guidance={"prior": 1.0, "decoder": 2.0, "interpolation": 1.0}, **kw)
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    # built as LightningCLI builds it: inside Lightning's context that hands the CLI's hyper-parameters to
+    # save_hyperparameters(); the stages loaded inside must still record their own
+    args = dict(decoder=dec_path, interpolation=_save(up, tmp_path / "upF.ckpt"), sr_low=_save(srl, tmp_path / "srl.ckpt"),
+                sr_high=_save(srh, tmp_path / "srh.ckpt"), frame_skip=2,
+                steps={"prior": 2, "decoder": 2, "interpolation": 2, "sr_low": 2, "sr_high": 2},
+                guidance={"prior": 1.0, "decoder": 2.0, "interpolation": 1.0}, **kw)
+    given = {**_defaults(MakeAVideoCascade), **args}  # what the CLI hands over: the full config of the outer module
+    with _given_hyperparameters_context(hparams=given, instantiator="test"):
+        return MakeAVideoCascade(**args)
 
 
 def test_cascade_end_to_end_shapes_and_seeding(tmp_path):
