@@ -53,7 +53,7 @@ STATS_FORMAT = "vidgen-fvd-stats/1"
 
 __all__ = [
     "FVD_NUM_FRAMES", "FVD_RESOLUTION", "FVD_NUM_SAMPLES", "FVD_FEATURE_DIM", "FVD_PROTOCOL",
-    "preprocess_for_i3d", "frechet_distance", "FeatureStats", "FrechetVideoDistance", "extractor_id",
+    "preprocess_for_i3d", "frechet_distance", "FeatureStats", "FrechetFeatureDistance", "FrechetVideoDistance", "extractor_id",
     "real_stats_path", "expand_sources", "iter_clips", "accumulate_source", "compute_real_stats", "FVDCallback",
 ]
 
@@ -164,45 +164,36 @@ def extractor_id(extractor: nn.Module | None) -> str:
     if extractor is None:
         return "features"
     name = type(extractor).__name__
-    return {"InceptionI3d": "i3d-k400-reference", "TorchScriptI3D": "i3d-k400-stylegan-v-torchscript"}.get(name, name)
+    return {"InceptionI3d": "i3d-k400-reference", "TorchScriptI3D": "i3d-k400-stylegan-v-torchscript",
+            "FeatureExtractorInceptionV3": "inception-v3-pt_inception-2015-12-05"}.get(name, name)
 
 
-class FrechetVideoDistance(Metric):
-    """FVD (Unterthiner et al. 2018, Eq. 1) as a torchmetrics Metric with float64 streaming sums (DDP-safe).
+class FrechetFeatureDistance(Metric):
+    """Fréchet distance between Gaussians fitted to network features of real and generated videos (FVD, FID).
 
-    Args:
-        feature_extractor: a module mapping preprocessed clips ``[B, 3, 16, 224, 224]`` to features ``[B, D]``
-            (normally :class:`vidgen.lightning_modules.nn.i3d.InceptionI3d`), or a local path for
-            :func:`vidgen.lightning_modules.nn.i3d.load_i3d`, or None to feed features only.
-        num_features: D (default: the extractor's ``feature_dim`` or 400).
-        real_stats: a :class:`FeatureStats` or a path to a cached ``.npz``: fixed real statistics, used instead of
-            the real-side states and kept across ``reset()``. They are not synced (each rank holds the same copy).
-        num_frames, resolution: the protocol (16, 224); change only for experiments.
+    The shared part of :class:`FrechetVideoDistance` and the frame FID (``vidgen.callbacks.metrics.FrameFID``):
+    float64 streaming sums per side (``sum``, ``sum of outer products``, ``count``; ``dist_reduce_fx="sum"``, so
+    1 and N processes give the same value), fixed real statistics, :func:`frechet_distance`. A subclass sets
+    ``protocol`` and implements :meth:`prepare` (the protocol's frames and size, idempotent) and :meth:`features`
+    (prepared videos -> ``[N, D]``; one row per clip for FVD, per frame for FID).
     """
 
     higher_is_better = False
     is_differentiable = False
     full_state_update = False
+    protocol = "features"
+    what = "clips"  # what one feature row is (error messages)
+    num_frames = 1  # frames each clip needs (clip reading skips shorter ones)
+    build_hint = "a feature network"  # how to build the network (error messages)
+    rows_per_clip = 1  # feature rows one clip gives
 
-    def __init__(
-        self,
-        feature_extractor: nn.Module | str | os.PathLike | None = None,
-        num_features: int | None = None,
-        real_stats: FeatureStats | str | os.PathLike | None = None,
-        num_frames: int = FVD_NUM_FRAMES,
-        resolution: int = FVD_RESOLUTION,
-        **kwargs: Any,
-    ):
+    def __init__(self, feature_extractor: nn.Module | None, num_features: int,
+                 real_stats: FeatureStats | str | os.PathLike | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        if isinstance(feature_extractor, (str, os.PathLike)):
-            from vidgen.lightning_modules.nn.i3d import load_i3d
-
-            feature_extractor = load_i3d(feature_extractor)
         self.extractor = feature_extractor
         if self.extractor is not None:
             self.extractor.eval().requires_grad_(False)
-        d = num_features or int(getattr(feature_extractor, "feature_dim", FVD_FEATURE_DIM))
-        self.num_features, self.num_frames, self.resolution = d, num_frames, resolution
+        self.num_features = d = int(num_features)
         for side in ("real", "fake"):
             self.add_state(f"{side}_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{side}_outer", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
@@ -219,23 +210,33 @@ class FrechetVideoDistance(Metric):
             raise ValueError(f"real statistics have D={stats.total.numel()}, the metric D={self.num_features}")
         self.fixed_real = stats
 
+    def prepare(self, videos: Tensor) -> Tensor:
+        """``[B, C, T, H, W]`` in [-1, 1] -> the protocol's clips (idempotent: preparing twice changes nothing)."""
+        raise NotImplementedError
+
+    def network_input(self, prepared: Tensor) -> Tensor:
+        """What the network takes, from prepared clips (identity for FVD)."""
+        return prepared
+
     @torch.no_grad()
     def features(self, videos: Tensor) -> Tensor:
-        """Videos ``[B, C, T, H, W]`` in [-1, 1] -> features ``[B, D]`` (preprocessing + extractor, float32)."""
+        """Videos ``[B, C, T, H, W]`` in [-1, 1] -> float32 features ``[N, D]`` (preprocessing + network, no autocast;
+        a network returning a tuple gives its first entry)."""
         if self.extractor is None:
-            raise ValueError("this FrechetVideoDistance has no feature_extractor: pass features [B, D], or build it "
-                             "with feature_extractor=load_i3d('i3d_k400.pt')")
-        x = preprocess_for_i3d(videos, self.num_frames, self.resolution)
+            raise ValueError(f"this {type(self).__name__} has no feature_extractor: pass features [N, D], or build it "
+                             f"with feature_extractor={self.build_hint}")
+        x = self.network_input(self.prepare(videos))
         dev = next(iter(self.extractor.parameters()), x).device if isinstance(self.extractor, nn.Module) else x.device
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.extractor(x.to(dev)).float()
+            out = self.extractor(x.to(dev))
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
     def update(self, x: Tensor, real: bool) -> None:  # type: ignore[override]
-        """Add videos ``[B, C, T, H, W]`` (run through I3D) or features ``[B, D]`` to the real or fake side."""
+        """Add videos ``[B, C, T, H, W]`` (run through the network) or features ``[N, D]`` to one side."""
         if x.ndim == 5:
             x = self.features(x)
         if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"expected videos [B, C, T, H, W] or features [B, {self.num_features}], "
+            raise ValueError(f"expected videos [B, C, T, H, W] or features [N, {self.num_features}], "
                              f"got {tuple(x.shape)}")
         f = x.detach().to(self.real_sum.device, torch.float64)
         side = "real" if real else "fake"
@@ -254,8 +255,45 @@ class FrechetVideoDistance(Metric):
         real = self.fixed_real if self.fixed_real is not None else self.stats(real=True)
         for name, s in (("generated", fake), ("real", real)):
             if s.n < 2:
-                raise ValueError(f"FVD needs at least 2 {name} clips, got {s.n}")
+                raise ValueError(f"{type(self).__name__} needs at least 2 {name} {self.what}, got {s.n}")
         return torch.tensor(frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma), dtype=torch.float64)
+
+
+class FrechetVideoDistance(FrechetFeatureDistance):
+    """FVD (Unterthiner et al. 2018, Eq. 1) as a torchmetrics Metric with float64 streaming sums (DDP-safe).
+
+    Args:
+        feature_extractor: a module mapping preprocessed clips ``[B, 3, 16, 224, 224]`` to features ``[B, D]``
+            (normally :class:`vidgen.lightning_modules.nn.i3d.InceptionI3d`), or a local path for
+            :func:`vidgen.lightning_modules.nn.i3d.load_i3d`, or None to feed features only.
+        num_features: D (default: the extractor's ``feature_dim`` or 400).
+        real_stats: a :class:`FeatureStats` or a path to a cached ``.npz``: fixed real statistics, used instead of
+            the real-side states and kept across ``reset()``. They are not synced (each rank holds the same copy).
+        num_frames, resolution: the protocol (16, 224); change only for experiments.
+    """
+
+    protocol = FVD_PROTOCOL
+    build_hint = "load_i3d('i3d_k400.pt')"
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module | str | os.PathLike | None = None,
+        num_features: int | None = None,
+        real_stats: FeatureStats | str | os.PathLike | None = None,
+        num_frames: int = FVD_NUM_FRAMES,
+        resolution: int = FVD_RESOLUTION,
+        **kwargs: Any,
+    ):
+        if isinstance(feature_extractor, (str, os.PathLike)):
+            from vidgen.lightning_modules.nn.i3d import load_i3d
+
+            feature_extractor = load_i3d(feature_extractor)
+        d = num_features or int(getattr(feature_extractor, "feature_dim", FVD_FEATURE_DIM))
+        super().__init__(feature_extractor, d, real_stats, **kwargs)
+        self.num_frames, self.resolution = num_frames, resolution
+
+    def prepare(self, videos: Tensor) -> Tensor:
+        return preprocess_for_i3d(videos, self.num_frames, self.resolution)
 
 
 # ---------------------------------------------------------------------------------------------- reading clips
@@ -306,8 +344,19 @@ def iter_clips(spec: Any, num_frames: int = FVD_NUM_FRAMES, rank: int = 0, world
     """``(index, key, uint8 [T, H, W, 3] or None)`` for the first ``limit`` videos of ``spec`` in order.
 
     Only indices with ``index % world == rank`` are decoded and yielded, so N processes together see exactly the
-    clips one process sees. Clips shorter than ``num_frames`` (or undecodable) come back as None.
+    clips one process sees. Clips shorter than ``num_frames`` (or undecodable) come back as None. ``spec`` may also
+    be a ``samples.npz`` (``videos`` uint8 ``[N, T, H, W, 3]``, what the demo and the prediction writer save).
     """
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).endswith(".npz"):
+        with np.load(spec, allow_pickle=False) as z:
+            if "videos" not in z.files:
+                raise ValueError(f"{spec} has no 'videos' array (a samples.npz holds uint8 [N, T, H, W, 3])")
+            videos = z["videos"]
+        for i in range(len(videos) if limit is None else min(limit, len(videos))):
+            if i % world == rank:
+                v = videos[i]
+                yield i, f"{os.fspath(spec)}:{i}", (v[:num_frames] if v.shape[0] >= num_frames else None)
+        return
     for i, (key, data) in enumerate(_iter_encoded(expand_sources(spec))):
         if limit is not None and i >= limit:
             return
@@ -324,9 +373,11 @@ def _u8_to_video(frames: np.ndarray) -> Tensor:
     return rearrange(torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0, "t h w c -> 1 c t h w")
 
 
-def accumulate_source(metric: FrechetVideoDistance, spec: Any, real: bool, num_samples: int, batch_size: int = 8,
+def accumulate_source(metric: FrechetFeatureDistance, spec: Any, real: bool, num_samples: int, batch_size: int = 8,
                       rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
-    """Feed the first ``num_samples`` videos of ``spec`` (this rank's share) to ``metric``; returns counts."""
+    """Feed the first ``num_samples`` videos of ``spec`` (this rank's share) to ``metric``; returns counts.
+
+    Each clip goes through ``metric.prepare`` on its own (sizes differ); clips of one prepared shape are batched."""
     used = skipped = 0
     buf: list[Tensor] = []
 
@@ -339,8 +390,10 @@ def accumulate_source(metric: FrechetVideoDistance, spec: Any, real: bool, num_s
         if frames is None:
             skipped += 1
             continue
-        # resize each clip on its own (sizes differ), then batch the fixed-size clips for I3D
-        buf.append(preprocess_for_i3d(_u8_to_video(frames).to(device), metric.num_frames, metric.resolution))
+        clip = metric.prepare(_u8_to_video(frames).to(device))
+        if buf and clip.shape[1:] != buf[0].shape[1:]:
+            flush()
+        buf.append(clip)
         used += 1
         if len(buf) == batch_size:
             flush()
@@ -352,9 +405,10 @@ def _data_fingerprint(spec: Any) -> list[list]:
     return [[os.path.abspath(p), os.path.getsize(p)] for p in expand_sources(spec)]
 
 
-def real_stats_path(spec: Any, num_samples: int, extractor: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def real_stats_path(spec: Any, num_samples: int, extractor: str, cache_dir: str | os.PathLike | None = None,
+                    protocol: str = FVD_PROTOCOL) -> Path:
     """Cache file for real statistics, keyed by the data (shard paths + sizes), protocol, network and count."""
-    key = json.dumps({"data": _data_fingerprint(spec), "protocol": FVD_PROTOCOL, "extractor": extractor,
+    key = json.dumps({"data": _data_fingerprint(spec), "protocol": protocol, "extractor": extractor,
                       "num_samples": int(num_samples)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "fvd"
@@ -367,43 +421,51 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def compute_real_stats(spec: Any, extractor: nn.Module, num_samples: int = FVD_NUM_SAMPLES, batch_size: int = 8,
-                       device: str | torch.device = "cpu", cache: str | os.PathLike | None | bool = None,
-                       log=print) -> FeatureStats:
+def compute_real_stats(spec: Any, extractor: nn.Module | FrechetFeatureDistance, num_samples: int = FVD_NUM_SAMPLES,
+                       batch_size: int = 8, device: str | torch.device = "cpu",
+                       cache: str | os.PathLike | None | bool = None, log=print) -> FeatureStats:
     """Real statistics of the first ``num_samples`` clips of ``spec``, read from / written to the cache.
 
-    ``cache``: a file path, None (the keyed default under ``~/.cache/vidgen/fvd``) or False (no cache). Under
-    torch.distributed every rank decodes its share; rank 0 writes the file.
+    ``extractor``: the I3D (FVD's protocol), or a :class:`FrechetFeatureDistance` whose protocol and network are used
+    (e.g. the frame FID; its states are reset). ``cache``: a file path, None (the keyed default under
+    ``~/.cache/vidgen/fvd``) or False (no cache). Under torch.distributed every rank decodes its share; rank 0
+    writes the file.
     """
-    path = None if cache is False else Path(cache) if cache else real_stats_path(spec, num_samples,
-                                                                                  extractor_id(extractor))
+    metric = extractor if isinstance(extractor, FrechetFeatureDistance) else FrechetVideoDistance(extractor)
+    ext, name = extractor_id(metric.extractor), type(metric).__name__
+    path = None if cache is False else Path(cache) if cache else real_stats_path(spec, num_samples, ext,
+                                                                                  protocol=metric.protocol)
     if path is not None and path.is_file():
         stats = FeatureStats.load(path)
-        _check_meta(stats, path, num_samples, extractor_id(extractor))
+        _check_meta(stats, path, num_samples, ext, metric.protocol)
         return stats
     rank, world = _dist()
-    metric = FrechetVideoDistance(extractor, sync_on_compute=True).to(device)
+    metric = metric.to(device)
+    metric.reset()
     t0 = time.time()
     counts = accumulate_source(metric, spec, True, num_samples, batch_size, rank, world, device)
     metric.sync(should_sync=world > 1)
     stats = metric.stats(real=True)
     metric.unsync(should_unsync=world > 1)
-    if stats.n < num_samples:
-        warnings.warn(f"FVD real statistics use {stats.n} clips, fewer than the {num_samples} asked for "
+    metric.reset()
+    clips = stats.n // metric.rows_per_clip
+    if clips < num_samples:
+        warnings.warn(f"{name} real statistics use {clips} clips, fewer than the {num_samples} asked for "
                       f"({counts['skipped']} skipped on rank {rank}: shorter than {metric.num_frames} frames or "
-                      "undecodable); FVD is biased upwards with few samples", stacklevel=2)
-    stats.meta = {"protocol": FVD_PROTOCOL, "extractor": extractor_id(extractor), "num_samples": int(num_samples),
-                  "n": stats.n, "data": _data_fingerprint(spec), "seconds": round(time.time() - t0, 1)}
+                      f"undecodable); the Fréchet distance is biased upwards with few samples", stacklevel=2)
+    stats.meta = {"protocol": metric.protocol, "extractor": ext, "num_samples": int(num_samples),
+                  "n": stats.n, "clips": clips, "data": _data_fingerprint(spec), "seconds": round(time.time() - t0, 1)}
     if path is not None and rank == 0:
         stats.save(path)
-        log(f"FVD real statistics ({stats.n} clips) cached at {path}")
+        log(f"{name} real statistics ({clips} clips, {stats.n} feature rows) cached at {path}")
     return stats
 
 
-def _check_meta(stats: FeatureStats, path: Path, num_samples: int | None, extractor: str | None) -> None:
+def _check_meta(stats: FeatureStats, path: Path, num_samples: int | None, extractor: str | None,
+                protocol: str = FVD_PROTOCOL) -> None:
     m = stats.meta
-    if m.get("protocol") != FVD_PROTOCOL:
-        raise ValueError(f"{path} was made under protocol {m.get('protocol')!r}, not {FVD_PROTOCOL!r}; delete it")
+    if m.get("protocol") != protocol:
+        raise ValueError(f"{path} was made under protocol {m.get('protocol')!r}, not {protocol!r}; delete it")
     if extractor is not None and m.get("extractor") != extractor:
         raise ValueError(f"{path} holds {m.get('extractor')} features but the metric uses {extractor}")
     if num_samples is not None and m.get("num_samples") != num_samples:
@@ -484,8 +546,10 @@ class FVDCallback(Callback):
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
-            value = self.evaluate(trainer, pl_module)
-            pl_module.log(self.log_name, value, on_step=True, on_epoch=False, sync_dist=False)
+            values = self.evaluate(trainer, pl_module)
+            for name, value in (values.items() if isinstance(values, dict) else [(self.log_name, values)]):
+                pl_module.log(name if "/" in name else f"val/{name}", value, on_step=True, on_epoch=False,
+                              sync_dist=False)
 
     # -- work
     def _warn_once(self, key: str, msg: str) -> None:
@@ -555,23 +619,46 @@ class FVDCallback(Callback):
                 self._warn_once("cycle", "FVDCallback: the validation set has fewer clips than num_samples / world; "
                                          "cycling it (repeated conditions)")
 
-    def _real_stats(self, trainer, metric: FrechetVideoDistance) -> bool:
-        """Load/compute fixed real statistics; False when real features come from the batches."""
+    def _real_stats(self, trainer, metric: FrechetFeatureDistance) -> bool:
+        """Load/compute fixed real statistics (of ``metric``'s protocol); False when real features come from the
+        batches."""
         if metric.fixed_real is not None:
             return True
         ext = extractor_id(metric.extractor)
         if self.real_stats_path and os.path.isfile(self.real_stats_path):
             stats = FeatureStats.load(self.real_stats_path)
-            _check_meta(stats, Path(self.real_stats_path), self.num_samples, ext)
+            _check_meta(stats, Path(self.real_stats_path), self.num_samples, ext, metric.protocol)
         elif self.real_shards is not None:
-            path = self.real_stats_path or real_stats_path(self.real_shards, self.num_samples, ext, self.cache_dir)
-            stats = compute_real_stats(self.real_shards, metric.extractor, self.num_samples, self.batch_size,
+            path = self.real_stats_path or real_stats_path(self.real_shards, self.num_samples, ext, self.cache_dir,
+                                                           protocol=metric.protocol)
+            stats = compute_real_stats(self.real_shards, metric, self.num_samples, self.batch_size,
                                        metric.real_sum.device, cache=path)
             trainer.strategy.barrier("fvd_real_stats")
         else:
             return False
         metric.set_real_stats(stats)
         return True
+
+    def _samples(self, trainer, pl_module) -> Iterator[tuple[dict | None, Tensor, Tensor]]:
+        """``(batch, videos, global sample indices)``: this rank's ``ceil(num_samples / world)`` clips from
+        ``pl_module.generate`` in eval mode under the EMA weights, with a generator re-seeded per evaluation.
+
+        The one sampling loop of every evaluation callback (FVD here, IS / CLIPSIM / FID / accuracy in
+        :class:`vidgen.callbacks.metrics.EvalCallback`); global index ``i * world + rank`` for the i-th local clip."""
+        world, rank = trainer.world_size, trainer.global_rank
+        quota = math.ceil(self.num_samples / world)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1_000_003 * rank)
+        was_training = pl_module.training
+        pl_module.eval()
+        done = 0
+        try:
+            with torch.no_grad(), self._ema_context(trainer, pl_module):
+                for batch, n in self._batches(trainer, pl_module, quota):
+                    video = pl_module.generate(batch=batch, num_samples=n, generator=generator)
+                    yield batch, video, torch.arange(done, done + n) * world + rank
+                    done += n
+        finally:
+            pl_module.train(was_training)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> float:
@@ -581,23 +668,11 @@ class FVDCallback(Callback):
         fixed_real = self._real_stats(trainer, metric)
         if not fixed_real and self.pass_batches is False:
             raise ValueError("FVDCallback has no real statistics: set real_stats_path or real_shards")
-        world, rank = trainer.world_size, trainer.global_rank
-        quota = math.ceil(self.num_samples / world)
-        device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with self._ema_context(trainer, pl_module):
-                for batch, n in self._batches(trainer, pl_module, quota):
-                    if batch is None and not fixed_real:
-                        raise ValueError("FVDCallback: without real statistics the validation batches are needed")
-                    video = pl_module.generate(batch=batch, num_samples=n, generator=generator)
-                    metric.update(video, real=False)
-                    if not fixed_real:
-                        metric.update(batch["video"], real=True)
-            value = float(metric.compute())
-        finally:
-            pl_module.train(was_training)
-        self.last_value = value
+        for batch, video, _ in self._samples(trainer, pl_module):
+            if batch is None and not fixed_real:
+                raise ValueError("FVDCallback: without real statistics the validation batches are needed")
+            metric.update(video, real=False)
+            if not fixed_real:
+                metric.update(batch["video"], real=True)
+        self.last_value = value = float(metric.compute())
         return value

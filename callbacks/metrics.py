@@ -1,4 +1,5 @@
-"""The evaluation suite beside FVD (issue 10 §3): video Inception Score (C3D, UCF-101), CLIPSIM, probe accuracy.
+"""The evaluation suite beside FVD (issue 10 §3): video Inception Score (C3D, UCF-101), CLIPSIM, FID over frames,
+probe accuracy.
 
 Every metric is a torchmetrics ``Metric`` whose states are float64 sums (or per-sample rows with their global sample
 index), so 1 and N processes give the same value for the same samples. They share FVD's clip reading
@@ -14,6 +15,12 @@ Protocols (pinned here, and in the README table):
 - **CLIPSIM** (GODIVA / Make-A-Video / VideoPoet): every frame resized (short side, bicubic) and centre-cropped to the
   CLIP input size, normalised with CLIP's mean/std; cosine similarity between the frame's and the caption's CLIP
   embeddings, averaged over frames, then over clips (no x100 scaling, no clamping).
+- **FID over frames** (:class:`FrameFID`): the first 16 frames of each clip, every frame an image: uint8 RGB at the
+  clip's own size, resized to 299 x 299 inside the network by torch-fidelity's TF1-compatible bilinear (what
+  pytorch-fid / torchmetrics / the TF original feed), the standard FID InceptionV3 (``pt_inception-2015-12-05``
+  weights, torch-fidelity's ``FeatureExtractorInceptionV3``) pool3 2048-d features; Fréchet distance of the frame
+  features (FVD's :class:`~vidgen.callbacks.fvd.FrechetFeatureDistance`: the same float64 sums, real-statistics
+  cache and distributed code). 2048 clips per side by default (32768 frames).
 - **Accuracy**: the probe (:class:`vidgen.lightning_modules.probe.VideoProbe`) per head: class / shape / colour /
   direction, from labels and/or captions.
 """
@@ -33,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from vidgen.callbacks.fvd import FVDCallback, _dist
+from vidgen.callbacks.fvd import FeatureStats, FrechetFeatureDistance, FVDCallback, _dist, expand_sources
 
 IS_NUM_FRAMES = 16
 IS_RESOLUTION = 112
@@ -44,6 +51,12 @@ IS_PROTOCOL = ("vidgen-is/1: C3D-UCF101 (TGAN2) softmax(fc8), first 16 frames, b
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIPSIM_PROTOCOL = "vidgen-clipsim/1: every frame, CLIP resize+centre crop, cosine(frame, caption), mean over frames then clips"
+FID_NUM_FRAMES = 16
+FID_RESOLUTION = 299  # inside the network (torch-fidelity's TF1-compatible bilinear from uint8)
+FID_FEATURE_DIM = 2048
+FID_NUM_SAMPLES = 2048  # clips per side
+FID_PROTOCOL = ("vidgen-fid/1: InceptionV3 pt_inception-2015-12-05 pool3 2048-d (torch-fidelity), first {frames} frames "
+                "of each clip, uint8 RGB frames at their own size, TF1 bilinear to 299x299 in the network")
 
 
 # ------------------------------------------------------------------------------------------------------------ IS
@@ -239,16 +252,24 @@ class CLIPSimilarity(Metric):
         return self.total / self.n
 
 
+def _local_weights(path: str | os.PathLike, what: str, module: str, install: str):
+    """``module`` imported, after checking that the weights ``path`` is a local file (weights are never downloaded)."""
+    import importlib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {os.fspath(path)!r} not found: give a local file (weights are never "
+                                "downloaded)")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise ImportError(f"{what.split()[0]} needs {module}: pip install {install}") from e
+
+
 def load_open_clip(arch: str, checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
     """``(model, tokenizer, image_size, mean, std)`` of an open_clip model from a LOCAL checkpoint file
     (ViT-B-32 / ViT-B-16 are the papers' networks; weights are never downloaded)."""
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"CLIP checkpoint {checkpoint!r} not found: give a local open_clip/OpenAI file "
-                                "(e.g. open_clip_pytorch_model.bin of ViT-B-32)")
-    try:
-        import open_clip
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("CLIPSIM needs open_clip: pip install open_clip_torch") from e
+    open_clip = _local_weights(checkpoint, "CLIP checkpoint (e.g. open_clip_pytorch_model.bin of ViT-B-32)",
+                               "open_clip", "open_clip_torch")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=os.fspath(checkpoint), device=device)
     model.eval().requires_grad_(False)
     size = model.visual.image_size
@@ -256,6 +277,71 @@ def load_open_clip(arch: str, checkpoint: str | os.PathLike, device: str | torch
     mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
     std = getattr(model.visual, "image_std", None) or CLIP_STD
     return model, open_clip.get_tokenizer(arch), size, tuple(mean), tuple(std)
+
+
+# ------------------------------------------------------------------------------------------------------ FID
+def load_fid_inception(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The standard FID InceptionV3 (torch-fidelity's ``FeatureExtractorInceptionV3``, pool3 ``"2048"`` features)
+    with the ``pt_inception-2015-12-05`` weights from a LOCAL file (never downloaded).
+
+    The file is read with ``weights_only`` (:func:`~vidgen.lightning_modules.nn.checkpoint.safe_load`); torch-fidelity
+    then gets those tensors re-serialised in memory (it unpickles its path without ``weights_only``) and loads them
+    strictly, so a file with other keys or shapes is refused."""
+    import io
+
+    from vidgen.lightning_modules.nn.checkpoint import read_state_dict
+
+    fe = _local_weights(path, "FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, as torch-fidelity and "
+                              "pytorch-fid use)", "torch_fidelity.feature_extractor_inceptionv3", "'vidgen[fid]'")
+    buf = io.BytesIO()
+    torch.save(read_state_dict(path), buf)
+    buf.seek(0)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+    if net.INPUT_IMAGE_SIZE != FID_RESOLUTION:  # pragma: no cover - a torch-fidelity that changed the protocol
+        raise RuntimeError(f"torch-fidelity's InceptionV3 resizes to {net.INPUT_IMAGE_SIZE}, the FID protocol to "
+                           f"{FID_RESOLUTION}; pin torch-fidelity to a version with the standard 299 x 299 input")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def fid_frames(video: Tensor, num_frames: int) -> Tensor:
+    """``[B, C, T, H, W]`` in [-1, 1] -> the first ``num_frames`` frames, RGB, on the uint8 grid (still [-1, 1]
+    floats ``k / 127.5 - 1``, rounded as ``media.to_uint8``), so preparing twice changes nothing."""
+    if video.ndim != 5:
+        raise ValueError(f"FID expects videos [B, C, T, H, W] in [-1, 1], got shape {tuple(video.shape)}")
+    if video.shape[2] < num_frames:
+        raise ValueError(f"FID uses the first {num_frames} frames of each clip; the videos have T={video.shape[2]}")
+    x = video[:, :, :num_frames].float()
+    if x.shape[1] == 1:
+        x = repeat(x, "b 1 t h w -> b 3 t h w")
+    return (((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1).contiguous()
+
+
+class FrameFID(FrechetFeatureDistance):
+    """FID over frames: every one of the first ``num_frames`` frames of a clip is an image (see the module protocol).
+
+    ``feature_extractor``: the FID InceptionV3 (:func:`load_fid_inception`, or a path for it), any module mapping
+    uint8 images ``[N, 3, H, W]`` to ``[N, D]`` (or a tuple whose first entry is that), or None to feed features.
+    ``update(x, real=...)``: videos ``[B, C, T, H, W]`` in [-1, 1] (``B * num_frames`` feature rows) or frame
+    features ``[N, D]``. Streaming float64 sums, real-statistics files and DDP reduction are FVD's."""
+
+    what = "frames"
+    build_hint = "load_fid_inception('pt_inception-2015-12-05-6726825d.pth')"
+
+    def __init__(self, feature_extractor: nn.Module | str | os.PathLike | None = None, num_features: int | None = None,
+                 real_stats: FeatureStats | str | os.PathLike | None = None, num_frames: int = FID_NUM_FRAMES,
+                 **kwargs: Any):
+        if isinstance(feature_extractor, (str, os.PathLike)):
+            feature_extractor = load_fid_inception(feature_extractor)
+        super().__init__(feature_extractor, num_features or FID_FEATURE_DIM, real_stats, **kwargs)
+        self.num_frames = self.rows_per_clip = int(num_frames)
+        self.protocol = FID_PROTOCOL.format(frames=self.num_frames)
+
+    def prepare(self, videos: Tensor) -> Tensor:
+        return fid_frames(videos, self.num_frames)
+
+    def network_input(self, prepared: Tensor) -> Tensor:
+        """Prepared clips -> uint8 images ``[(B T), 3, H, W]`` (clip-major), what the FID InceptionV3 takes."""
+        return rearrange(((prepared + 1) * 127.5).round().to(torch.uint8), "b c t h w -> (b t) c h w")
 
 
 # ------------------------------------------------------------------------------------------------------ accuracy
@@ -298,41 +384,48 @@ class ProbeAccuracy(Metric):
 # ------------------------------------------------------------------------------------------------------ callback
 class EvalCallback(FVDCallback):
     """Every ``every_n_steps`` steps: samples from ``pl_module.generate()`` (EMA weights, the validation batches'
-    labels/captions, re-seeded generator: FVD's loop) scored by IS / CLIPSIM / probe accuracy, logged as
-    ``val/is``, ``val/clipsim``, ``val/acc_<head>``. Under DDP each rank generates its share; the metrics sync.
+    labels/captions, re-seeded generator: FVD's loop, :meth:`FVDCallback._samples`) scored by IS / CLIPSIM / FID over
+    frames / probe accuracy, logged as ``val/is``, ``val/clipsim``, ``val/fid``, ``val/acc_<head>``. Under DDP each
+    rank generates its share; the metrics sync.
 
     ``c3d_path`` (+ ``c3d_mean``) enables IS, ``clip_checkpoint`` (+ ``clip_arch``) CLIPSIM (needs captions in the
-    batches), ``probe_path`` accuracy (needs labels or captions). FVD stays with :class:`FVDCallback`."""
+    batches), ``inception_path`` FID over frames (``fid_frames`` per clip; real statistics from ``real_stats_path``,
+    else the first ``num_samples`` clips of ``real_shards`` (cached), else the validation batches' own videos, as
+    :class:`FVDCallback`), ``probe_path`` accuracy (needs labels or captions). FVD stays with :class:`FVDCallback`."""
 
     def __init__(self, every_n_steps: int = 5000, num_samples: int = 2048, c3d_path: str | None = None,
                  c3d_mean: str | None = None, is_splits: int = IS_NUM_SPLITS, clip_arch: str = "ViT-B-32",
                  clip_checkpoint: str | None = None, probe_path: str | None = None, use_ema: bool = True,
-                 batch_size: int = 8, seed: int = 0, pass_batches: bool | None = None):
+                 batch_size: int = 8, seed: int = 0, pass_batches: bool | None = None,
+                 inception_path: str | None = None, fid_frames: int = FID_NUM_FRAMES,
+                 real_shards: str | list[str] | None = None, real_stats_path: str | None = None,
+                 cache_dir: str | None = None):
         Callback.__init__(self)
-        if not (c3d_path or clip_checkpoint or probe_path):
+        if not (c3d_path or clip_checkpoint or probe_path or inception_path):
             raise ValueError("EvalCallback: set at least one of c3d_path (IS), clip_checkpoint (CLIPSIM), "
-                             "probe_path (accuracy)")
+                             "inception_path (FID), probe_path (accuracy)")
         for name, path in (("c3d_path", c3d_path), ("c3d_mean", c3d_mean), ("clip_checkpoint", clip_checkpoint),
-                           ("probe_path", probe_path)):
+                           ("probe_path", probe_path), ("inception_path", inception_path)):
             if path is not None and not os.path.isfile(path):
                 raise FileNotFoundError(f"EvalCallback: {name} {path!r} is not a file (weights load from local paths)")
-        if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
-            raise ValueError("EvalCallback needs every_n_steps, num_samples and batch_size >= 1")
+        if every_n_steps < 1 or num_samples < 1 or batch_size < 1 or fid_frames < 1:
+            raise ValueError("EvalCallback needs every_n_steps, num_samples, batch_size and fid_frames >= 1")
+        if inception_path and real_stats_path and not os.path.isfile(real_stats_path) and not real_shards:
+            raise FileNotFoundError(f"EvalCallback: real_stats_path {real_stats_path} does not exist and no "
+                                    "real_shards are given to compute it; set real_shards or make the file with "
+                                    "`vidgen eval --metrics fid --real SHARDS --real-stats FILE`")
+        if real_shards is not None:
+            expand_sources(real_shards)  # fail now on a bad pattern
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.c3d_path, self.c3d_mean, self.is_splits = c3d_path, c3d_mean, is_splits
         self.clip_arch, self.clip_checkpoint, self.probe_path = clip_arch, clip_checkpoint, probe_path
+        self.inception_path, self.fid_frames = inception_path, fid_frames
+        self.real_shards, self.real_stats_path, self.cache_dir = real_shards, real_stats_path, cache_dir
         self.use_ema, self.pass_batches = use_ema, pass_batches
         self.metrics: dict[str, Metric] | None = None
         self.last_values: dict[str, float] = {}
         self._last_step = -1
         self._warned: set[str] = set()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
-            for k, v in self.evaluate(trainer, pl_module).items():
-                pl_module.log(f"val/{k}", v, on_step=True, on_epoch=False, sync_dist=False)
 
     def _ensure_metrics(self, pl_module) -> dict[str, Metric]:
         if self.metrics is None:  # not submodules of pl_module: never checkpointed, never sharded
@@ -343,6 +436,8 @@ class EvalCallback(FVDCallback):
             if self.clip_checkpoint:
                 model, tok, size, mean, std = load_open_clip(self.clip_arch, self.clip_checkpoint)
                 self.metrics["clipsim"] = CLIPSimilarity(model, tok, size, mean, std)
+            if self.inception_path:
+                self.metrics["fid"] = FrameFID(self.inception_path, num_frames=self.fid_frames)
             if self.probe_path:
                 self.metrics["acc"] = ProbeAccuracy(self.probe_path)
         return {k: m.to(pl_module.device) for k, m in self.metrics.items()}
@@ -352,35 +447,35 @@ class EvalCallback(FVDCallback):
         metrics = self._ensure_metrics(pl_module)
         for m in metrics.values():
             m.reset()
-        world, rank = trainer.world_size, trainer.global_rank
-        quota = math.ceil(self.num_samples / world)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1_000_003 * rank)
-        was_training = pl_module.training
-        pl_module.eval()
-        done = 0
-        try:
-            with self._ema_context(trainer, pl_module):
-                for batch, n in self._batches(trainer, pl_module, quota):
-                    video = pl_module.generate(batch=batch, num_samples=n, generator=generator)
-                    batch = batch or {}
-                    if "is" in metrics:
-                        metrics["is"].update(video, index=(torch.arange(done, done + n) * world + rank))
-                    texts = batch.get("text")
-                    if "clipsim" in metrics and texts is not None and all(texts[:n]):
-                        metrics["clipsim"].update(video, list(texts[:n]))
-                    if "acc" in metrics and (batch.get("label") is not None or texts is not None):
-                        labels = batch.get("label")
-                        metrics["acc"].update(video, labels=None if labels is None else labels[:n].cpu(),
-                                              captions=None if texts is None else list(texts[:n]))
-                    done += n
-            values: dict[str, float] = {}
+        fid_real = "fid" in metrics and self._real_stats(trainer, metrics["fid"])
+        if "fid" in metrics and not fid_real and self.pass_batches is False:
+            raise ValueError("EvalCallback: FID has no real statistics: set real_stats_path or real_shards")
+        for batch, video, index in self._samples(trainer, pl_module):
+            n = video.shape[0]
+            batch = batch or {}
             if "is" in metrics:
-                values["is"] = float(metrics["is"].compute()[0])
-            if "clipsim" in metrics and float(metrics["clipsim"].n) > 0:
-                values["clipsim"] = float(metrics["clipsim"].compute())
-            if "acc" in metrics:
-                values.update({f"acc_{k}": float(v) for k, v in metrics["acc"].compute().items()})
-        finally:
-            pl_module.train(was_training)
+                metrics["is"].update(video, index=index)
+            texts = batch.get("text")
+            if "clipsim" in metrics and texts is not None and all(texts[:n]):
+                metrics["clipsim"].update(video, list(texts[:n]))
+            if "fid" in metrics:
+                if not fid_real and batch.get("video") is None:
+                    raise ValueError("EvalCallback: FID without real statistics needs the validation batches' videos")
+                metrics["fid"].update(video, real=False)
+                if not fid_real:
+                    metrics["fid"].update(batch["video"], real=True)
+            if "acc" in metrics and (batch.get("label") is not None or texts is not None):
+                labels = batch.get("label")
+                metrics["acc"].update(video, labels=None if labels is None else labels[:n].cpu(),
+                                      captions=None if texts is None else list(texts[:n]))
+        values: dict[str, float] = {}
+        if "is" in metrics:
+            values["is"] = float(metrics["is"].compute()[0])
+        if "clipsim" in metrics and float(metrics["clipsim"].n) > 0:
+            values["clipsim"] = float(metrics["clipsim"].compute())
+        if "fid" in metrics:
+            values["fid"] = float(metrics["fid"].compute())
+        if "acc" in metrics:
+            values.update({f"acc_{k}": float(v) for k, v in metrics["acc"].compute().items()})
         self.last_values = values
         return values

@@ -147,6 +147,7 @@ class VideoThroughputMonitor(ThroughputMonitor):
             self._counter.__exit__(None, None, None)
             # FLOPs of this rank's batch (forward + backward + optimizer); Lightning scales by the world size
             pl_module.flops_per_batch = int(self._counter.get_total_flops())
+            self._counter = None  # exited: on_exception must not exit it a second time (that hid the user's error)
         now = self._now(pl_module)
         if self._t_start is not None:
             self._busy += now - self._t_start

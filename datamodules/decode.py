@@ -131,7 +131,8 @@ def resize_crop(frames: np.ndarray, height: int, width: int, crop: str, u: tuple
         y0, x0 = int(u[0] * (h - ch + 1)), int(u[1] * (w - cw + 1))
     else:
         y0, x0 = (h - ch) // 2, (w - cw) // 2
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0 : y0 + ch, x0 : x0 + cw]))
+    kept = np.ascontiguousarray(frames[:, y0 : y0 + ch, x0 : x0 + cw])
+    x = torch.from_numpy(kept if kept.flags.writeable else kept.copy())  # decoders may hand read-only buffers
     x = rearrange(x, "t h w c -> t c h w")
     if (ch, cw) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)

@@ -452,6 +452,38 @@ _REAPER: list[int] = []
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - at exit, one child's failure must not stop the cleanup of the others
+        pass
+
+
+def _reap_daemon_children() -> None:
+    """SIGTERM, a short grace period, then SIGKILL for the daemonic children still alive (see below)."""
+    import multiprocessing as mp
+    import time
+
+    if os.getpid() not in _REAPER:  # a forked child inherited the hook
+        return
+    # torch's DataLoader installs a SIGCHLD handler that raises "worker killed by signal" in whatever code runs
+    # when a worker dies: here, that would abort this hook after the first kill and leave the others to
+    # multiprocessing's endless join. Nothing is waiting for worker errors any more at exit.
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    kids = [p for p in mp.active_children() if p.daemon]
+    for p in kids:
+        _quietly(p.terminate)
+    deadline = time.monotonic() + 1.0
+    for p in kids:
+        _quietly(p.join, max(0.0, deadline - time.monotonic()))
+    left = [p for p in kids if p.is_alive()]
+    for p in left:  # kill every one first, then wait: one stuck join must not spare the rest
+        _quietly(p.kill)
+    for p in left:
+        _quietly(p.join, 1.0)
+
+
 def _reap_workers_at_exit() -> None:
     """In the main process, once: at exit, end daemonic children that ignored ``terminate()``.
 
@@ -465,24 +497,7 @@ def _reap_workers_at_exit() -> None:
     import atexit
     import multiprocessing.util  # noqa: F401 - registers its own exit hook now, so ours (registered after) runs first
 
-    def reap():
-        import multiprocessing as mp
-        import time
-
-        if os.getpid() not in _REAPER:  # a forked child inherited the hook
-            return
-        kids = [p for p in mp.active_children() if p.daemon]
-        for p in kids:
-            p.terminate()
-        deadline = time.monotonic() + 1.0
-        for p in kids:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in kids:
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
-
-    atexit.register(reap)
+    atexit.register(_reap_daemon_children)
 
 
 def protect_worker() -> None:

@@ -779,9 +779,13 @@ class STDiT(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=terms["loss"].shape[0])
         return loss
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the network's parameters that require gradients."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
         warmup = int(hp.warmup_steps)
         if warmup <= 0:

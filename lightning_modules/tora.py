@@ -462,15 +462,9 @@ class Tora(STDiT):
         kwargs.update(self.motion_features(source, z))
         return kwargs
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]  # §4.4: frozen parts are not in the optimizer
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
-        warmup = int(hp.warmup_steps)
-        if warmup <= 0:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """§4.4: the frozen parts are not in the optimizer; the trajectory modules (outside ``self.model``) are."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     # -- inference -----------------------------------------------------------------------------------------------------
     @torch.no_grad()

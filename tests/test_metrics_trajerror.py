@@ -1,0 +1,64 @@
+"""TrajError in `vidgen eval` (Tora §4.7, issue 12 §4): trajectories read from samples.npz as the prediction writer
+stores them; 0 for a clip rendered along its trajectory, growing when the requested trajectory drifts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_tora import _render_along
+from vidgen.lightning_modules.nn.trajectory import traj_error
+
+
+def _samples(tmp_path, shifts, with_trajectories=True):
+    """Two clips rendered along their own path, written by the PredictionWriter as Tora's predictions; the
+    requested trajectories drift by ``shift`` px in x by the last frame, a NaN row pads the objects ([B, N, T, 2])."""
+    T = 9
+    paths = [np.stack([16.0 + 3 * np.arange(T), 20.0 + 1.5 * np.arange(T)], 1),
+             np.stack([40.0 - 2 * np.arange(T), 30.0 + np.zeros(T)], 1)]
+    videos = torch.stack([_render_along(p) for p in paths])  # [2, 3, T, 64, 64] in [-1, 1]
+    requested = np.full((2, 2, T, 2), np.nan, np.float32)
+    for i, (p, s) in enumerate(zip(paths, shifts)):
+        requested[i, 0] = p + np.stack([s * np.arange(T) / (T - 1), np.zeros(T)], 1)
+    from types import SimpleNamespace
+
+    from vidgen.callbacks.prediction_writer import PredictionWriter
+
+    out = tmp_path / "_".join(map(str, shifts)) / ("traj" if with_trajectories else "bare")
+    pred = {"videos": videos, "keys": ["a", "b"]}
+    if with_trajectories:
+        pred["trajectories"] = torch.from_numpy(requested)  # what Tora's predict_step returns
+    writer, trainer = PredictionWriter(str(out), per_sample=False, grids=False), SimpleNamespace(global_rank=0,
+                                                                                                 world_size=1)
+    writer.write_on_batch_end(trainer, None, pred, None, None, 0, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    path = out / "samples.npz"
+    return str(path), videos, requested
+
+
+def _eval(path, tmp_path):
+    from vidgen.eval import main
+
+    assert main(["--metrics", "trajerror", "--fake", path, "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    return json.load(open(tmp_path / "r.json"))["trajerror"]
+
+
+def test_eval_trajerror_from_samples_npz(tmp_path, capsys):
+    path, _, _ = _samples(tmp_path, (0.0, 0.0))
+    exact = _eval(path, tmp_path)
+    assert exact["n"] == 2 and exact["points"] == 2 * 8 and exact["value"] < 0.5  # NaN rows skipped, frames 1..T-1
+    path, videos, requested = _samples(tmp_path, (6.0, -6.0))
+    drifted = _eval(path, tmp_path)
+    total = [traj_error(v, r) for v, r in zip(videos, requested)]  # the one TrajError (nn.trajectory), per clip
+    assert drifted["value"] == pytest.approx(sum(s for s, _ in total) / sum(n for _, n in total), abs=0.02)  # uint8
+    assert drifted["value"] > exact["value"] + 1.5
+    assert "TrajError" in capsys.readouterr().out
+    bare, _, _ = _samples(tmp_path, (1.0, 1.0), with_trajectories=False)
+    with pytest.raises(SystemExit, match="no 'trajectories'"):
+        _eval(bare, tmp_path)
+    from vidgen.eval import main
+
+    with pytest.raises(SystemExit):
+        main(["--metrics", "trajerror", "--fake", str(tmp_path)])
+    assert "needs --fake samples.npz" in capsys.readouterr().err
