@@ -25,6 +25,13 @@ in its own process):
 On CPU a paper-size step of SR_l^t / SR_h over 76 frames takes minutes: ``--max-frames K`` (default 4 on CPU, all on
 GPU) times K frames and scales the per-frame stages linearly to 76 (exact for SR_h, which sees frames alone; for
 SR_l^t, whose 16-frame windows are what one U-Net call sees, it times one window and scales by the window count).
+
+Measured (issue 14) on the shared 2-core CPU, one thread, under heavy contention (inflated; ratios are what count):
+tiny: P 0.0 s, D^t 0.6 s (20 steps, CFG), ↑F 0.4 s (8), SR_l^t 0.4 s (4), SR_h 0.7 s (4): 2.2 s per clip; paper
+(``--max-frames 1``): s/step P 0.16, D^t 346, ↑F 416, SR_l^t 659, SR_h 2628 -> about 27 h per clip on one CPU
+thread (SR_h 43%, D^t 22%, SR_l^t 21%, ↑F 14% at 64 / 32 / 32 / 16 steps). SR_h peak memory over a 76-frame clip
+(tiny SR_h, 64^2 out): 1115 MiB all frames at once vs 874 MiB with frame_batch 4 (x1.28; sampling's own memory 273
+vs 32 MiB). No GPU was lent for this issue: run ``--gpu`` there.
 """
 
 from __future__ import annotations
@@ -227,6 +234,22 @@ def cascade_main(args) -> int:
     if not args.gpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or torch.get_num_threads())))
     max_frames = args.max_frames if args.max_frames is not None else (None if args.gpu else 4)
+    # SR_h memory first, in child processes: on Linux a child inherits its parent's max RSS, so it is measured
+    # before this process holds the paper-size stages
+    mem = []
+    for fb in (0, args.frame_batch):
+        cmd = [sys.executable, __file__, "--srh-memory", "--frame-batch", str(fb), "--mem-size", args.mem_size,
+               "--mem-frames", str(args.mem_frames)] + (["--gpu"] if args.gpu else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        mem.append(json.loads(out))
+    mem_lines = [f"SR_h peak memory, two sampling steps over a {args.mem_frames}-frame clip ({args.mem_size} SR_h, output "
+          f"{mem[0]['out']}; {'cuda max allocated' if args.gpu else 'max RSS'}):"]
+    for m in mem:
+        what = "all frames at once" if not m["frame_batch"] else f"frame_batch {m['frame_batch']}"
+        mem_lines.append(f"  {what:<20} {m['peak_MiB']:>8.0f} MiB peak, {m['peak_MiB'] - m['before_MiB']:>7.0f} MiB above the "
+              f"process before sampling   ({m['seconds']:.1f}s)")
+    mem_lines.append(f"  without / with frame batching: peak x{mem[0]['peak_MiB'] / mem[1]['peak_MiB']:.2f} "
+          f"({mem[0]['peak_MiB'] - mem[1]['peak_MiB']:.0f} MiB saved)")
     rows = []
     for size in args.sizes.split(","):
         rows += time_cascade(size, args.gpu, None if size == "tiny" else max_frames)
@@ -239,20 +262,7 @@ def cascade_main(args) -> int:
             print(f"{r['size']:<6} {r['stage']:<14} {r['output']:<28} {r['s_per_step']:>9.3f} {r['steps']:>6} "
                   f"{r['s_stage']:>9.1f}  {r['note']}")
         print(f"{size:<6} {'total':<14} {'':<28} {'':>9} {'':>6} {sum(r['s_stage'] for r in sub):>9.1f}")
-    mem = []
-    for fb in (0, args.frame_batch):
-        cmd = [sys.executable, __file__, "--srh-memory", "--frame-batch", str(fb), "--mem-size", args.mem_size,
-               "--mem-frames", str(args.mem_frames)] + (["--gpu"] if args.gpu else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        mem.append(json.loads(out))
-    print(f"SR_h peak memory, two sampling steps over a {args.mem_frames}-frame clip ({args.mem_size} SR_h, output "
-          f"{mem[0]['out']}; {'cuda max allocated' if args.gpu else 'max RSS'}):")
-    for m in mem:
-        what = "all frames at once" if not m["frame_batch"] else f"frame_batch {m['frame_batch']}"
-        print(f"  {what:<20} {m['peak_MiB']:>8.0f} MiB peak, {m['peak_MiB'] - m['before_MiB']:>7.0f} MiB above the "
-              f"process before sampling   ({m['seconds']:.1f}s)")
-    print(f"  without / with frame batching: peak x{mem[0]['peak_MiB'] / mem[1]['peak_MiB']:.2f} "
-          f"({mem[0]['peak_MiB'] - mem[1]['peak_MiB']:.0f} MiB saved)")
+    print("\n".join(mem_lines))
     return 0
 
 
