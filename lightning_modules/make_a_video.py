@@ -39,7 +39,7 @@ from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet,
                                               unet_config)
 
 __all__ = ["PriorConfig", "DiffusionPriorNetwork", "DiffusionPrior", "MakeAVideoDecoder", "MakeAVideoConfigError",
-           "PRIOR_SIZES"]
+           "PRIOR_SIZES", "unet_state_dict", "load_stage"]
 
 
 class MakeAVideoConfigError(ValueError):
@@ -87,14 +87,16 @@ class CLIPConditionedDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, kw = self.model_inputs(batch, train=True)
-        loss = self.diffusion.training_losses(self.denoiser, x0, kw)["loss"].mean()
+        mask = kw.pop("loss_mask", None)  # ↑F: the loss over masked frames only
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, mask=mask)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, kw = self.model_inputs(batch, train=False)
+        mask = kw.pop("loss_mask", None)
         g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
-        loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g)["loss"].mean()
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g, mask=mask)["loss"].mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
@@ -294,7 +296,8 @@ class DiffusionPrior(CLIPConditionedDiffusion):
     # -- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, texts: list[str] | None = None, conditions: Mapping[str, Tensor] | None = None,
-               generator: torch.Generator | None = None, cfg_scale: float | None = None) -> Tensor:
+               generator: torch.Generator | None = None, cfg_scale: float | None = None,
+               steps: int | str | None = None) -> Tensor:
         """y_e ``[B, D]`` (unit norm) for captions (or precomputed text conditions), with CFG against the null text."""
         kw = dict(conditions) if conditions is not None else self.text_conditions(list(texts or []))
         kw = {k: v.to(self.device) for k, v in kw.items() if k != "cond_drop"}
@@ -306,6 +309,7 @@ class DiffusionPrior(CLIPConditionedDiffusion):
         self.network.eval()
         try:
             x0 = self.diffusion.sample(self.network, (b, self.config.embed_dim), cfg_scale=scale, generator=generator,
+                                       steps=steps,
                                        model_kwargs=cond, uncond_kwargs=uncond if scale != 1.0 else None,
                                        device=self.device)
         finally:
@@ -445,10 +449,7 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
 
     def load_image_stage(self, path: str) -> KeyReport:
         """Load D (an image-stage checkpoint, EMA weights when present) into this U-Net with no conversion."""
-        sd = read_state_dict(path)
-        if any(k.startswith("unet.") for k in sd):
-            sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-        return self.unet.load_image_weights(sd, source=path)
+        return self.unet.load_image_weights(unet_state_dict(path), source=path)
 
     # -- data --------------------------------------------------------------------------------------------------------
     def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[Tensor, dict[str, Any]]:
@@ -516,23 +517,33 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
         """Videos ``[B, 3, T, H, W]`` in [-1, 1] (T = 1 for the image stage): y_e (P or given) -> D^t with CFG."""
         y_e = self.image_embeddings(batch, num_samples, generator)
         b = y_e.shape[0]
-        hp = self.hparams
         fps = (batch or {}).get("fps")
         fps = (torch.as_tensor(fps, dtype=torch.float32, device=self.device)[:b] if fps is not None
-               else torch.full((b,), float(hp.sample_fps), device=self.device))
+               else torch.full((b,), float(self.hparams.sample_fps), device=self.device))
+        return self.sample_videos(y_e, fps, generator)
+
+    @torch.no_grad()
+    def sample_videos(self, y_e: Tensor, fps: Tensor, generator: torch.Generator | None = None,
+                      steps: int | str | None = None, cfg_scale: float | None = None) -> Tensor:
+        """D (images ``[B, 3, 1, H, W]``) or D^t (``[B, 3, T, H, W]`` at ``fps`` ``[B]``) for given y_e ``[B, D]``,
+        with classifier-free guidance against the null embedding (``steps`` / ``cfg_scale``: override the config)."""
+        hp = self.hparams
+        b = y_e.shape[0]
+        scale = hp.cfg_scale if cfg_scale is None else cfg_scale
         res = hp.resolution if isinstance(hp.resolution, int) else hp.resolution[0]
         video = hp.stage == "video"
         shape = (b, 3, hp.num_frames, res, res) if video else (b, 3, res, res)
         cond = {"cond": y_e, "cond_drop": torch.zeros(b, dtype=torch.bool, device=self.device)}
         uncond = {"cond": y_e, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
         if video:
-            cond["fps"] = uncond["fps"] = fps
+            cond["fps"] = uncond["fps"] = fps.to(self.device).float()
         was = self.unet.training
         self.unet.eval()
         try:
-            x = self.diffusion.sample(self.unet, shape, sampler=hp.sampler, steps=hp.sample_steps,
-                                      cfg_scale=hp.cfg_scale, generator=generator, model_kwargs=cond,
-                                      uncond_kwargs=uncond if hp.cfg_scale != 1.0 else None, device=self.device)
+            x = self.diffusion.sample(self.unet, shape, sampler=hp.sampler,
+                                      steps=hp.sample_steps if steps is None else steps, cfg_scale=scale,
+                                      generator=generator, model_kwargs=cond,
+                                      uncond_kwargs=uncond if scale != 1.0 else None, device=self.device)
         finally:
             self.unet.train(was)
         x = x.clamp(-1, 1)
@@ -546,6 +557,43 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
         if batch.get("text") is not None:
             out["captions"] = list(batch["text"])[: len(videos)]
         return out
+
+
+def unet_state_dict(path: str) -> dict[str, Tensor]:
+    """The U-Net weights of a Make-A-Video stage checkpoint (EMA weights when present), without the ``unet.`` prefix."""
+    sd = read_state_dict(path)
+    if any(k.startswith("unet.") for k in sd):
+        sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    return sd
+
+
+def load_stage(cls, path: str, **overrides: Any):
+    """A trained Make-A-Video stage (``cls``: ``MakeAVideoDecoder``, ``MaskedFrameInterpolation``,
+    ``MakeAVideoSR``) from its Lightning checkpoint: its own hyper-parameters (``init_from`` dropped: the weights are
+    the checkpoint's) plus ``overrides``, EMA weights when present, on the CPU, in eval mode."""
+    from vidgen.lightning_modules.nn.checkpoint import safe_load
+
+    ckpt = safe_load(path)
+    hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if k in _defaults(cls)}
+    hp.update({"init_from": None} if "init_from" in _defaults(cls) else {})
+    hp.update(overrides)
+    try:  # built inside another module's __init__ under LightningCLI, save_hyperparameters() would record the CLI's
+        # hyper-parameters of the OUTER module (Lightning's instantiation context): build this one outside it
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # older Lightning: no such context
+        module = cls(**hp)
+    else:
+        token = _given_hyperparameters.set(None)
+        try:
+            module = cls(**hp)
+        finally:
+            _given_hyperparameters.reset(token)
+    sd = read_state_dict(ckpt)
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if [k for k in missing if not k.startswith("diffusion")] or unexpected:
+        raise ValueError(f"{path}: not a {cls.__name__} checkpoint of this shape (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    return module.eval()
 
 
 def _defaults(cls) -> dict[str, Any]:

@@ -34,6 +34,8 @@ STAGES = [
     ("tora", "vidgen.demos.tora:run", "train a tiny STDiT3 + Tora on exact trajectories; TrajError true vs reversed"),
     ("make_a_video", "vidgen.demos.make_a_video:run",
      "text-to-video with no text-video pairs: tiny CLIP, prior on frames+captions, D then D^t on uncaptioned clips"),
+    ("make_a_video_cascade", "vidgen.demos.make_a_video:run_cascade",
+     "Make-A-Video cascade: ↑F, SR_l^t, SR_h on the clips; text -> P -> D^t -> ↑F -> SR_l^t -> SR_h, every stage kept"),
 ]
 
 
@@ -53,6 +55,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "latte": ("vae", "probe"),
     "tora": ("vae", "probe"),
     "make_a_video": ("probe",),
+    "make_a_video_cascade": ("make_a_video", "probe"),
 }
 
 

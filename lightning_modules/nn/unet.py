@@ -7,7 +7,8 @@ Every stage of the Make-A-Video cascade is a configuration of ``UNet``:
   timestep embedding, plus ``num_cond_tokens`` context tokens attended by the attention layers).
 * D^t (spatiotemporal decoder): the same with ``temporal=True`` and ``fps_cond=True``; ``load_image_weights`` loads D
   into it with no conversion (temporal layers and the fps embedding are new and identity/zero at init).
-* ↑F (masked frame interpolation): D^t with ``cond_in_channels=4`` (masked RGB + mask, zero-initialised input weights).
+* ↑F (masked frame interpolation): D^t with ``cond_in_channels=4`` (masked RGB + mask, zero-initialised input weights)
+  and ``skip_cond=True`` (the frame skip embedded like fps, zero-initialised); ``load_pretrained`` loads D^t into it.
 * SR_l^t / SR_h: ``cond_in_channels=3`` (the upsampled low-resolution video, concatenated) and ``noise_aug_cond=True``
   (the noise-augmentation level embedded like a timestep).
 
@@ -53,6 +54,7 @@ __all__ = [
 
 CONV_TYPES = ("pseudo3d", "full3d")
 NEW_VIDEO_PATTERNS = ("temporal", "fps_embed")  # parameter-name fragments of what D^t adds to D
+NEW_INTERP_PATTERNS = ("skip_embed",)  # what ↑F adds to D^t (besides the widened input convolution)
 
 
 class UNetConfigError(ValueError):
@@ -73,6 +75,8 @@ class UNetConfig:
         (DALL-E 2 / GLIDE [unverified: 4]). context_dim: width of extra context tokens passed in (e.g. text; 0: none).
     fps_cond: embed fps (sinusoidal -> MLP, zero-initialised last layer) and add it to the timestep embedding.
     noise_aug_cond: embed the noise-augmentation level of the low-resolution input (SR stages), added likewise.
+    skip_cond: embed the frame skip of masked frame interpolation (↑F, §1.4), zero-initialised last layer, added
+        likewise (so ↑F at init equals D^t).
     cond_in_channels: conditioning channels concatenated to the input (↑F: 4 = masked RGB + mask; SR: 3 = the
         upsampled low-resolution frames); their input-conv weights start at zero.
     learn_sigma: output 2x channels (learned-range variances).
@@ -96,6 +100,7 @@ class UNetConfig:
     context_dim: int = 0
     fps_cond: bool = False
     noise_aug_cond: bool = False
+    skip_cond: bool = False
     cond_in_channels: int = 0
     learn_sigma: bool = False
 
@@ -366,7 +371,7 @@ class UNet(nn.Module):
     aug_level=None)``: ``x`` ``[B, C, H, W]`` or ``[B, C, T, H, W]``, ``t`` ``[B]``; ``cond`` ``[B, cond_dim]`` (y_e),
     ``cond_drop`` bool ``[B]`` replaces it by the learned null embedding (classifier-free guidance); ``context``
     ``[B, M, context_dim]`` extra tokens; ``fps`` ``[B]``; ``x_cond`` ``[B, cond_in_channels, (T,) H, W]``;
-    ``aug_level`` ``[B]``. Returns the same layout as ``x`` with ``out_channels`` (x2 with learned sigma).
+    ``aug_level`` ``[B]``; ``frame_skip`` ``[B]``. Returns the same layout as ``x`` with ``out_channels`` (x2 with learned sigma).
     """
 
     def __init__(self, config: UNetConfig | Mapping):
@@ -388,6 +393,9 @@ class UNet(nn.Module):
             _zero(self.fps_embed.mlp[2])
         if cfg.noise_aug_cond:
             self.aug_embed = TimestepEmbedder(emb, frequency_embedding_size=ch)
+        if cfg.skip_cond:  # zero last layer: ↑F fine-tuned from D^t starts as D^t (§1.4)
+            self.skip_embed = TimestepEmbedder(emb, frequency_embedding_size=ch)
+            _zero(self.skip_embed.mlp[2])
         self.input_conv = _conv(cfg, cfg.in_channels + cfg.cond_in_channels, ch)
         if cfg.cond_in_channels:
             with torch.no_grad():  # zero-init the conditioning channels' input weights (↑F / SR, §1.4 [unverified])
@@ -429,18 +437,40 @@ class UNet(nn.Module):
 
     def load_image_weights(self, state_dict: Mapping[str, Tensor], source: str = "") -> KeyReport:
         """Load an image U-Net (D) into this network with no conversion; only new video parameters may be missing."""
+        return self.load_pretrained(state_dict, source, new=NEW_VIDEO_PATTERNS, kind="image U-Net -> video U-Net")
+
+    def load_pretrained(self, state_dict: Mapping[str, Tensor], source: str = "",
+                        new: tuple[str, ...] = NEW_VIDEO_PATTERNS + NEW_INTERP_PATTERNS,
+                        kind: str = "U-Net -> U-Net with more inputs") -> KeyReport:
+        """Load a trained U-Net into this one: parameters named by ``new`` may be missing (they keep their
+        identity/zero init) and the input convolution may be wider here (its first ``in_channels`` input columns are
+        loaded, the conditioning columns stay zero: D^t -> ↑F, §1.4). Anything else that does not fit raises."""
         own = self.state_dict()
-        report = KeyReport.compare(state_dict, own, source=source, kind="image U-Net -> video U-Net", model="unet")
-        bad_missing = [k for k, _ in report.missing if not self.is_new_video_parameter(k)]
+        sd = dict(state_dict)
+        key = "input_conv.conv.weight" if self.config.conv_type == "full3d" else "input_conv.spatial.weight"
+        widened = None
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            w, mine = sd[key], own[key]
+            if (w.shape[0], *w.shape[2:]) == (mine.shape[0], *mine.shape[2:]) and w.shape[1] < mine.shape[1]:
+                full = mine.clone()
+                full[:, : w.shape[1]] = w
+                full[:, w.shape[1]:] = 0
+                sd[key] = widened = full
+        report = KeyReport.compare(sd, own, source=source, kind=kind, model="unet")
+        bad_missing = [k for k, _ in report.missing if not any(p in k for p in new)]
         if bad_missing or report.mismatched or report.unexpected:
-            raise ValueError(
-                "image U-Net weights do not fit this network (only temporal/fps parameters may be new):\n" + report.table())
-        self.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
+            raise ValueError(f"U-Net weights do not fit this network (only {'/'.join(new)} parameters may be new"
+                             f"{', and the input convolution wider' if self.config.cond_in_channels else ''}):\n"
+                             + report.table())
+        self.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
+        if widened is not None:
+            report.kind += f" (input convolution widened {state_dict[key].shape[1]} -> {widened.shape[1]} channels)"
         return report
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def embed(self, t: Tensor, cond: Tensor | None, cond_drop: Tensor | None, fps: Tensor | None,
-              aug_level: Tensor | None, context: Tensor | None, context_mask: Tensor | None):
+              aug_level: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
+              frame_skip: Tensor | None = None):
         """(embedding ``[B, emb]``, context tokens ``[B, M, emb]`` or None, their mask or None)."""
         cfg = self.config
         dtype = self.time_embed.mlp[0].weight.dtype
@@ -462,6 +492,10 @@ class UNet(nn.Module):
             if aug_level is None:
                 raise ValueError("noise_aug_cond=True needs aug_level [B] (the low-resolution input's noise level)")
             emb = emb + self.aug_embed(aug_level.float(), dtype)
+        if cfg.skip_cond:
+            if frame_skip is None:
+                raise ValueError("skip_cond=True needs frame_skip [B] (↑F's frame skip, e.g. 5 for 16 -> 76 frames)")
+            emb = emb + self.skip_embed(frame_skip.float(), dtype)
         if cfg.context_dim and context is not None:
             tokens.append(self.context_proj(context.to(dtype)))
             m = context_mask if context_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool)
@@ -473,7 +507,8 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, cond_drop: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None, fps: Tensor | None = None,
-                x_cond: Tensor | None = None, aug_level: Tensor | None = None) -> Tensor:
+                x_cond: Tensor | None = None, aug_level: Tensor | None = None,
+                frame_skip: Tensor | None = None) -> Tensor:
         cfg = self.config
         video = x.ndim == 5
         if not video and x.ndim != 4:
@@ -488,7 +523,7 @@ class UNet(nn.Module):
             x = torch.cat([x, x_cond.to(x.dtype)], dim=1)
         b = x.shape[0]
         frames = x.shape[2] if video else 1
-        emb, ctx, ctx_mask = self.embed(t, cond, cond_drop, fps, aug_level, context, context_mask)
+        emb, ctx, ctx_mask = self.embed(t, cond, cond_drop, fps, aug_level, context, context_mask, frame_skip)
         h = rearrange(x, "b c f h w -> (b f) c h w") if video else x
         emb_f = repeat(emb, "b d -> (b f) d", f=frames)
         h = self.input_conv(h, frames)

@@ -1,0 +1,326 @@
+"""Make-A-Video ↑F, masked frame interpolation and extrapolation (Singer et al. 2022, §3.3; spec
+make_a_video_videopoet.md §1.1 row 4, §1.4, §1.5).
+
+↑F is D^t fine-tuned with **4 extra input channels**: the masked RGB video (masked frames zero) and one binary mask
+channel marking which frames are masked. Their input weights start at zero (``UNetConfig.cond_in_channels``), and the
+frame-skip embedding starts at zero too (``UNetConfig.skip_cond``), so at initialisation ↑F is D^t on the noisy
+channels. Trained on video only, with variable frame skips and fps conditioning; the mask kinds:
+
+* interpolation (``interpolation_mask``): every ``skip``-th frame given, the ``skip - 1`` frames between masked; a
+  clip of ``n`` frames becomes ``(n - 1) * skip + 1`` frames (16 -> 76 at skip 5, the paper's setting);
+* extrapolation (``extrapolation_mask``): the first (or last) frames given, the rest masked (future / past);
+* image animation (``animation_mask``): one frame given.
+
+The kept frames pass through: sampling returns them unchanged (``MaskedFrameInterpolation.fill``). Conditioning on
+y_e is inherited from D^t [unverified; the paper names only fps and frame skip]. The loss is averaged over the masked
+frames (``loss_on: masked``; ``all`` averages over every frame) [unverified].
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+
+from vidgen.lightning_modules.clip import pick_frames
+from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, MakeAVideoConfigError, _check_clip, _clip,
+                                                   _defaults, _frozen, unet_state_dict)
+from vidgen.lightning_modules.nn.checkpoint import KeyReport
+from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
+from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNET_SIZES, UNetConfigError,
+                                              unet_config)
+
+__all__ = ["MASK_KINDS", "interpolated_length", "interpolation_mask", "extrapolation_mask", "animation_mask",
+           "masked_frames", "spread_frames", "MaskedFrameInterpolation"]
+
+MASK_KINDS = ("interpolation", "extrapolation", "animation")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masks (§1.4). A mask is bool [T], True where the frame is GIVEN (kept); the mask channel fed to the U-Net is its
+# complement (1 on masked frames, "a binary mask channel marking which frames are masked").
+# ----------------------------------------------------------------------------------------------------------------------
+def interpolated_length(num_frames: int, skip: int) -> int:
+    """Frames after interpolating ``num_frames`` at frame skip ``skip``: ``(n - 1) * skip + 1`` (16 -> 76 at 5)."""
+    if num_frames < 1 or skip < 1:
+        raise ValueError(f"need num_frames >= 1 and skip >= 1, got {num_frames}, {skip}")
+    return (num_frames - 1) * skip + 1
+
+
+def interpolation_mask(num_kept: int, skip: int) -> Tensor:
+    """Interpolation: bool ``[(n - 1) * skip + 1]``, True at every ``skip``-th frame (the given ones)."""
+    keep = torch.zeros(interpolated_length(num_kept, skip), dtype=torch.bool)
+    keep[::skip] = True
+    return keep
+
+
+def extrapolation_mask(num_frames: int, num_given: int, direction: Literal["future", "past"] = "future") -> Tensor:
+    """Extrapolation: the first ``num_given`` frames given and the rest masked (``future``), or the last (``past``)."""
+    if not 1 <= num_given < num_frames:
+        raise ValueError(f"extrapolation needs 1 <= num_given < num_frames, got {num_given} of {num_frames}")
+    keep = torch.zeros(num_frames, dtype=torch.bool)
+    if direction == "future":
+        keep[:num_given] = True
+    elif direction == "past":
+        keep[num_frames - num_given:] = True
+    else:
+        raise ValueError(f"direction must be 'future' or 'past', got {direction!r}")
+    return keep
+
+
+def animation_mask(num_frames: int, frame: int = 0) -> Tensor:
+    """Image animation: one given frame (the first by default), every other frame masked."""
+    keep = torch.zeros(num_frames, dtype=torch.bool)
+    keep[frame] = True
+    return keep
+
+
+def spread_frames(video: Tensor, skip: int) -> tuple[Tensor, Tensor]:
+    """``[B, C, n, H, W]`` -> (``[B, C, (n-1)*skip+1, H, W]`` with the frames at every ``skip``-th position and zeros
+    between, the interpolation mask ``[T]``)."""
+    b, c, n, h, w = video.shape
+    keep = interpolation_mask(n, skip).to(video.device)
+    out = video.new_zeros(b, c, keep.numel(), h, w)
+    out[:, :, keep] = video
+    return out, keep
+
+
+def masked_frames(video: Tensor, keep: Tensor) -> Tensor:
+    """↑F's 4 conditioning channels ``[B, 4, T, H, W]``: the video with masked frames zeroed (3) and the mask channel,
+    1 on masked frames (1). ``keep``: bool ``[T]`` or ``[B, T]``, True on given frames."""
+    keep = keep.to(video.device)
+    k = (keep[None] if keep.ndim == 1 else keep).expand(video.shape[0], -1)
+    k = rearrange(k.to(video.dtype), "b t -> b 1 t 1 1")
+    masked = video * k
+    return torch.cat([masked, (1 - k).expand(-1, 1, -1, *video.shape[-2:])], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+class MaskedFrameInterpolation(CLIPConditionedDiffusion):
+    """↑F (§1.4): D^t with 4 zero-initialised extra input channels (masked RGB + mask) and frame-skip conditioning.
+
+    Args:
+        unet: ``UNetConfig`` fields of D^t (``size`` picks a row of ``UNET_SIZES``); ``temporal``, ``fps_cond``,
+            ``skip_cond``, ``cond_in_channels=4`` and ``cond_dim`` are set here.
+        clip: the frozen CLIP with both towers (y_e of ``cond_frame`` conditions a training clip, as in D^t).
+        init_from: a D^t checkpoint (``MakeAVideoDecoder`` stage 'video'): loaded with the input convolution widened
+            (the 4 new input columns stay zero) and the frame-skip embedding at zero -> ↑F at init == D^t.
+        frame_skips: the skips drawn per training batch for interpolation (variable frame skip, §1.4).
+        masks: probability per mask kind (interpolation / extrapolation / animation), drawn per training batch.
+        loss_on: 'masked' (average the eps-MSE over masked frames) or 'all' [unverified].
+        num_frames, resolution: the training clips (linked from data); interpolation crops the clip to
+            ``(n - 1) * skip + 1`` frames for the drawn skip.
+        sample_skip: the skip ``generate`` interpolates with (5: 16 -> 76 frames). sample_fps: the fps of the INPUT
+            clip when a batch gives none; ↑F is conditioned on the output fps = input fps x skip.
+        diffusion, sampler, sample_steps, cfg_scale, cond_drop_prob, cond_frame: as ``MakeAVideoDecoder``.
+    """
+
+    fsdp_block_classes = (ResBlock, PseudoAttention3d)
+    denoiser_name = "unet"
+
+    def __init__(
+        self,
+        unet: dict | None = None,
+        clip: dict | None = None,
+        init_from: str | None = None,
+        num_frames: int = 16,
+        resolution: int = 64,
+        frame_skips: list[int] = (1, 2, 3, 4, 5),
+        masks: dict[str, float] | None = None,
+        loss_on: Literal["masked", "all"] = "masked",
+        cond_frame: Literal["first", "middle", "last", "random"] = "first",
+        cond_drop_prob: float = 0.1,
+        diffusion: dict | None = None,
+        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sample_steps: int | str = 64,
+        cfg_scale: float = 1.0,
+        sample_skip: int = 5,
+        sample_fps: float = 4.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.validate_config(dict(self.hparams))
+        clip_model = _clip(clip)
+        _frozen(self, "clip", clip_model)
+        ucfg = dict(unet or {})
+        size = ucfg.pop("size", None)
+        self.unet_config = unet_config(size, **{**ucfg, "temporal": True, "fps_cond": True, "skip_cond": True,
+                                                "cond_in_channels": 4, "cond_dim": clip_model.embed_dim})
+        self.unet = UNet(self.unet_config)
+        self.diffusion = create_diffusion(DiffusionConfig(**_diffusion_args(self.hparams)))
+        m = dict(masks or {"interpolation": 0.7, "extrapolation": 0.2, "animation": 0.1})
+        self.mask_kinds, probs = list(m), torch.tensor(list(m.values()), dtype=torch.float)
+        self.mask_probs = probs / probs.sum()
+        self.load_report: KeyReport | None = None
+        if init_from:
+            self.load_report = r = self.unet.load_pretrained(unet_state_dict(init_from), source=init_from,
+                                                             kind="D^t -> ↑F")
+            print(f"[make_a_video] D^t -> ↑F: loaded {len(r.loaded)} tensors from {init_from}; "
+                  f"{len(r.missing)} frame-skip tensors start at zero, 4 new input channels at zero", flush=True)
+
+    @classmethod
+    def validate_config(cls, args: Mapping[str, Any]) -> None:
+        a = {**_defaults(cls), **dict(args)}
+        _check_clip(a["clip"])
+        masks = dict(a["masks"] or {"interpolation": 1.0})
+        bad = [k for k in masks if k not in MASK_KINDS]
+        if bad or not masks or any(v < 0 for v in masks.values()) or sum(masks.values()) <= 0:
+            raise MakeAVideoConfigError(f"interpolation masks {masks}: keys from {MASK_KINDS} with probabilities >= 0 "
+                                        "and a positive sum")
+        skips = list(a["frame_skips"])
+        if not skips or any(int(k) < 1 for k in skips):
+            raise MakeAVideoConfigError(f"frame_skips must be integers >= 1, got {skips}")
+        if a["num_frames"] < 2:
+            raise MakeAVideoConfigError(f"↑F trains on clips: data.num_frames must be >= 2, got {a['num_frames']}")
+        too_long = [k for k in skips if k > a["num_frames"] - 1]
+        if too_long:
+            raise MakeAVideoConfigError(f"frame_skips {too_long} leave fewer than 2 given frames in a "
+                                        f"{a['num_frames']}-frame clip: drop them or raise data.num_frames")
+        if a["sample_skip"] < 1:
+            raise MakeAVideoConfigError(f"sample_skip must be >= 1, got {a['sample_skip']}")
+        if a["loss_on"] not in ("masked", "all"):
+            raise MakeAVideoConfigError(f"loss_on must be 'masked' or 'all', got {a['loss_on']!r}")
+        if not 0 <= a["cond_drop_prob"] < 1:
+            raise MakeAVideoConfigError(f"cond_drop_prob must be in [0, 1), got {a['cond_drop_prob']}")
+        if a["cfg_scale"] != 1.0 and a["cond_drop_prob"] <= 0:
+            raise MakeAVideoConfigError("cfg_scale != 1 needs the null embedding: set cond_drop_prob > 0 (0.1)")
+        if a["init_from"] and not os.path.isfile(a["init_from"]):
+            raise MakeAVideoConfigError(f"init_from {a['init_from']!r} does not exist (a D^t checkpoint)")
+        _check_unet(a["unet"], a["resolution"], _diffusion_args(a))
+
+    # -- data --------------------------------------------------------------------------------------------------------
+    def draw_mask(self, num_frames: int, generator: torch.Generator | None = None) -> tuple[str, int, int, Tensor]:
+        """(kind, frame skip, first frame, keep mask ``[T']``) for one training batch of ``num_frames``-frame clips."""
+        kind = self.mask_kinds[int(torch.multinomial(self.mask_probs, 1, generator=generator))]
+        if kind == "interpolation":
+            skips = [int(k) for k in self.hparams.frame_skips]
+            skip = skips[int(torch.randint(len(skips), (1,), generator=generator))]
+            length = interpolated_length((num_frames - 1) // skip + 1, skip)
+            start = int(torch.randint(num_frames - length + 1, (1,), generator=generator))
+            return kind, skip, start, interpolation_mask((num_frames - 1) // skip + 1, skip)
+        if kind == "extrapolation":
+            given = int(torch.randint(1, max(2, num_frames // 2 + 1), (1,), generator=generator))
+            past = bool(torch.randint(2, (1,), generator=generator))
+            return kind, 1, 0, extrapolation_mask(num_frames, min(given, num_frames - 1), "past" if past else "future")
+        return kind, 1, 0, animation_mask(num_frames, 0)
+
+    def model_inputs(self, batch: Mapping[str, Any], train: bool,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """(x0 = the (cropped) clip, U-Net kwargs incl. the masked conditioning and the loss mask)."""
+        video = batch["video"].to(self.device)
+        if video.ndim != 5 or video.shape[2] < 2:
+            raise ValueError(f"↑F trains on clips [B, C, T>1, H, W], got {tuple(video.shape)}")
+        _, skip, start, keep = self.draw_mask(video.shape[2], generator)
+        x0 = video[:, :, start:start + keep.numel()]
+        b = x0.shape[0]
+        fps = batch.get("fps")
+        fps = (fps.to(self.device).float() if fps is not None
+               else torch.full((b,), self.hparams.sample_fps * skip, device=self.device))
+        y_e = batch.get("image_embed")
+        y_e = (y_e.to(self.device).float() if y_e is not None
+               else self._clip_on_device().encode_image(pick_frames(x0, self.hparams.cond_frame)))
+        p = self.hparams.cond_drop_prob if train else 0.0
+        kw: dict[str, Any] = {"cond": y_e, "cond_drop": torch.rand(b, device=self.device) < p, "fps": fps,
+                              "frame_skip": torch.full((b,), float(skip), device=self.device),
+                              "x_cond": masked_frames(x0, keep)}
+        if self.hparams.loss_on == "masked":
+            kw["loss_mask"] = rearrange(~keep.to(self.device), "t -> 1 1 t 1 1")
+        return x0, kw
+
+    def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        return self.unet(x, t, **kwargs)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=hp.lr,
+                                 weight_decay=hp.weight_decay)
+
+    # -- sampling ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fill(self, video: Tensor, keep: Tensor, y_e: Tensor, fps: Tensor, frame_skip: float | Tensor = 1,
+             generator: torch.Generator | None = None, steps: int | str | None = None,
+             cfg_scale: float | None = None, noise: Tensor | None = None) -> Tensor:
+        """Generate the masked frames of ``video`` ``[B, 3, T, H, W]`` (``keep`` bool ``[T]``: given frames); the
+        given frames are returned unchanged. ``fps``: the output clip's fps ``[B]``; y_e ``[B, D]``."""
+        hp = self.hparams
+        b = video.shape[0]
+        scale = hp.cfg_scale if cfg_scale is None else cfg_scale
+        skip = torch.as_tensor(frame_skip, dtype=torch.float32, device=self.device).expand(b).clone()
+        cond = {"cond": y_e.to(self.device).float(), "cond_drop": torch.zeros(b, dtype=torch.bool, device=self.device),
+                "fps": fps.to(self.device).float(), "frame_skip": skip,
+                "x_cond": masked_frames(video.to(self.device).float(), keep)}
+        uncond = {**cond, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
+        was = self.unet.training
+        self.unet.eval()
+        try:
+            x = self.diffusion.sample(self.unet, tuple(video.shape), sampler=hp.sampler,
+                                      steps=hp.sample_steps if steps is None else steps, cfg_scale=scale,
+                                      generator=generator, model_kwargs=cond,
+                                      uncond_kwargs=uncond if scale != 1.0 else None, noise=noise, device=self.device)
+        finally:
+            self.unet.train(was)
+        k = rearrange(keep.to(self.device), "t -> 1 1 t 1 1")
+        return torch.where(k, video.to(self.device).float(), x.clamp(-1, 1))
+
+    def interpolate(self, video: Tensor, skip: int, y_e: Tensor | None = None, fps: Tensor | None = None,
+                    generator: torch.Generator | None = None, **kwargs: Any) -> Tensor:
+        """``[B, 3, n, H, W]`` at ``fps`` -> ``[B, 3, (n-1)*skip+1, H, W]`` at ``fps * skip`` (16 -> 76 at skip 5)."""
+        b = video.shape[0]
+        if y_e is None:
+            y_e = self._clip_on_device().encode_image(pick_frames(video.to(self.device), self.hparams.cond_frame))
+        fps = (torch.full((b,), float(self.hparams.sample_fps), device=self.device) if fps is None
+               else torch.as_tensor(fps, dtype=torch.float32, device=self.device).expand(b))
+        full, keep = spread_frames(video.to(self.device).float(), skip)
+        return self.fill(full, keep, y_e, fps * skip, skip, generator=generator, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, batch: dict | None = None, num_samples: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """``batch['video']`` interpolated at ``sample_skip`` (y_e of its ``cond_frame`` unless ``image_embed``)."""
+        if not batch or batch.get("video") is None:
+            raise ValueError("↑F interpolates given clips: generate() needs batch['video'] [B, 3, n, H, W]")
+        video = batch["video"][:num_samples]
+        y_e = batch.get("image_embed")
+        return self.interpolate(video, int(self.hparams.sample_skip), None if y_e is None else y_e[:num_samples],
+                                batch.get("fps"), generator)
+
+    def prediction_inputs(self) -> dict:
+        return {"kind": "video"}
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        g = torch.Generator().manual_seed(batch_idx * 100003 + self.global_rank)
+        videos = self.generate(batch, generator=g)
+        keys = list(batch.get("key") or [f"{batch_idx:05d}_{i:03d}" for i in range(len(videos))])
+        return {"videos": videos, "keys": keys[: len(videos)], "cond_videos": batch["video"][: len(videos)]}
+
+
+def _diffusion_args(a: Mapping[str, Any]) -> dict:
+    return {"schedule": "cosine", "predict": "eps", "learn_sigma": False, "loss": "mse", "clip_denoised": True,
+            "sampler": a["sampler"], "sample_steps": a["sample_steps"], **(a.get("diffusion") or {})}
+
+
+def _check_unet(unet: Mapping | None, resolution: Any, diffusion: dict, **forced: Any) -> None:
+    """U-Net / diffusion / resolution errors as one ``MakeAVideoConfigError`` line (shared by ↑F and the SR stages)."""
+    ucfg = dict(unet or {})
+    size = ucfg.pop("size", None)
+    try:
+        if size is not None and size not in UNET_SIZES:
+            raise UNetConfigError(f"unet.size must be one of {sorted(UNET_SIZES)}, got {size!r}")
+        u = unet_config(size, **{**ucfg, "temporal": True, **forced})
+        DiffusionConfig(**diffusion)
+    except (UNetConfigError, ValueError, TypeError) as e:
+        raise MakeAVideoConfigError(f"{e}") from None
+    res = resolution
+    if isinstance(res, (list, tuple)):
+        res = res[0] if len(res) == 2 and res[0] == res[1] else None
+    if res is None or res % u.downsample_factor:
+        raise MakeAVideoConfigError(f"resolution {resolution!r} must be square and divisible by "
+                                    f"{u.downsample_factor} (the U-Net's down-sampling)")
