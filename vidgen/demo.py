@@ -419,10 +419,16 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "probe accuracy on each generator's samples (real val clips = the ceiling; chance):"]
         lines += [f"{name:<10} {format_probe_entry(e)}" for name, e in entries]
     print("\n".join(lines), flush=True)
-    with open(ctx.out_dir / "summary.json", "w") as f:
-        json.dump({n: {"summary": s, "seconds": round(d, 1), "cpu_seconds": ctx.results.get(n, {}).get("cpu_seconds"),
-                       "outputs": o, "result": _jsonable(ctx.results.get(n, {}))}
-                   for n, s, d, o in rows}, f, indent=1)
+    entries = {}
+    if args.only and previous.exists():  # a partial rerun keeps the other stages' entries (their checkpoints)
+        with open(previous) as f:
+            entries = json.load(f)
+    entries.update({n: {"summary": s, "seconds": round(d, 1), "cpu_seconds": ctx.results.get(n, {}).get("cpu_seconds"),
+                        "outputs": o, "result": _jsonable(ctx.results.get(n, {}))} for n, s, d, o in rows})
+    tmp = ctx.out_dir / "summary.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(tmp, ctx.out_dir / "summary.json")
     return 1 if failed else 0
 
 
