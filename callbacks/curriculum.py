@@ -397,8 +397,8 @@ class StagedCurriculum(Callback):
     # LR multiplier, applied only inside optimizer.step()
     def _pre_step(self, optimizer, args, kwargs):
         scale = self.lr_scale
-        if scale == 1.0:
-            return
+        if scale == 1.0 or getattr(optimizer, "_curriculum_saved_lr", None) is not None:
+            return  # already scaled for this step: a step wrapped twice (torch patches step per class) runs hooks twice
         optimizer._curriculum_saved_lr = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * scale
