@@ -93,6 +93,17 @@ class CaptionTable:
         return torch.stack([self.table[c][0] for c in caps]), torch.tensor([self.table[c][1] for c in caps])
 
 
+def stage_checkpoint(ctx, stage: str) -> str | None:
+    """The checkpoint an earlier stage left in ``ctx.results[stage]["checkpoint"]``; None when there is none."""
+    ckpt = ((getattr(ctx, "results", {}) or {}).get(stage, {}) or {}).get("checkpoint")
+    return str(ckpt) if ckpt and Path(ckpt).exists() else None
+
+
+def skipped_without(stage: str) -> dict:
+    """The result of a stage that cannot run because ``stage`` left no checkpoint."""
+    return {"summary": f"skipped: the {stage} stage left no checkpoint (run it first)", "outputs": []}
+
+
 # ---------------------------------------------------------------------------------------------------------- probe
 def get_probe(ctx):
     """The demo's trained probe (``ctx.results["probe"]["checkpoint"]``), loaded once; None when there is none."""

@@ -25,15 +25,15 @@ def run(ctx) -> dict:
     import yaml
 
     from vidgen.callbacks.ema import EMA, ema_weights
-    from vidgen.demos.common import load_clips, manifest, report_samples
+    from vidgen.demos.common import load_clips, manifest, report_samples, skipped_without, stage_checkpoint
     from vidgen.lightning_modules.latte import Latte
     from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
     out = Path(ctx.out_dir) / "latte"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("vae", {}) or {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).exists():
-        return {"summary": "skipped: the vae stage left no checkpoint (run it first)", "outputs": []}
+    ckpt = stage_checkpoint(ctx, "vae")
+    if ckpt is None:
+        return skipped_without("vae")
     cfg = yaml.safe_load(CONFIG.read_text())
     margs, dargs = dict(cfg["model"]["init_args"]), cfg["data"]["init_args"]
     steps = int(cfg["trainer"]["max_steps"]) // (4 if ctx.fast else 1)

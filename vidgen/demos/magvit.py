@@ -53,16 +53,16 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import load_clips, manifest, report_samples
+    from vidgen.demos.common import load_clips, manifest, report_samples, skipped_without, stage_checkpoint
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     out = Path(ctx.out_dir) / "magvit"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = (getattr(ctx, "results", {}) or {}).get("tokenizer", {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).exists():
-        return {"summary": "skipped: the tokenizer stage left no checkpoint (run it first)", "outputs": []}
+    ckpt = stage_checkpoint(ctx, "tokenizer")
+    if ckpt is None:
+        return skipped_without("tokenizer")
     cfg = yaml.safe_load(CONFIG.read_text())
     margs, dargs = dict(cfg["model"]["init_args"]), cfg["data"]["init_args"]
     steps = int(cfg["trainer"]["max_steps"]) // (4 if ctx.fast else 1)

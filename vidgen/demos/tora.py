@@ -71,8 +71,10 @@ def _clips(ctx, split: str) -> dict:
 
 
 def _vae(ctx) -> tuple[dict, str]:
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("vae", {}) or {}).get("checkpoint")
-    if ckpt and Path(ckpt).exists():
+    from vidgen.demos.common import stage_checkpoint
+
+    ckpt = stage_checkpoint(ctx, "vae")
+    if ckpt is not None:
         return {"kind": "tokenizer", "path": str(ckpt)}, f"KL VAE latents from {ckpt}"
     return {"kind": "pixels", "factor": 4}, "PIXEL STAND-IN (frames average-pooled 4x; no KL VAE checkpoint)"
 

@@ -23,16 +23,16 @@ import torch
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import CaptionTable, load_clips, report_samples
+    from vidgen.demos.common import CaptionTable, load_clips, report_samples, skipped_without, stage_checkpoint
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet import LAYOUTS, VideoPoet
     from vidgen.media import save_video_grid_mp4, write_grid_png
 
     out = Path(ctx.out_dir) / "videopoet"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).exists():
-        return {"summary": "skipped: the tokenizer stage left no checkpoint (run it first)", "outputs": []}
+    ckpt = stage_checkpoint(ctx, "tokenizer")
+    if ckpt is None:
+        return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
     T, R = int(tok.num_frames), int(tok.resolution)

@@ -67,6 +67,7 @@ def load_soundtracks(ctx, split: str, num_frames: int, resolution: int) -> dict:
 
 def run(ctx) -> dict:
     from vidgen.datamodules.media import write_video
+    from vidgen.demos.common import skipped_without, stage_checkpoint
     from vidgen.demo_data import DEMO_DIRECTIONS, NUM_PROCEDURAL_CLASSES
     from vidgen.lightning_modules.soundstream import SoundStream, reconstruction_quality
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -75,9 +76,9 @@ def run(ctx) -> dict:
     t_stage = time.perf_counter()
     out = Path(ctx.out_dir) / "videopoet_audio"
     (out / "v2a").mkdir(parents=True, exist_ok=True)
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).exists():
-        return {"summary": "skipped: the tokenizer stage left no checkpoint (run it first)", "outputs": []}
+    ckpt = stage_checkpoint(ctx, "tokenizer")
+    if ckpt is None:
+        return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
     T, R = int(tok.num_frames), int(tok.resolution)

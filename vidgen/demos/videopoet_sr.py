@@ -42,7 +42,8 @@ def bicubic_upsample(video: torch.Tensor, scale: int = 2) -> torch.Tensor:
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import CaptionTable, get_probe, load_clips, probe_scores, report_samples
+    from vidgen.demos.common import (CaptionTable, get_probe, load_clips, probe_scores, report_samples, skipped_without,
+                                     stage_checkpoint)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet_sr import VideoPoetSR, bicubic_downsample
@@ -51,9 +52,9 @@ def run(ctx) -> dict:
     t_stage = time.perf_counter()
     out = Path(ctx.out_dir) / "videopoet_sr"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).exists():
-        return {"summary": "skipped: the tokenizer stage left no checkpoint (run it first)", "outputs": []}
+    ckpt = stage_checkpoint(ctx, "tokenizer")
+    if ckpt is None:
+        return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
     T, R = int(tok.num_frames), int(tok.resolution)
