@@ -70,6 +70,19 @@ def _check_clip(config: Mapping | None) -> None:
                                     "last.ckpt (configs/make_a_video/clip_tiny.yaml trains one)")
 
 
+def video_stage_adamw(unet: UNet, video: bool, lr: float, spatial_lr_scale: float, weight_decay: float):
+    """AdamW; in a video stage (§3.2: temporal layers added to a trained image U-Net) the pretrained spatial layers
+    run at ``spatial_lr_scale`` x lr (0: frozen), the new temporal/fps layers at lr."""
+    new, spatial = [], []
+    for name, p in unet.named_parameters():
+        if p.requires_grad:
+            (new if not video or UNet.is_new_video_parameter(name) else spatial).append(p)
+    groups = [{"params": new, "lr": lr}]
+    if spatial and spatial_lr_scale > 0:
+        groups.append({"params": spatial, "lr": lr * spatial_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
 class CLIPConditionedDiffusion(L.LightningModule):
     """What P and D share: a frozen CLIP beside the module, and the diffusion training/validation steps over
     ``model_inputs(batch, train) -> (x0, kwargs)`` with the network ``self.denoiser``."""
@@ -481,16 +494,8 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
         return self.unet(x, t, **kwargs)
 
     def configure_optimizers(self):
-        """AdamW; in the video stage the pretrained spatial layers run at ``spatial_lr_scale`` x lr (0: frozen)."""
         hp = self.hparams
-        new, spatial = [], []
-        for name, p in self.unet.named_parameters():
-            if p.requires_grad:
-                (new if hp.stage == "image" or UNet.is_new_video_parameter(name) else spatial).append(p)
-        groups = [{"params": new, "lr": hp.lr}]
-        if spatial and hp.spatial_lr_scale > 0:
-            groups.append({"params": spatial, "lr": hp.lr * hp.spatial_lr_scale})
-        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return video_stage_adamw(self.unet, hp.stage == "video", hp.lr, hp.spatial_lr_scale, hp.weight_decay)
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     def image_embeddings(self, batch: Mapping[str, Any] | None, n: int | None,

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from vidgen.lightning_modules.make_a_video import CLIPConditionedDiffusion, MakeAVideoConfigError, _defaults, unet_state_dict
+from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, MakeAVideoConfigError, _defaults, unet_state_dict,
+                                                   video_stage_adamw)
 from vidgen.lightning_modules.make_a_video_interp import _check_unet, _diffusion_args
 from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
@@ -240,14 +241,7 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
 
     def configure_optimizers(self):
         hp = self.hparams
-        new, spatial = [], []
-        for name, p in self.unet.named_parameters():
-            if p.requires_grad:
-                (new if not self.temporal or UNet.is_new_video_parameter(name) else spatial).append(p)
-        groups = [{"params": new, "lr": hp.lr}]
-        if spatial and hp.spatial_lr_scale > 0:
-            groups.append({"params": spatial, "lr": hp.lr * hp.spatial_lr_scale})
-        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return video_stage_adamw(self.unet, self.temporal, hp.lr, hp.spatial_lr_scale, hp.weight_decay)
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
