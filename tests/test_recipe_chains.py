@@ -11,7 +11,7 @@ import yaml
 
 from cliutil import ROOT, run_cli
 
-CHAIN_KEYS = ("tokenizer_path", "path")
+CHAIN_KEYS = ("tokenizer_path", "audio_tokenizer_path", "path")
 
 
 def _recipes():
@@ -88,14 +88,27 @@ def test_tiny_chain_fits_together(stage1, stage2, tmp_path):
     """The stage-1 model of each tiny chain, saved as Lightning saves it, loads into its stage-2 recipe, which then
     takes a training step on demo-shaped clips (token grid, codebook and task frames agree)."""
     torch.manual_seed(0)
-    tok, _ = _model(_load(stage1))
-    ckpt = tmp_path / "last.ckpt"
-    torch.save({"hyper_parameters": dict(tok.hparams), "state_dict": tok.state_dict()}, ckpt)
     cfg2 = _load(stage2)
-    model, d = _model(cfg2, {"tokenizer_path": str(ckpt)})
+    extra = {}
+    # every stage-1 run the recipe reads (a video-to-audio LM reads a video and an audio tokenizer)
+    for key in ("tokenizer_path", "audio_tokenizer_path"):
+        path = (cfg2["model"].get("init_args") or {}).get(key)
+        m = re.fullmatch(r"runs/([^/]+)/checkpoints/last\.ckpt", path or "")
+        if m is None and key != "tokenizer_path":
+            continue
+        recipe = stage1 if m is None else os.path.join(os.path.dirname(stage2), m.group(1) + ".yaml")
+        tok, _ = _model(_load(recipe))
+        ckpt = tmp_path / f"{key}.ckpt"
+        torch.save({"hyper_parameters": dict(tok.hparams), "state_dict": tok.state_dict()}, ckpt)
+        extra[key] = str(ckpt)
+    model, d = _model(cfg2, extra)
     b = 2
     video = torch.rand(b, 3, d["num_frames"], d["resolution"], d["resolution"]) * 2 - 1
     batch = {"video": video, "label": torch.zeros(b, dtype=torch.long), "text": [""] * b, "key": ["a", "b"]}
+    audio_tok = getattr(model, "audio_tokenizer", None)
+    if audio_tok is not None:  # the clip's soundtrack, as the datamodule gives it with data.audio_rate
+        batch["audio"] = torch.randn(b, 1, model.config.audio_frames * audio_tok.hop) * 0.1
+        batch["has_audio"] = torch.ones(b, dtype=torch.bool)
     model.configure_optimizers()
     loss = model.training_step(batch, 0)
     loss = loss["loss"] if isinstance(loss, dict) else loss

@@ -128,7 +128,7 @@ def test_videopoet_configs_validate(path):
     if cfg["model"]["class_path"] != "vidgen.lightning_modules.videopoet.VideoPoet":
         pytest.skip("tokenizer recipe (tests/test_tokenizer_cli.py)")
     args = dict(cfg["model"]["init_args"])
-    for key in ("tokenizer_path", "init_from"):  # produced by earlier runs
+    for key in ("tokenizer_path", "audio_tokenizer_path", "init_from"):  # produced by earlier runs
         args.pop(key, None)
     args.setdefault("visual_codes", 262144)
     VideoPoet.validate_config(args)
