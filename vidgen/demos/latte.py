@@ -1,7 +1,7 @@
 """Demo stage ``latte``: train a small class-conditional Latte (``configs/demo/latte.yaml``: variant 1, S-AdaLN,
 DDPM with v-prediction and fixed variance (the recipes keep eps + learned sigma); spec latte_tora.md §1) on cached
-latents of the demo's KL VAE, then sample ``per_class`` clips for each procedural class (DDIM + classifier-free guidance, EMA weights) and score them with the probe
-(issue 10 §1: >= 70% classified as their class).
+latents of the demo's KL VAE, then sample ``per_class`` clips for each procedural class (DDIM + classifier-free
+guidance, EMA weights) and score them with the probe (issue 10 §1: >= 70% classified as their class).
 
 Latents: the ``vae`` stage's checkpoint (a continuous tokenizer), its posterior means for every train clip encoded
 once (``batch["latents"]``, the path ``vidgen tokenize`` shards feed); ``vae.scale_factor`` is set to 1/std of those
