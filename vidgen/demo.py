@@ -284,7 +284,9 @@ def _run_parallel(stages: list[tuple[str, str, str]], ctx: "DemoContext", jobs: 
     failed_any = False
     finished: dict[str, tuple] = {}
     while pending or running:
-        for st in list(pending):
+        # first the stages others wait for (they start the longest chains), then in STAGES order
+        waited_for = {d for n, _, _ in pending for d in depends_on(n, order)}
+        for st in sorted(pending, key=lambda st: st[0] not in waited_for):
             name, target, what = st
             if len(running) >= jobs:
                 break
