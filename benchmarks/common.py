@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the GPU peaks behind MFU and the one-process-per-GPU distributed setup."""
+"""Shared by the benchmark scripts: the GPU peaks behind MFU, the one-process-per-GPU distributed setup and the timed
+training-step loop."""
 
 from __future__ import annotations
 
@@ -36,3 +37,24 @@ def peak_tflops(device, override: float | None = None) -> tuple[str, float | Non
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return name, override or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def timed_steps(step, warmup: int, steps: int, cuda: bool):
+    """``(seconds per step, last loss, peak CUDA memory in GiB or nan)`` of ``step()`` after ``warmup`` calls."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = None
+    for _ in range(steps):
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return dt, loss, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import init_distributed, peak_tflops  # noqa: E402
+from benchmarks.common import init_distributed, peak_tflops, timed_steps  # noqa: E402
 
 
 def build(args, variant: int, device="cpu"):
@@ -165,20 +165,9 @@ def gpu_main(args) -> None:
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt, loss, mem = timed_steps(step, args.warmup, args.steps, cuda)
     if rank == 0:
         name, peak = peak_tflops(device, args.peak_tflops)
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         mfu = model_flops / dt / (peak * 1e12) if peak else float("nan")
         print(f"Latte-{args.size} V{args.variant}, {params / 1e6:.0f}M params, latents {args.frames}x4x{args.latent}^2, "
               f"batch {args.batch}/GPU x {world} GPU(s), FSDP2 bf16 + activation checkpointing, {name}")

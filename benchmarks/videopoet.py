@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "4090": 165.2}
+from benchmarks.common import peak_tflops, timed_steps  # noqa: E402
 
 
 def build(args, device="cpu"):
@@ -207,27 +207,17 @@ def gpu_main(args):
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt, loss, mem = timed_steps(step, args.warmup, args.steps, cuda)
     if rank == 0:
-        name = torch.cuda.get_device_name(device) if cuda else "cpu (gloo smoke run)"
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        name, peak = peak_tflops(device)
+        name = name if cuda else "cpu (gloo smoke run)"
         mfu = model_flops / dt / (peak * 1e12) if peak else float("nan")
         ntok = s.tokens.numel()
         print(f"VideoPoet-{args.size} LM {params / 1e6:.0f}M params, T2V rows of {s.length} tokens x batch "
               f"{args.batch}/GPU x {world} GPU(s), FSDP2 bf16 + activation checkpointing, {name}")
         print(f"  {ntok * world / dt:.0f} tokens/s ({dt * 1000:.0f} ms/step), model {model_flops / 1e12:.2f} "
               f"TFLOP/step/GPU, MFU {mfu * 100:.1f}% (peak {peak} TFLOP/s), peak memory "
-              f"{torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float('nan'):.1f} GiB, "
+              f"{mem:.1f} GiB, "
               f"loss {float(loss.detach()):.3f}")
     dist.destroy_process_group()
 
