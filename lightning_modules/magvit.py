@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .nn.attention import KVCache, MultiHeadAttention
 from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
+from .nn.optim import transformer_adamw
 
 __all__ = [
     "MagvitConfigError", "Vocabulary", "Task", "TASKS", "TaskSchedule", "frame_to_latent", "latent_condition_mask",
@@ -846,30 +847,7 @@ class MaskedVideoTransformer(L.LightningModule):
     def configure_optimizers(self):
         """AdamW (0.9, 0.96), weight decay 0.045 on Linear kernels only, warmup 5000 then cosine to 0 (§2.6)."""
         c = self.config
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=tuple(c.betas))
-        total = c.total_steps
-        if total is None and self._trainer is not None:
-            est = self.trainer.estimated_stepping_batches
-            total = int(est) if est is not None and math.isfinite(est) else None
-        warm = c.warmup_steps
-
-        def lr_lambda(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if not total:
-                return 1.0
-            frac = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * frac))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return transformer_adamw(self, self.net, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.total_steps)
 
     # ---------------------------------------------------------------------------------------------------- decoding
     def _batch_size(self, batch: Mapping[str, Any] | None, num_samples: int | None) -> int:

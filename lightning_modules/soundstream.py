@@ -443,7 +443,7 @@ class SoundStream(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
-        from .video_tokenizer import WarmupCosine
+        from .nn.optim import WarmupCosine
 
         c = self.config
         gen = [p for n, p in self.named_parameters() if n.startswith(("encoder.", "quantizer.", "decoder."))]

@@ -34,6 +34,7 @@ from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from .nn.inflation import MODES as INFLATION_MODES
 from .nn.inflation import inflate_state_dict
+from .nn.optim import WarmupCosine
 from .nn.perceptual import KINDS as PERCEPTUAL_KINDS
 from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
@@ -134,21 +135,6 @@ def _coerce(cls, value):
         value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         return cls(**value)
     raise ConfigError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")
-
-
-class WarmupCosine:
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (constant if None)."""
-
-    def __init__(self, warmup: int, total: int | None):
-        self.warmup, self.total = warmup, total
-
-    def __call__(self, step: int) -> float:
-        if self.warmup and step < self.warmup:
-            return (step + 1) / self.warmup
-        if not self.total:
-            return 1.0
-        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def make_bottleneck(cfg: BottleneckConfig) -> nn.Module:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .nn.attention import KVCache, Mlp, MultiHeadAttention, prefix_lm_mask
 from .nn.embeddings import RotaryEmbedding
 from .nn.sampling import classifier_free_guidance, sample_logits
+from .nn.optim import transformer_adamw
 
 __all__ = [
     "VideoPoetConfigError", "Vocabulary", "Layout", "LAYOUTS", "META_ORDER", "PackedSequences", "build_sequences",
@@ -995,22 +996,8 @@ class VideoPoet(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW; weight decay on Linear weights only; linear warmup then cosine to 0 [unverified: not published]."""
-        from .video_tokenizer import WarmupCosine
-
         c = self.config
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=tuple(c.betas))
-        total = c.total_steps
-        if total is None and self._trainer is not None:
-            est = self.trainer.estimated_stepping_batches
-            total = int(est) if est is not None and math.isfinite(est) else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(c.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return transformer_adamw(self, self.net, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.total_steps)
 
     # ---------------------------------------------------------------------------------------------------- sampling
     @torch.inference_mode()
