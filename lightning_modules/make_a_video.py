@@ -70,6 +70,13 @@ def _check_clip(config: Mapping | None) -> None:
                                     "last.ckpt (configs/make_a_video/clip_tiny.yaml trains one)")
 
 
+def _diffusion_args(a: Mapping[str, Any]) -> dict:
+    """The U-Net stages' diffusion (D^t, ↑F, SR): cosine schedule, eps, fixed variance, MSE, clipped x0; ``sampler``,
+    ``sample_steps`` and the ``diffusion`` overrides from the stage's hyper-parameters."""
+    return {"schedule": "cosine", "predict": "eps", "learn_sigma": False, "loss": "mse", "clip_denoised": True,
+            "sampler": a["sampler"], "sample_steps": a["sample_steps"], **(a.get("diffusion") or {})}
+
+
 def video_stage_adamw(unet: UNet, video: bool, lr: float, spatial_lr_scale: float, weight_decay: float):
     """AdamW; in a video stage (§3.2: temporal layers added to a trained image U-Net) the pretrained spatial layers
     run at ``spatial_lr_scale`` x lr (0: frozen), the new temporal/fps layers at lr."""
@@ -407,9 +414,7 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
                                                 "fps_cond": ucfg.get("fps_cond", video) or video,
                                                 "cond_dim": clip_model.embed_dim})
         self.unet = UNet(self.unet_config)
-        self.diffusion = create_diffusion(DiffusionConfig(**{
-            "schedule": "cosine", "predict": "eps", "learn_sigma": False, "loss": "mse", "clip_denoised": True,
-            "sampler": sampler, "sample_steps": sample_steps, **(diffusion or {})}))
+        self.diffusion = create_diffusion(DiffusionConfig(**_diffusion_args(self.hparams)))
         _frozen(self, "prior", DiffusionPrior.from_checkpoint(prior, clip=clip) if prior else None)
         self.load_report: KeyReport | None = None
         if init_from:
@@ -449,8 +454,7 @@ class MakeAVideoDecoder(CLIPConditionedDiffusion):
             if size is not None and size not in UNET_SIZES:
                 raise UNetConfigError(f"unet.size must be one of {sorted(UNET_SIZES)}, got {size!r}")
             u = unet_config(size, **{**ucfg, "temporal": a["stage"] == "video" or ucfg.get("temporal", False)})
-            DiffusionConfig(**{"schedule": "cosine", "predict": "eps", "learn_sigma": False, "loss": "mse",
-                               "sampler": a["sampler"], "sample_steps": a["sample_steps"], **(a["diffusion"] or {})})
+            DiffusionConfig(**_diffusion_args(a))
         except (UNetConfigError, ValueError, TypeError) as e:
             raise MakeAVideoConfigError(f"decoder: {e}") from None
         res = a["resolution"]

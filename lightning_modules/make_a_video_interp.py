@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vidgen.lightning_modules.clip import pick_frames
 from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, MakeAVideoConfigError, _check_clip, _clip,
-                                                   _defaults, _frozen, unet_state_dict)
+                                                   _defaults, _diffusion_args, _frozen, unet_state_dict)
 from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNET_SIZES, UNetConfigError,
@@ -300,11 +300,6 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         videos = self.generate(batch, generator=g)
         keys = list(batch.get("key") or [f"{batch_idx:05d}_{i:03d}" for i in range(len(videos))])
         return {"videos": videos, "keys": keys[: len(videos)], "cond_videos": batch["video"][: len(videos)]}
-
-
-def _diffusion_args(a: Mapping[str, Any]) -> dict:
-    return {"schedule": "cosine", "predict": "eps", "learn_sigma": False, "loss": "mse", "clip_denoised": True,
-            "sampler": a["sampler"], "sample_steps": a["sample_steps"], **(a.get("diffusion") or {})}
 
 
 def _check_unet(unet: Mapping | None, resolution: Any, diffusion: dict, **forced: Any) -> None:

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, MakeAVideoConfigError, _defaults, unet_state_dict,
-                                                   video_stage_adamw)
-from vidgen.lightning_modules.make_a_video_interp import _check_unet, _diffusion_args
+from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, MakeAVideoConfigError, _defaults,
+                                                   _diffusion_args, unet_state_dict, video_stage_adamw)
+from vidgen.lightning_modules.make_a_video_interp import _check_unet
 from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.diffusion.common import randint, randn
