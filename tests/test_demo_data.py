@@ -138,3 +138,26 @@ def test_deterministic_and_cli(demo, tmp_path):
             a = hashlib.sha256((out / split / n).read_bytes()).hexdigest()
             assert a == hashlib.sha256((tmp_path / "again" / split / n).read_bytes()).hexdigest(), (split, n)
     assert manifest["build_seconds"] < 20
+
+
+def test_the_demo_rebuilds_data_built_with_other_options(tmp_path, monkeypatch):
+    """A data/demo left by an older demo (e.g. 4 train clips per combination instead of TRAIN_REPS) is rebuilt,
+    not silently trained on; a matching one is reused."""
+    from vidgen import demo
+
+    calls = []
+
+    def fake_build(out_dir, seed=0, fast=False, **kw):
+        calls.append(out_dir)
+        m = {"seed": seed, "fast": fast, "train_reps": demo_data.TRAIN_REPS, "splits": {"train": {"num_samples": 1}}}
+        (tmp_path / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setattr(demo_data, "build_demo_data", fake_build)
+    (tmp_path / "manifest.json").write_text(json.dumps({"seed": 0, "fast": False, "train_reps": 4,
+                                                        "splits": {"train": {"num_samples": 1}}}))
+    ctx = demo.DemoContext(tmp_path, tmp_path / "out", fast=False, seed=0)
+    demo.stage_data(ctx)
+    assert calls == [str(tmp_path)]
+    demo.stage_data(ctx)  # now current: reused
+    assert calls == [str(tmp_path)]

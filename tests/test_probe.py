@@ -54,8 +54,7 @@ def test_probe_accuracy_on_real_val_clips(tmp_path):
 
     ctx = SimpleNamespace(data_dir=DATA, out_dir=tmp_path, fast=False, seed=0, results={}, log=lambda m: None)
     res = probe.run(ctx)
-    # issue 10 asks for >= 95% class accuracy; measured 85% (shape 83%, colour and direction 100%, 48 clips):
-    # square vs circle at 32^2 (shapes 7-10 px) from 192 train clips is the limit. Pinned at what is met.
-    assert res["accuracy"]["colour"] >= 0.95 and res["accuracy"]["direction"] >= 0.95, res["summary"]
-    assert res["accuracy"]["class"] >= 0.80 and res["accuracy"]["shape"] >= 0.80, res["summary"]
+    # issue 10 asks for >= 95% class accuracy: measured 100% on every head (48 clips, 1000 steps, 768 train clips);
+    # with 192 train clips and 600 steps it was 85% (square vs circle at 32^2 is the hard part)
+    assert all(v >= 0.95 for v in res["accuracy"].values()), res["summary"]
     assert os.path.isfile(res["checkpoint"])

@@ -110,14 +110,20 @@ class DemoContext:
 
 
 def stage_data(ctx: DemoContext) -> dict:
-    from vidgen.demo_data import build_demo_data
+    from vidgen.demo_data import TRAIN_REPS, build_demo_data
 
     manifest_path = ctx.data_dir / "manifest.json"
+    manifest, want = None, {"seed": ctx.seed, "fast": ctx.fast, "train_reps": TRAIN_REPS}
     if manifest_path.exists():
         with open(manifest_path) as f:
             manifest = json.load(f)
-        ctx.log(f"using existing {ctx.data_dir} (delete it to rebuild)")
-    else:
+        stale = {k: manifest.get(k) for k, v in want.items() if manifest.get(k) != v}
+        if stale:  # built by an older version or with other options: rebuild rather than train on the wrong set
+            ctx.log(f"{ctx.data_dir} was built with {stale}, this demo needs {want}: rebuilding it")
+            manifest = None
+        else:
+            ctx.log(f"using existing {ctx.data_dir} (delete it to rebuild)")
+    if manifest is None:
         manifest = build_demo_data(str(ctx.data_dir), seed=ctx.seed, fast=ctx.fast)
     counts = {k: v["num_samples"] for k, v in manifest["splits"].items()}
     return {"summary": f"samples per split {counts}", "outputs": [str(ctx.data_dir)]}

@@ -54,6 +54,8 @@ DEMO_SIZE = 64
 DEMO_FRAMES = 17
 DEMO_FPS = 8.0
 SPLITS = ("train", "val", "test")
+#: every (shape, colour, direction) combination appears this many times in the train split (48 combinations)
+TRAIN_REPS = 16
 DEMO_AUDIO_RATE = 16000
 #: base pitch (Hz) and harmonic weights (1st, 3rd, 5th) per shape: the soundtrack names the shape
 SHAPE_TONES = {"square": (330.0, (1.0, 1 / 3, 1 / 5)), "circle": (523.25, (1.0, 0.0, 0.0)),
@@ -204,13 +206,13 @@ def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np
     }
 
 
-def _procedural_plan(split: str, fast: bool) -> list[tuple[str, str, str]]:
-    """(shape, colour, direction) list for a split: every class x colour combination ``reps`` times (train) or each
-    class once with cycling colours (val/test, fast)."""
+def _procedural_plan(split: str, fast: bool, train_reps: int = TRAIN_REPS) -> list[tuple[str, str, str]]:
+    """(shape, colour, direction) list for a split: every class x colour combination ``train_reps`` times (train) or
+    each class once with cycling colours (val/test, fast)."""
     combos = [(s, c, d) for s in DEMO_SHAPES for d in DEMO_DIRECTIONS for c in DEMO_COLOURS]
     colours = list(DEMO_COLOURS)
     if split == "train":
-        return combos * (1 if fast else 4)
+        return combos * (1 if fast else train_reps)
     if fast:
         off = 1 if split == "val" else 2
         return [(s, colours[(i + off) % len(colours)], d) for i, (s, d) in enumerate((s, d) for s in DEMO_SHAPES for d in DEMO_DIRECTIONS)]
@@ -332,11 +334,12 @@ def _write_split(out_dir: str, samples: list[tuple[str, dict[str, bytes]]], max_
     return index
 
 
-def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fast: bool = False, log=None) -> dict:
+def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fast: bool = False, log=None,
+                    train_reps: int = TRAIN_REPS) -> dict:
     """Build the demo set into ``out_dir`` (replacing earlier demo shards there) and return the manifest.
 
     ``fast``: 48 procedural train clips and 12 each for val/test, at most 4 real clips per source; otherwise
-    192/48/48 procedural plus every real clip.  Deterministic for a given ``seed``."""
+    ``48 * train_reps`` (768) train / 48 / 48 procedural plus every real clip.  Deterministic for a given ``seed``."""
     t0 = time.time()
     log = log or (lambda msg: None)
     out_dir = os.fspath(out_dir)
@@ -346,7 +349,7 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
     captions: set[str] = set()
     for si, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, si])
-        plan = _procedural_plan(split, fast)
+        plan = _procedural_plan(split, fast, train_reps)
         samples = []
         for i, (shape, colour, direction) in enumerate(plan):
             key = f"proc_{split}_{i:05d}"
@@ -381,6 +384,7 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
         "format": "vidgen-demo/1",
         "seed": int(seed),
         "fast": bool(fast),
+        "train_reps": int(train_reps),
         "splits": manifest_splits,
         "classes": list(DEMO_CLASSES),
         "num_classes": len(DEMO_CLASSES),
@@ -412,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", "--out-dir", dest="out", default="data/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="fewer samples (for smoke tests)")
+    p.add_argument("--train-reps", type=int, default=TRAIN_REPS,
+                   help=f"train clips per (shape, colour, direction) combination (default {TRAIN_REPS})")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    m = build_demo_data(args.out, seed=args.seed, fast=args.fast, log=lambda s: print(s, file=sys.stderr))
+    m = build_demo_data(args.out, seed=args.seed, fast=args.fast, log=lambda s: print(s, file=sys.stderr),
+                        train_reps=args.train_reps)
     total = sum(s["bytes"] for s in m["splits"].values())
     print(
         f"demo data in {args.out}: "
