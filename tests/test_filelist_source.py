@@ -5,7 +5,6 @@ corrupt or vanished files skipped and counted."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 

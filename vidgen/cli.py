@@ -2,8 +2,8 @@
 
 ``vidgen fit|validate|test|predict --config A.yaml [--config B.yaml ...]`` is LightningCLI in subclass mode (model and
 data are chosen by ``class_path``), with OmegaConf interpolation resolved after the configs merge left to right
-(``omegaconf+``), and values shared by data and model linked (data is the source of truth; ``--print_config`` and ``--help`` show
-the linked values).  Every training run gets ``<run_root>/<name>/`` holding ``config.yaml``,
+(``omegaconf+``), and values shared by data and model linked (data is the source of truth; ``--print_config`` and
+``--help`` show the linked values).  Every training run gets ``<run_root>/<name>/`` holding ``config.yaml``,
 ``checkpoints/last.ckpt`` plus periodic step checkpoints, and TensorBoard logs; a fresh run never reuses a run
 directory (the next version is ``<name>-v1``, ...), ``--ckpt_path last`` resumes the latest version, and
 ``validate``/``test``/``predict`` write into ``<run>/<subcommand>[-vN]/``.  Errors in the configs are one line
