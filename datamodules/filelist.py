@@ -23,6 +23,8 @@ import os
 import re
 from typing import Any
 
+from .media import IMAGE_EXTS, VIDEO_EXTS
+
 CLASSES_NAME = "classes.json"
 CLASSES_FORMAT = "vidgen-classes/1"
 LIST_EXTS = (".csv", ".jsonl", ".ndjson")
@@ -30,7 +32,6 @@ CAPTION_COLUMNS = ("text", "caption")  # Open-Sora's name first
 #: Open-Sora's metadata columns -> their type; kept in the sample json (``datamodules/buckets.py`` reads the size)
 META_COLUMNS = {"num_frames": int, "height": int, "width": int, "fps": float, "aspect_ratio": float,
                 "resolution": float}
-_MEDIA_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "jpg", "jpeg", "png", "webp", "bmp")
 
 
 class FileListError(ValueError):
@@ -44,7 +45,7 @@ class Item:
     path: str
     caption: str | None = None
     label: int | None = None
-    class_name: str | None = None  # a string label (class folder, list column); mapped to ``label`` by ``assign_labels``
+    class_name: str | None = None  # a string label (class folder, list column); ``assign_labels`` maps it to ``label``
     meta: dict | None = None
     where: str = ""  # "list.csv:7" for messages
 
@@ -82,7 +83,8 @@ def parse_label(v: Any, where: str) -> int | str | None:
 
 def make_item(path: str, caption: str | None, label: Any, where: str, meta: dict | None = None) -> Item:
     lab = parse_label(label, where)
-    return Item(path, caption, lab if isinstance(lab, int) else None, lab if isinstance(lab, str) else None, meta, where)
+    return Item(path, caption, lab if isinstance(lab, int) else None, lab if isinstance(lab, str) else None,
+                meta, where)
 
 
 def read_class_map(path: str) -> list[str]:
@@ -206,7 +208,7 @@ def sample_members(key: str, item: Item, info: dict, kind: str) -> tuple[dict, d
 
 def media_ext(path: str) -> str | None:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    return ext if ext in _MEDIA_EXTS else None
+    return ext if ext in VIDEO_EXTS + IMAGE_EXTS else None
 
 
 def list_samples(source: str) -> tuple[list[tuple[str, str, int, dict[str, bytes]]], int]:
@@ -224,14 +226,15 @@ def list_samples(source: str) -> tuple[list[tuple[str, str, int, dict[str, bytes
     for i, it in enumerate(items):
         ext = media_ext(it.path)
         if ext is None:
-            raise FileListError(f"{it.where}: {it.path!r} is not a video or image file ({', '.join(_MEDIA_EXTS)})")
+            raise FileListError(f"{it.where}: {it.path!r} is not a video or image file "
+                                f"({', '.join(VIDEO_EXTS + IMAGE_EXTS)})")
         try:
             size = os.stat(it.path).st_size
         except OSError:
             missing.append(it)
             continue
         key = sample_key(i, it.path)
-        kind = "image" if ext in ("jpg", "jpeg", "png", "webp", "bmp") else "video"
+        kind = "image" if ext in IMAGE_EXTS else "video"
         _, members = sample_members(key, it, it.meta or {}, kind)
         labelled += "cls" in members
         out.append((key, it.path, size, members))

@@ -1,4 +1,5 @@
-"""``VideoDataModule``: WebDataset video/image shards (or files plus a CSV) -> ``{"video": [B,C,T,H,W] in [-1,1], "text", "label", "fps", "key"}``.
+"""``VideoDataModule``: WebDataset video/image shards (or files plus a CSV) -> ``{"video": [B,C,T,H,W] in [-1,1],
+"text", "label", "fps", "key"}``.
 
 Works under Lightning and in a plain PyTorch loop::
 
