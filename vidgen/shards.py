@@ -562,7 +562,7 @@ def reindex(shard_dir: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vidgen shards",
-        description="Pack videos/images (a folder, or a CSV/JSONL with path[,caption,label]) into WebDataset tar shards.",
+        description="Pack videos/images (a folder, or a CSV/JSONL with path[,text|caption,label] as Open-Sora lays it out) into WebDataset tar shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", nargs="?", help="folder (recursive), .csv or .jsonl list, or one media file")
