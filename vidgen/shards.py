@@ -63,8 +63,8 @@ def _media_kind(path: str) -> str | None:
 
 def collect_items(source: str | os.PathLike, folder_labels: str = "auto") -> list[Item]:
     """Items from a folder (recursive, sorted; a ``{stem}.txt`` beside a file is its caption), a CSV or JSONL list
-    (columns ``path``, optional ``caption``, ``label`` -- an int id or a class name; relative paths are relative to the
-    list file) or one file.
+    (``datamodules/filelist.py``: columns ``path``, optional ``text`` or ``caption``, ``label`` -- an int id or a class
+    name; relative paths are relative to the list file) or one file.
 
     Folder labels (``folder_labels``): ``auto`` names each file's class by its top-level subfolder when every media
     file sits in one (the UCF-101 / ImageFolder layout ``root/<class>/<file>``), ``folders`` insists on that layout,
