@@ -19,7 +19,7 @@ from einops import rearrange
 
 from .media import AUDIO_EXTS, FrameReader, MediaError, printable, read_audio, read_image
 from .motion import clip_motion, has_motion
-from .tario import IMAGE_EXTS, VIDEO_EXTS
+from .tario import IMAGE_EXTS, READ_ERROR, VIDEO_EXTS
 
 SHORT_POLICIES = ("loop", "pad", "skip")
 AUDIO_POLICIES = ("silence", "skip")
@@ -228,6 +228,8 @@ def parse_label(sample: dict[str, bytes], meta: dict) -> int:
 
 def decode_sample(key: str, sample: dict[str, bytes], spec: ClipSpec, rng: np.random.Generator | None) -> dict:
     """Raw members -> {video uint8 [C,T,H,W], text, label, fps, key}. ``rng`` None means eval (deterministic)."""
+    if READ_ERROR in sample:  # a file list's row whose file could not be read (removed or unreadable since setup)
+        raise SkipSample("unreadable", sample[READ_ERROR].decode("utf-8", "replace"))
     kind = sample_kind(sample)
     if kind is None and "npy" not in sample:
         raise SkipSample("no_media", f"members {sorted(sample)} hold no video, image or .npy tokens/latents")

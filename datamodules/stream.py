@@ -182,6 +182,8 @@ class SourceStream:
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _read_local(self, url: str, ref: tario.SampleRef) -> dict[str, bytes]:
+        if ref.file is not None:  # a file list's row: the file it names
+            return tario.read_sample(url, ref)
         if self._fh_url != url:
             if self._fh is not None:
                 self._fh.close()

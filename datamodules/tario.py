@@ -4,6 +4,10 @@ A shard is a WebDataset tar: members ``<key>.<ext>`` grouped into samples by key
 basename).  Local shards are read with random access: one pass over the tar headers (no payload is read) gives every
 member's offset and size, so a sample can be read, or skipped, without touching the others.  Remote shards
 (``pipe:``, ``http://`` ...) are read as a stream through ``webdataset.gopen``.
+
+Two more local shard kinds read the same way: a plain video/image file (one sample) and a file list (a CSV in
+Open-Sora's layout or a JSONL, ``datamodules/filelist.py``): its rows are the samples, in row order, each a file on
+disk plus the small members (caption, metadata, class) its row gives.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import braceexpand
+
+from .filelist import is_file_list, list_samples
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vidgen-shards/1"
@@ -93,10 +99,13 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 @dataclasses.dataclass
 class SampleRef:
-    """Where one sample's members live inside a local tar: ext -> (offset, size)."""
+    """Where one sample's members live inside a local tar: ext -> (offset, size). A file list's row has its media
+    member in ``file`` (the whole file) and its small members in ``inline``."""
 
     key: str
     members: dict[str, tuple[int, int]]
+    file: str | None = None
+    inline: dict[str, bytes] | None = None
 
 
 @dataclasses.dataclass
@@ -105,6 +114,13 @@ class ShardListing:
     samples: list[SampleRef]
     truncated: bool = False  # the tar ended early; samples listed are the complete ones before the cut
     incomplete: int = 0  # samples cut by the truncation (0 or 1): counted as bad, not listed
+    labelled: int | None = None  # samples that carry a label, where known without reading them (file lists)
+
+
+#: the member a file-list sample gets instead of its media when the file cannot be read any more (``decode`` counts
+#: the sample as ``unreadable``; the other rows of the list go on)
+READ_ERROR = "__read_error__"
+_LISTS: "OrderedDict[tuple, ShardListing]" = OrderedDict()
 
 
 def is_media_file(url: str) -> bool:
@@ -112,8 +128,25 @@ def is_media_file(url: str) -> bool:
     return not is_remote(url) and url.rsplit(".", 1)[-1].lower() in VIDEO_EXTS + IMAGE_EXTS
 
 
+def list_listing(url: str) -> ShardListing:
+    """The samples of a file list (``filelist.list_samples``), parsed once per process and file version; raises
+    ``filelist.FileListError`` for a list that cannot be used as written."""
+    st = os.stat(url)
+    ck = (os.path.abspath(url), st.st_mtime_ns, st.st_size)
+    if ck not in _LISTS:
+        rows, labelled = list_samples(url)
+        samples = [SampleRef(key, {path.rsplit(".", 1)[-1].lower(): (0, size)}, file=path, inline=members)
+                   for key, path, size, members in rows]
+        _LISTS[ck] = ShardListing(url, samples, labelled=labelled)
+        while len(_LISTS) > 8:
+            _LISTS.popitem(last=False)
+    return _LISTS[ck]
+
+
 def scan_local(url: str) -> ShardListing:
     """Read only the tar headers of a local shard and group members into samples (tar order)."""
+    if is_file_list(url):
+        return list_listing(url)
     size = os.path.getsize(url)
     if is_media_file(url):
         stem, ext = os.path.basename(url).rsplit(".", 1)
@@ -166,6 +199,14 @@ def _key_at(f, offset: int) -> str | None:
 
 
 def read_sample(url: str, ref: SampleRef, fh=None) -> dict[str, bytes]:
+    if ref.file is not None:  # a file list's row: its file, and the members its row gave
+        out = dict(ref.inline or {})
+        try:
+            with open(ref.file, "rb") as f:
+                out[next(iter(ref.members))] = f.read()
+        except OSError as e:
+            out[READ_ERROR] = f"{ref.file}: {e.strerror or e}".encode("utf-8", "replace")
+        return out
     own = fh is None
     f = open(url, "rb") if own else fh
     try:
@@ -223,6 +264,8 @@ def count_samples(urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
             counts[url] = int(entry["num_samples"])
         elif is_media_file(url):
             counts[url] = 1
+        elif is_file_list(url):
+            counts[url] = len(list_listing(url).samples)  # rows are counted by reading the list, never "scanned"
         elif not is_remote(url):
             counts[url] = len(scan_local(url).samples)
             scanned.append(url)

@@ -1,4 +1,5 @@
-"""``VideoDataModule``: WebDataset video/image shards -> ``{"video": [B,C,T,H,W] in [-1,1], "text", "label", "fps", "key"}``.
+"""``VideoDataModule``: WebDataset video/image shards (or files plus a CSV) -> ``{"video": [B,C,T,H,W] in [-1,1],
+"text", "label", "fps", "key"}``.
 
 Works under Lightning and in a plain PyTorch loop::
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from . import tario
+from .filelist import FileListError
 from .decode import AUDIO_POLICIES, CROPS, SHORT_POLICIES, ClipSpec, to_float
 from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, split_quota)
 
@@ -49,7 +51,11 @@ class VideoDataModule(L.LightningDataModule):
     """Sharded video/image streaming with exact mid-epoch resume, mixtures, bucketing and bad-sample accounting.
 
     Args:
-        train_shards: brace pattern, directory, glob or list of shards for training (a single source).
+        train_shards: brace pattern, directory, glob or list of shards for training (a single source). A shard may
+            also be a file list: a CSV in Open-Sora's layout (``path``, ``text``, optional ``num_frames``, ``height``,
+            ``width``, ``fps``, ``aspect_ratio``, ``label``) or a JSONL, its rows read as the samples of one shard
+            (``datamodules/filelist.py``), so seeds, the split over ranks and workers and exact resume are the tar
+            shards' own. A missing ``path`` column or a listed file that does not exist is a config error here.
         sources: a weighted mixture instead of ``train_shards``: ``[{"shards": ..., "weight": 0.9, "name": "images",
             "batch_size": null}, ...]``. Each batch comes from one source drawn by weight; weights (and clip shape) can
             change between curriculum stages through :meth:`set_stages` without rebuilding the loader.
@@ -210,20 +216,29 @@ class VideoDataModule(L.LightningDataModule):
         self._warned: set[str] = set()
 
     def _check_labelled(self) -> None:
-        """``require_labels``: training shards whose index says they hold no labels are a config error (before any
-        sample is read); shards without that count are checked per sample (unlabelled ones skipped and counted)."""
+        """``require_labels``: training data known to hold no labels (shards whose ``index.json`` says so, file lists
+        without a label in any row) are a config error before any sample is read; shards without that count are
+        checked per sample (unlabelled ones skipped and counted)."""
         for name, urls in self._urls.items():
             if name.startswith("__"):
                 continue
-            indexes = {os.path.dirname(os.path.abspath(u)): tario.read_index(u) for u in urls}
-            counts = [ix.get("num_labelled") for ix in indexes.values() if isinstance(ix, dict)]
-            if counts and len(counts) == len(indexes) and all(c == 0 for c in counts):
+            counts: dict[str, int | None] = {}  # a shard directory or a list -> its labelled samples (None: unknown)
+            for u in urls:
+                if tario.is_file_list(u):
+                    counts[u] = tario.list_listing(u).labelled
+                else:
+                    d = os.path.dirname(os.path.abspath(u))
+                    if d not in counts:
+                        ix = tario.read_index(u)
+                        counts[d] = ix.get("num_labelled") if isinstance(ix, dict) else None
+            if counts and all(c == 0 for c in counts.values()):
                 raise DataConfigError(
-                    f"data.require_labels: the training shards of {name!r} ({next(iter(indexes))}) hold no labels "
-                    "(index.json num_labelled: 0), but this recipe trains a class-conditional model. Build labelled "
-                    "shards (`vidgen shards <root with one subfolder per class> OUT`, or a CSV/JSONL label column), or "
-                    "train unconditionally. To mix labelled and unlabelled data, keep require_labels and raise "
-                    "data.max_bad_fraction to the unlabelled share (those samples are skipped and counted)")
+                    f"data.require_labels: the training data of {name!r} ({next(iter(counts))}) hold no labels "
+                    "(index.json num_labelled: 0, or a list without a label column), but this recipe trains a "
+                    "class-conditional model. Build labelled shards (`vidgen shards <root with one subfolder per "
+                    "class> OUT`, or a CSV/JSONL label column), or train unconditionally. To mix labelled and "
+                    "unlabelled data, keep require_labels and raise data.max_bad_fraction to the unlabelled share "
+                    "(those samples are skipped and counted)")
 
     # ------------------------------------------------------------------ setup
     @property
@@ -515,7 +530,15 @@ def _check_choice(key: str, value, allowed):
 
 
 def _expand(spec, key: str) -> list[str]:
+    """Shard urls of one setting; a file list among them is read now, so a missing column or a listed file that
+    does not exist is a config error before any work."""
     try:
-        return tario.expand_shards(spec, what=key)
+        urls = tario.expand_shards(spec, what=key)
+        for u in urls:
+            if tario.is_file_list(u):
+                tario.list_listing(u)
+        return urls
     except tario.ShardError as e:
         raise DataConfigError(str(e)) from e
+    except FileListError as e:
+        raise DataConfigError(f"{key}: {e}") from e

@@ -95,3 +95,15 @@ def test_stacked_interpolation_and_print_config_shows_linked_values(tmp_path, sh
     assert cfg["trainer"]["max_steps"] == 4
     assert cfg["model"]["init_args"]["num_frames"] == 4 and cfg["model"]["init_args"]["resolution"] == 8
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_shows_the_linked_values(tmp_path):
+    """``--help`` lists the data -> model links, and a linked model option's own help names its source."""
+    p = run_cli(["fit", "--help"], cwd=tmp_path)
+    section = p.stdout.split("Linked arguments:", 1)[1]
+    for key in ("num_frames", "resolution", "frame_stride"):
+        assert f"data.init_args.{key} --> model.init_args.{key}" in section
+    p = run_cli(["fit", "--model.help", "vidgen.lightning_modules.latte.Latte"], cwd=tmp_path)
+    after = " ".join(p.stdout.split("--model.num_frames NUM_FRAMES\n", 1)[1].split()[:7])
+    assert after == "linked from data.init_args.num_frames: set it under data", after
+    assert p.stdout.count("linked from") == 2  # num_frames and resolution (Latte takes no frame_stride), nothing else

@@ -2,8 +2,8 @@
 
 ``vidgen fit|validate|test|predict --config A.yaml [--config B.yaml ...]`` is LightningCLI in subclass mode (model and
 data are chosen by ``class_path``), with OmegaConf interpolation resolved after the configs merge left to right
-(``omegaconf+``), and values shared by data and model linked (data is the source of truth; ``--print_config`` shows
-the linked values).  Every training run gets ``<run_root>/<name>/`` holding ``config.yaml``,
+(``omegaconf+``), and values shared by data and model linked (data is the source of truth; ``--print_config`` and
+``--help`` show the linked values).  Every training run gets ``<run_root>/<name>/`` holding ``config.yaml``,
 ``checkpoints/last.ckpt`` plus periodic step checkpoints, and TensorBoard logs; a fresh run never reuses a run
 directory (the next version is ``<name>-v1``, ...), ``--ckpt_path last`` resumes the latest version, and
 ``validate``/``test``/``predict`` write into ``<run>/<subcommand>[-vN]/``.  Errors in the configs are one line
@@ -86,6 +86,10 @@ def _make_cli_class():
                 return super().error(message, ex)
             _parser_error(self, message, ex)
 
+        def format_help(self, *args, **kwargs) -> str:
+            _mark_linked_options(self)  # also the parser that `--model.help CLASS` builds for one model class
+            return super().format_help(*args, **kwargs)
+
     class RunDirSaveConfig(SaveConfigCallback):
         """Writes ``config.yaml`` into the run directory, replacing it on requeue."""
 
@@ -124,6 +128,7 @@ def _make_cli_class():
             parser.add_argument("--run_root", type=str, default="runs", help="parent folder of run directories")
             parser.add_argument("--checkpoint_every_n_steps", type=int, default=500,
                                 help="periodic step checkpoints (last.ckpt is always kept)")
+            _add_link_notes(parser)
 
         # -------------------------------------------------------------- before any work
         def before_instantiate_classes(self):
@@ -345,6 +350,30 @@ _PRINT_CONFIG: str | None = None  # "--print_config[=flags]" taken off the comma
 _LINK_NOTE = ("Values shared by data and model are linked: data.init_args.{" + ",".join(LINKED_KEYS) + "} -> "
               "model.init_args.* (set them once under data; --print_config shows the linked values). A later --config's "
               "trainer.callbacks replaces the earlier list: append with --trainer.callbacks+=CLASS instead.")
+
+
+def _add_link_notes(parser) -> None:
+    """A "Linked arguments" section in ``--help``, listed the way jsonargparse lists its own links (the linking itself
+    is ``_link_and_validate``: a model class without the key is skipped, which ``link_arguments`` cannot do)."""
+    import argparse
+
+    group = parser.add_argument_group(
+        "Linked arguments", "values shared by data and model: set them once under data; after the configs merge, a "
+        "model that takes the key gets the data's value (a different model value is a config error), and "
+        "--print_config shows it")
+    for key in LINKED_KEYS:  # shown in this section only: not options of the parser
+        group._group_actions.append(argparse.Action(
+            [f"data.init_args.{key} --> model.init_args.{key}"], dest=f"==link_{key}", nargs=0,
+            default=argparse.SUPPRESS, help=f"the model's {key} is the data's"))
+
+
+def _mark_linked_options(parser) -> None:
+    """The help of a linked model option says where its value comes from (``--model.help CLASS`` shows it)."""
+    for action in getattr(parser, "_actions", []):
+        m = re.fullmatch(r"model\.(?:init_args\.)?(\w+)", getattr(action, "dest", "") or "")
+        if m and m.group(1) in LINKED_KEYS and not (action.help or "").startswith("linked from"):
+            action.help = (f"linked from data.init_args.{m.group(1)}: set it under data (a different value here is a "
+                           f"config error). {action.help or ''}").rstrip()
 
 
 def _fail(message: str, code: int = 2, hint: str | None = None):

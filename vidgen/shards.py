@@ -25,7 +25,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import glob
 import io
@@ -40,6 +39,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from vidgen.datamodules.filelist import (CLASSES_FORMAT, CLASSES_NAME, FileListError, Item, assign_labels,  # noqa: F401
+                                        is_file_list, make_item, parse_label, read_class_map, read_list, sample_key,
+                                        sample_members, sanitize_key)
 from vidgen.datamodules.tario import INDEX_NAME, index_entry, make_index, write_index
 from vidgen.datamodules import media
 VIDEO_EXTS, IMAGE_EXTS = media.VIDEO_EXTS, media.IMAGE_EXTS
@@ -47,84 +49,13 @@ _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this o
 _BLOCK = tarfile.BLOCKSIZE
 
 
-class ShardsError(ValueError):
-    """Bad input or options for `vidgen shards` (the message names the fix)."""
+#: bad input or options for `vidgen shards` (the message names the fix); the list reader it shares with the
+#: datamodule raises the same class
+ShardsError = FileListError
+_parse_label, _item = parse_label, make_item
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
-@dataclasses.dataclass
-class Item:
-    """One input file and its optional caption/label."""
-
-    path: str
-    caption: str | None = None
-    label: int | None = None
-    class_name: str | None = None  # a string label (class folder, CSV/JSONL); mapped to ``label`` by ``assign_labels``
-
-
-def _parse_label(v: Any, where: str) -> int | str | None:
-    """An int class id, a class name (str, mapped through ``classes.json``), or None (no label)."""
-    if v is None or (isinstance(v, str) and v.strip() == ""):
-        return None
-    if isinstance(v, bool):
-        raise ShardsError(f"{where}: label {v!r} is a boolean; give a class id (int) or a class name (str)")
-    if isinstance(v, (int, float)):
-        if v != int(v) or v < 0:
-            raise ShardsError(f"{where}: label {v!r} is not a class id (an integer >= 0)")
-        return int(v)
-    text = str(v).strip()
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    return text
-
-
-def _item(path: str, caption: str | None, label: Any, where: str) -> Item:
-    lab = _parse_label(label, where)
-    return Item(path, caption, lab if isinstance(lab, int) else None, lab if isinstance(lab, str) else None)
-
-
-CLASSES_NAME = "classes.json"
-CLASSES_FORMAT = "vidgen-classes/1"
-
-
-def read_class_map(path: str) -> list[str]:
-    """Class names by id from a ``classes.json`` (``{"format": ..., "classes": [name0, name1, ...]}``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardsError(f"--class-map {path}: cannot read it ({e})") from None
-    names = doc.get("classes") if isinstance(doc, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ShardsError(f"--class-map {path}: expected {{\"classes\": [unique names, by id]}}")
-    return names
-
-
-def assign_labels(items: list[Item], classes: list[str] | None = None) -> list[str] | None:
-    """Map class names to ids in place; returns the class map (names by id), or None when no item has a name.
-
-    Without ``classes`` the map is the sorted set of names (the order ``torchvision.ImageFolder`` uses); a split
-    built later passes the first split's map (``--class-map``) so ids agree.  Mixing names and integer ids is an
-    error (which id would a name get?)."""
-    named = [it for it in items if it.class_name is not None]
-    if not named:
-        if classes is not None:
-            raise ShardsError("--class-map given, but the input has no class names (class folders or a label column)")
-        return None
-    numbered = [it for it in items if it.label is not None and it.class_name is None]
-    if numbered:
-        raise ShardsError(f"labels mix class names ({named[0].class_name!r}) and integer ids ({numbered[0].label}); "
-                          "use one kind (names are mapped to ids in classes.json)")
-    names = list(classes) if classes is not None else sorted({it.class_name for it in named})
-    ids = {n: i for i, n in enumerate(names)}
-    unknown = sorted({it.class_name for it in named} - set(ids))
-    if unknown:
-        raise ShardsError(f"class names {unknown[:5]} are not in the --class-map ({len(names)} classes)")
-    for it in named:
-        it.label = ids[it.class_name]
-    return names
-
-
 def _media_kind(path: str) -> str | None:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
@@ -132,8 +63,8 @@ def _media_kind(path: str) -> str | None:
 
 def collect_items(source: str | os.PathLike, folder_labels: str = "auto") -> list[Item]:
     """Items from a folder (recursive, sorted; a ``{stem}.txt`` beside a file is its caption), a CSV or JSONL list
-    (columns ``path``, optional ``caption``, ``label`` -- an int id or a class name; relative paths are relative to the
-    list file) or one file.
+    (``datamodules/filelist.py``: columns ``path``, optional ``text`` or ``caption``, ``label`` -- an int id or a class
+    name; relative paths are relative to the list file) or one file.
 
     Folder labels (``folder_labels``): ``auto`` names each file's class by its top-level subfolder when every media
     file sits in one (the UCF-101 / ImageFolder layout ``root/<class>/<file>``), ``folders`` insists on that layout,
@@ -166,43 +97,11 @@ def collect_items(source: str | os.PathLike, folder_labels: str = "auto") -> lis
         return items
     if not os.path.isfile(source):
         raise ShardsError(f"input {source!r} does not exist; give a folder of videos/images, a .csv or a .jsonl list")
-    ext = os.path.splitext(source)[1].lower()
-    base = os.path.dirname(os.path.abspath(source))
-    rows: list[tuple[dict, str]] = []
-    if ext == ".csv":
-        with open(source, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "path" not in [c.strip() for c in reader.fieldnames]:
-                raise ShardsError(f"{source}: the CSV needs a header with a 'path' column (optional 'caption', 'label'), got {reader.fieldnames}")
-            for i, row in enumerate(reader):
-                rows.append(({k.strip(): v for k, v in row.items() if k is not None}, f"{source}:{i + 2}"))
-    elif ext in (".jsonl", ".ndjson", ".json"):
-        with open(source, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ShardsError(f"{source}:{i + 1}: not a JSON object per line ({e})") from None
-                if not isinstance(row, dict) or "path" not in row:
-                    raise ShardsError(f"{source}:{i + 1}: each line must be an object with a 'path' key")
-                rows.append((row, f"{source}:{i + 1}"))
-    elif _media_kind(source):
+    if is_file_list(source) or source.lower().endswith(".json"):
+        return read_list(source)
+    if _media_kind(source):
         return [Item(source)]
-    else:
-        raise ShardsError(f"input {source!r}: expected a folder, a .csv, a .jsonl or a media file ({', '.join(VIDEO_EXTS + IMAGE_EXTS)})")
-    items = []
-    for row, where in rows:
-        p = str(row["path"]).strip()
-        if not p:
-            raise ShardsError(f"{where}: empty path")
-        if not os.path.isabs(p):
-            p = os.path.join(base, p)
-        cap = row.get("caption")
-        cap = None if cap is None or str(cap) == "" else str(cap)
-        items.append(_item(p, cap, row.get("label"), where))
-    return items
+    raise ShardsError(f"input {source!r}: expected a folder, a .csv, a .jsonl or a media file ({', '.join(VIDEO_EXTS + IMAGE_EXTS)})")
 
 
 def _as_items(items: Any, folder_labels: str = "auto") -> list[Item]:
@@ -300,12 +199,6 @@ class ShardOptions:
             raise ShardsError(f"--fps must be > 0, got {self.fps}")
 
 
-def sanitize_key(text: str, max_len: int = 48) -> str:
-    """A WebDataset-safe key fragment: [A-Za-z0-9_-] only (no dots: the extension starts at the first dot)."""
-    s = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    return s[:max_len] or "x"
-
-
 def _clip_ranges(segments: list[tuple[int, int]], clip_frames: int | None, min_frames: int) -> list[tuple[int, int]]:
     """[start, end) ranges over the selected-frame list: segments chopped into ``clip_frames`` pieces."""
     out = []
@@ -323,7 +216,7 @@ def _clip_ranges(segments: list[tuple[int, int]], clip_frames: int | None, min_f
 
 def _video_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
     ext = os.path.splitext(item.path)[1].lower().lstrip(".")
-    base = f"{idx:06d}_{sanitize_key(os.path.splitext(os.path.basename(item.path))[0])}"
+    base = sample_key(idx, item.path)
     if not opts.transcode:
         with open(item.path, "rb") as f:
             data = f.read()
@@ -393,7 +286,7 @@ def _video_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple
 
 def _image_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
     ext = os.path.splitext(item.path)[1].lower().lstrip(".")
-    base = f"{idx:06d}_{sanitize_key(os.path.splitext(os.path.basename(item.path))[0])}"
+    base = sample_key(idx, item.path)
     with open(item.path, "rb") as f:
         data = f.read()
     info = media.probe_image(data)
@@ -410,24 +303,7 @@ def _image_samples(idx: int, item: Item, opts: ShardOptions) -> tuple[list[tuple
 
 
 def _members(key: str, ext: str, data: bytes, item: Item, info: dict, kind: str = "video") -> dict[str, bytes]:
-    meta = dict(info)
-    meta.update(
-        media=kind,
-        key=key,
-        source=os.fspath(item.path),
-        label=-1 if item.label is None else int(item.label),
-    )
-    if item.caption is not None:
-        meta["caption"] = item.caption
-    if item.class_name is not None:
-        meta["class_name"] = item.class_name
-    out = {ext: data}
-    if item.caption is not None:
-        out["txt"] = item.caption.encode("utf-8")
-    out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-    if item.label is not None:
-        out["cls"] = str(int(item.label)).encode("ascii")
-    return out
+    return {ext: data, **sample_members(key, item, info, kind)[1]}
 
 
 def process_item(idx: int, item: Item, opts: ShardOptions) -> tuple[int, list[tuple[str, dict[str, bytes]]], str | None]:
@@ -686,7 +562,7 @@ def reindex(shard_dir: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vidgen shards",
-        description="Pack videos/images (a folder, or a CSV/JSONL with path[,caption,label]) into WebDataset tar shards.",
+        description="Pack videos/images (a folder, or a CSV/JSONL with path[,text|caption,label] as Open-Sora lays it out) into WebDataset tar shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", nargs="?", help="folder (recursive), .csv or .jsonl list, or one media file")
