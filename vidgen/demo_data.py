@@ -7,7 +7,7 @@ Layout (``out_dir``, default ``data/demo``)::
     manifest.json       splits, counts, classes, caption vocabulary, frame/size/fps facts
 
 Procedural samples: a coloured shape (square, circle, triangle) moving left/right/up/down across a plain or static-
-noise dark background, 64x64, 17 frames (1+4n, so 16-frame crops also fit) at 8 fps.  Label = index into
+noise dark background (half-size ``HALF_SIZE`` of the frame), 64x64, 17 frames (1+4n, so 16-frame crops also fit) at 8 fps.  Label = index into
 ``DEMO_CLASSES`` (shape x direction, 12 classes); caption says colour, shape and direction exactly, e.g.
 "a red square moving left".
 
@@ -54,6 +54,10 @@ DEMO_SIZE = 64
 DEMO_FRAMES = 17
 DEMO_FPS = 8.0
 SPLITS = ("train", "val", "test")
+#: a shape's half-size as a fraction of the frame: 0.17-0.22, so at the demo models' 32^2 a shape is 11-14 px wide,
+#: about three cells of a 4x-downsampling tokenizer (0.11-0.16 made 7-10 px shapes: ~two cells, and the corners that
+#: tell a square from a circle fell inside one token)
+HALF_SIZE = (0.17, 0.22)
 #: every (shape, colour, direction) combination appears this many times in the train split (48 combinations)
 TRAIN_REPS = 16
 DEMO_AUDIO_RATE = 16000
@@ -118,7 +122,7 @@ def render_moving_shape(
 ) -> tuple[np.ndarray, dict]:
     """``[T, H, W, 3]`` uint8 frames of one shape crossing the frame in ``direction``, and its parameters."""
     rgb = np.array(DEMO_COLOURS[colour] if isinstance(colour, str) else colour, np.float32)
-    r = float(rng.uniform(0.11, 0.16) * size)  # half-size: 7..10 px at 64
+    r = float(rng.uniform(*HALF_SIZE) * size)  # half-size: 11..14 px at 64 (11..14 px wide at the demo's 32^2)
     travel = float(rng.uniform(0.42, 0.52) * size)  # distance covered over the clip
     speed = travel / max(1, frames - 1)
     margin = r + 1.5
