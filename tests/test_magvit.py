@@ -399,7 +399,7 @@ def test_class_token_decides_the_motion():
     m = MaskedVideoTransformer(size="tiny", tasks=["CG"], num_classes=2, num_frames=8, resolution=16, codebook_size=4,
                                token_shape=[4, 1, 6], dropout=0.0, attn_dropout=0.0, label_smoothing=0.0, hidden=64,
                                depth=2, heads=4, mlp_dim=128, init_std=0.1)
-    w = m.net.layers[0].fc1.weight
+    w = m.net.layers[0].fc1.weight.detach()
     assert 0.07 < float(w.std()) < 0.1 and float(w.abs().max()) <= 0.2 + 1e-6   # truncated normal at ±2σ
     opt = torch.optim.AdamW(m.net.parameters(), lr=3e-3)
     m.train()
