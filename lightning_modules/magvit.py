@@ -355,6 +355,10 @@ class BertConfig:
     attn_dropout: float = 0.1
     act: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
     ln_eps: float = 1e-12
+    # σ of every weight and embedding (truncated at ±2σ). BERT / MAGVIT use 0.02, sized for widths of 768+: a row of
+    # W·x then has std 0.02·√hidden ≈ 0.55. At demo widths (64-96) it is ≈ 0.2, the attention logits start near 0
+    # and their gradients (∝ W_q·W_k) stay tiny for hundreds of steps, so the net learns per-position marginals and
+    # copying long before any token-to-token rule (measured: tests/test_magvit.py::test_class_token_decides_the_motion).
     init_std: float = 0.02
     causal: bool = False          # True only for the autoregressive baseline of benchmarks/decode.py
 
@@ -480,6 +484,7 @@ class MagvitConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     act: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    init_std: float = 0.02                          # σ of the truncated-normal init (BERT/MAGVIT 0.02; see BertConfig)
     weight_mode: WeightMode = "mask+refine+recons"
     label_smoothing: float = 1e-4
     mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine"
@@ -536,6 +541,8 @@ class MagvitConfig:
         for key in ("mask_schedule", "decode_schedule"):
             if getattr(self, key) not in SCHEDULES:
                 raise MagvitConfigError(f"{key} must be one of {SCHEDULES}, got {getattr(self, key)!r}")
+        if not self.init_std > 0:
+            raise MagvitConfigError(f"init_std must be > 0, got {self.init_std}")
         if self.act not in ("gelu_tanh", "gelu"):
             raise MagvitConfigError(f"act must be 'gelu_tanh' or 'gelu', got {self.act!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -564,7 +571,8 @@ class MagvitConfig:
         depth, hidden, heads, mlp = MAGVIT_SIZES[self.size]
         return BertConfig(vocab_size=vocab_size, max_len=max_len, hidden=self.hidden or hidden,
                           depth=self.depth or depth, heads=self.heads or heads, mlp_dim=self.mlp_dim or mlp,
-                          dropout=self.dropout, attn_dropout=self.attn_dropout, act=self.act)
+                          dropout=self.dropout, attn_dropout=self.attn_dropout, act=self.act,
+                          init_std=self.init_std)
 
 
 def _tokenizer_causal(tok: nn.Module) -> bool:
@@ -617,6 +625,7 @@ class MaskedVideoTransformer(L.LightningModule):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         act: Literal["gelu_tanh", "gelu"] = "gelu_tanh",
+        init_std: float = 0.02,
         weight_mode: WeightMode = "mask+refine+recons",
         label_smoothing: float = 1e-4,
         mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine",

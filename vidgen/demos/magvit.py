@@ -53,7 +53,8 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import load_clips, manifest, report_samples, skipped_without, stage_checkpoint
+    from vidgen.demos.common import (get_probe, load_clips, manifest, probe_scores, report_samples, skipped_without,
+                                     stage_checkpoint)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -126,6 +127,10 @@ def run(ctx) -> dict:
     with torch.no_grad():
         tok_rec = tok.decode(tok.encode(real)).clamp(-1, 1)
     given_psnr = float(psnr_per_clip(fp[:, :, :frames], real[:, :, :frames]).mean())
+    # the ceiling of both tasks: the probe on the tokenizer's reconstructions of these val clips (a sample can only be
+    # as recognisable as the tokens it is decoded from)
+    probe = get_probe(ctx)
+    ceiling = {k: v["accuracy"] for k, v in probe_scores(probe, tok_rec, val["label"])[0].items()} if probe else {}
     tok_psnr = float(psnr_per_clip(tok_rec[:, :, :frames], real[:, :, :frames]).mean())
     cond_video, given = TASKS["FP"].condition_video(real, frames, c.pad_value)
     fp = torch.where(given, real, fp)  # paste-back (replace_condition_pixels), as the config samples
@@ -135,15 +140,24 @@ def run(ctx) -> dict:
             "pasted back in the samples")
 
     cg_acc = rep_cg.get("probe", {}).get("class", {}).get("accuracy")
+    cg_dir = rep_cg.get("probe", {}).get("direction", {}).get("accuracy")
     fp_dir = rep_fp.get("probe", {}).get("direction", {}).get("accuracy")
+    pct = lambda x: f"{x * 100:.0f}%" if x is not None else "n/a"  # noqa: E731
+    ceil = (f" (tokenizer-reconstruction ceiling {pct(ceiling.get('class'))})" if ceiling else "")
     summary = (f"{len(losses)} steps in {dt:.0f}s, loss {first:.2f} -> {last:.2f}; CG probe class accuracy "
-               + (f"{cg_acc * 100:.0f}%" if cg_acc is not None else "n/a (no probe)")
-               + f" on {len(labels)} samples; FP direction accuracy "
-               + (f"{fp_dir * 100:.0f}%" if fp_dir is not None else "n/a")
+               + (pct(cg_acc) if cg_acc is not None else "n/a (no probe)") + ceil
+               + f", direction {pct(cg_dir)} on {len(labels)} samples; FP direction accuracy {pct(fp_dir)}"
+               + (f" (ceiling {pct(ceiling.get('direction'))})" if ceiling else "")
                + f" on {len(real)} val clips, given frames {given_psnr:.1f} dB decoded (tokenizer {tok_psnr:.1f} dB)")
+    if ceiling:
+        ctx.log("probe on the tokenizer's reconstructions of the val clips (the ceiling of the samples): "
+                + ", ".join(f"{k} {pct(v)}" for k, v in ceiling.items()))
     return {"summary": summary, "loss_first": first, "loss_last": last, "checkpoint": str(out / "magvit_tiny.ckpt"),
             "probe": rep_cg.get("probe"), "probe_fp": rep_fp.get("probe"),
-            "metrics": {"cg_class_accuracy": cg_acc, "fp_direction_accuracy": fp_dir,
+            "tokenizer_ceiling": ceiling,
+            "metrics": {"cg_class_accuracy": cg_acc, "cg_direction_accuracy": cg_dir, "fp_direction_accuracy": fp_dir,
+                        "tokenizer_ceiling_class_accuracy": ceiling.get("class"),
+                        "tokenizer_ceiling_direction_accuracy": ceiling.get("direction"),
                         "fp_given_frames_psnr_db": round(given_psnr, 2), "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
             "samples": [rep_cg["samples"], rep_fp["samples"]],
             "outputs": rep_cg["outputs"] + rep_fp["outputs"] + [str(out / "loss.txt")]}
