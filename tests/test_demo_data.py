@@ -149,7 +149,8 @@ def test_the_demo_rebuilds_data_built_with_other_options(tmp_path, monkeypatch):
 
     def fake_build(out_dir, seed=0, fast=False, **kw):
         calls.append(out_dir)
-        m = {"seed": seed, "fast": fast, "train_reps": demo_data.TRAIN_REPS, "splits": {"train": {"num_samples": 1}}}
+        m = {"seed": seed, "fast": fast, "train_reps": demo_data.TRAIN_REPS, "half_size": list(demo_data.HALF_SIZE),
+             "splits": {"train": {"num_samples": 1}}}
         (tmp_path / "manifest.json").write_text(json.dumps(m))
         return m
 

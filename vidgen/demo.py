@@ -110,7 +110,7 @@ class DemoContext:
 
 
 def stage_data(ctx: DemoContext) -> dict:
-    from vidgen.demo_data import TRAIN_REPS, build_demo_data
+    from vidgen.demo_data import HALF_SIZE, TRAIN_REPS, build_demo_data
 
     manifest_path = ctx.data_dir / "manifest.json"
     manifest, want = None, {"seed": ctx.seed, "fast": ctx.fast, "train_reps": TRAIN_REPS}

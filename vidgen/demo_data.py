@@ -389,6 +389,7 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
         "seed": int(seed),
         "fast": bool(fast),
         "train_reps": int(train_reps),
+        "half_size": list(HALF_SIZE),
         "splits": manifest_splits,
         "classes": list(DEMO_CLASSES),
         "num_classes": len(DEMO_CLASSES),
