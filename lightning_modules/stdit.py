@@ -279,7 +279,8 @@ class STDiT3Block(nn.Module):
 
 class T2IFinalLayer(nn.Module):
     """PixArt final layer (§3.1): LN -> modulate with ``scale_shift_table + t`` (t = the embedded timestep, not t_mlp)
-    -> ``Linear(d, prod(patch) * C_out)``; frames with ``x_mask`` False use t0."""
+    -> ``Linear(d, prod(patch) * C_out)``; frames with ``x_mask`` False are then normalised and modulated once more
+    with t0 (the official v1.2 order, checked against its code: benchmarks/opensora_parity.py)."""
 
     def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
         super().__init__()
@@ -290,11 +291,18 @@ class T2IFinalLayer(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, x_mask: Tensor | None = None, t0: Tensor | None = None,
                 T: int | None = None, S: int | None = None) -> Tensor:
-        both = (lambda v: None if v is None else repeat(v, "b d -> b (two d)", two=2))  # t is added to shift AND scale
-        mods = _frame_modulation(self.scale_shift_table, both(t), x_mask, both(t0)).to(x.dtype)
-        shift, scale = mods.unbind(-2)
-        x = t2i_modulate(self.norm_final(rearrange(x, "b (t s) d -> b t s d", t=T)), shift, scale)
-        return rearrange(self.linear(x), "b t s d -> b (t s) d")
+        both = (lambda v: repeat(v, "b d -> b (two d)", two=2))  # t is added to shift AND scale
+        shift, scale = _frame_modulation(self.scale_shift_table, both(t), None, None).to(x.dtype).unbind(-2)
+        out = t2i_modulate(self.norm_final(rearrange(x, "b (t s) d -> b t s d", t=T)), shift, scale)
+        if x_mask is not None:
+            if t0 is None:
+                raise ValueError("x_mask needs t0, the t = 0 embedding")
+            # As the official v1.2 T2IFinalLayer: the t0 frames normalise and modulate the ALREADY t-modulated
+            # activations (LN -> mod_t -> LN -> mod_t0), not LN(x) afresh. Only the given frames' outputs see it.
+            shift0, scale0 = _frame_modulation(self.scale_shift_table, both(t0), None, None).to(x.dtype).unbind(-2)
+            out0 = t2i_modulate(self.norm_final(out), shift0, scale0)
+            out = torch.where(rearrange(x_mask.bool(), "b t -> b t 1 1"), out, out0)
+        return rearrange(self.linear(out), "b t s d -> b (t s) d")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
