@@ -4,7 +4,7 @@
     vidgen eval --metrics is --fake samples/ --c3d c3d_ucf101.pt                   # StyleGAN-V TorchScript
     vidgen eval --metrics is --fake samples/ --c3d conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz   # TGAN2 Chainer
     vidgen eval --metrics clipsim --fake samples.npz --clip-arch ViT-B-32 --clip-checkpoint open_clip_b32.bin
-    vidgen eval --metrics accuracy --fake outputs/demo/latte/samples.npz --probe outputs/demo/probe/probe_tiny.ckpt
+    vidgen eval --metrics accuracy --fake outputs/demo/latte/samples.npz --probe outputs/demo/probe/checkpoints/last.ckpt
     vidgen eval --metrics fid --real data/ucf/train --fake samples/ --inception pt_inception-2015-12-05-6726825d.pth
     vidgen eval --metrics trajerror --fake runs/tora/predictions/samples.npz        # Tora: needs `trajectories`
 

@@ -93,6 +93,24 @@ class CaptionTable:
         return torch.stack([self.table[c][0] for c in caps]), torch.tensor([self.table[c][1] for c in caps])
 
 
+def stage_trainer(run_dir: str | Path, *, callbacks=(), **kwargs):
+    """A CPU ``Trainer`` with the CLI's run layout (``vidgen.runtime.run_layout``): the final state in
+    ``<run_dir>/checkpoints/last.ckpt`` (written atomically; what ``stage_checkpoint`` hands to later stages),
+    TensorBoard in ``<run_dir>/tb/``, nothing under ``lightning_logs/``. ``kwargs`` go to the ``Trainer``."""
+    import lightning as L
+
+    from vidgen.runtime import run_layout
+
+    kwargs.setdefault("enable_progress_bar", False)
+    kwargs.setdefault("enable_model_summary", False)
+    return L.Trainer(accelerator="cpu", devices=1, **run_layout(str(run_dir), list(callbacks)), **kwargs)
+
+
+def last_checkpoint(run_dir: str | Path) -> str:
+    """``<run_dir>/checkpoints/last.ckpt``: where :func:`stage_trainer` leaves the final state."""
+    return str(Path(run_dir) / "checkpoints" / "last.ckpt")
+
+
 def stage_checkpoint(ctx, stage: str) -> str | None:
     """The checkpoint an earlier stage left in ``ctx.results[stage]["checkpoint"]``; None when there is none."""
     ckpt = ((getattr(ctx, "results", {}) or {}).get(stage, {}) or {}).get("checkpoint")

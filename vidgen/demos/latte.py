@@ -9,7 +9,7 @@ Latents: the ``vae`` stage's checkpoint (a continuous tokenizer), its posterior 
 once (``batch["latents"]``, the path ``vidgen tokenize`` shards feed); ``vae.scale_factor`` is set to 1/std of those
 latents so the diffusion sees unit-variance data (Latte §4.1 uses SD's 0.18215 for the same purpose). Without a VAE
 checkpoint the stage says so and stops. Writes ``<out>/latte/``: ``samples.{npz,png,mp4}``, ``loss.txt``,
-``latte_tiny.ckpt``.
+``checkpoints/last.ckpt`` (the run layout of the CLI).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def run(ctx) -> dict:
     import yaml
 
     from vidgen.callbacks.ema import EMA, ema_weights
-    from vidgen.demos.common import (get_probe, load_clips, manifest, probe_scores, report_samples, skipped_without,
-                                     stage_checkpoint)
+    from vidgen.demos.common import (get_probe, last_checkpoint, load_clips, manifest, probe_scores, report_samples,
+                                     skipped_without, stage_checkpoint, stage_trainer)
     from vidgen.lightning_modules.latte import Latte
     from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
 
@@ -80,9 +80,7 @@ def run(ctx) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small is bound by per-op overhead: one thread is fastest (restored below)
     try:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[EMA(**ema_args), Record()])
+        trainer = stage_trainer(out, max_steps=steps, callbacks=[EMA(**ema_args), Record()])
         t0 = time.perf_counter()
         trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=None))
         train_s = time.perf_counter() - t0
@@ -91,7 +89,6 @@ def run(ctx) -> dict:
         ctx.log(f"{len(losses)} steps in {train_s:.0f}s; loss {first:.3f} -> {last:.3f}; every 10%: "
                 + ", ".join(f"{sum(losses[i:i + k]) / k:.3f}" for i in range(0, len(losses), max(1, len(losses) // 10))))
         (out / "loss.txt").write_text("\n".join(f"{i} {v:.5f}" for i, v in enumerate(losses)) + "\n")
-        trainer.save_checkpoint(str(out / "latte_tiny.ckpt"), weights_only=False)
 
         n_proc = int(manifest(ctx).get("procedural_classes", 12))
         per_class = 2 if ctx.fast else 4
@@ -122,7 +119,7 @@ def run(ctx) -> dict:
         "summary": f"{len(losses)} steps in {train_s:.0f}s, loss {first:.3f} -> {last:.3f}; probe class accuracy "
                    + (f"{acc * 100:.0f}%" if acc is not None else "n/a (no probe)") + f" on {len(labels)} samples"
                    + (f" (on VAE reconstructions of val clips: {ceiling['class'] * 100:.0f}%)" if ceiling else ""),
-        "steps": len(losses), "loss_first": first, "loss_last": last, "checkpoint": str(out / "latte_tiny.ckpt"),
+        "steps": len(losses), "loss_first": first, "loss_last": last, "checkpoint": last_checkpoint(out),
         "probe": rep.get("probe"), "probe_vae_reconstructions": ceiling,
         "metrics": {"class_accuracy": acc, "latent_scale_factor": 1 / std,
                     "class_accuracy_vae_reconstructions": ceiling and ceiling.get("class")},

@@ -53,8 +53,8 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import (get_probe, load_clips, manifest, probe_scores, report_samples, skipped_without,
-                                     stage_checkpoint)
+    from vidgen.demos.common import (get_probe, last_checkpoint, load_clips, manifest, probe_scores, report_samples,
+                                     skipped_without, stage_checkpoint, stage_trainer)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -93,9 +93,8 @@ def run(ctx) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=cfg["trainer"].get("gradient_clip_val"), callbacks=[Record()])
+    trainer = stage_trainer(out, max_steps=steps, limit_val_batches=0, callbacks=[Record()],
+                            gradient_clip_val=cfg["trainer"].get("gradient_clip_val"))
     t0 = time.perf_counter()
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True))
     dt = time.perf_counter() - t0
@@ -104,7 +103,6 @@ def run(ctx) -> dict:
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     ctx.log(f"{len(losses)} steps in {dt:.0f}s; loss {first:.2f} -> {last:.2f}; loss every 10%: "
             + ", ".join(f"{sum(losses[i:i + k]) / k:.2f}" for i in range(0, len(losses), max(1, len(losses) // 10))))
-    trainer.save_checkpoint(str(out / "magvit_tiny.ckpt"), weights_only=False)
     model.eval()
 
     # class-conditional generation: every procedural class, per_class samples each
@@ -152,7 +150,7 @@ def run(ctx) -> dict:
     if ceiling:
         ctx.log("probe on the tokenizer's reconstructions of the val clips (the ceiling of the samples): "
                 + ", ".join(f"{k} {pct(v)}" for k, v in ceiling.items()))
-    return {"summary": summary, "loss_first": first, "loss_last": last, "checkpoint": str(out / "magvit_tiny.ckpt"),
+    return {"summary": summary, "loss_first": first, "loss_last": last, "checkpoint": last_checkpoint(out),
             "probe": rep_cg.get("probe"), "probe_fp": rep_fp.get("probe"),
             "tokenizer_ceiling": ceiling,
             "metrics": {"cg_class_accuracy": cg_acc, "cg_direction_accuracy": cg_dir, "fp_direction_accuracy": fp_dir,

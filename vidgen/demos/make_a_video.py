@@ -42,12 +42,13 @@ PROMPTS = [  # every shape x direction, colours cycling: labels for the probe, c
 ]
 
 
-def _fit(module, batches, max_steps: int, ema: bool = False):
-    """Train a LightningModule on in-memory batches for ``max_steps`` steps; (losses, seconds, trainer)."""
-    import lightning as L
+def _fit(module, batches, max_steps: int, run_dir, ema: bool = False):
+    """Train a LightningModule on in-memory batches for ``max_steps`` steps in the CLI's run layout under
+    ``run_dir`` (final state in ``<run_dir>/checkpoints/last.ckpt``); (losses, seconds, checkpoint path)."""
     from lightning.pytorch.callbacks import Callback
 
     from vidgen.callbacks.ema import EMA
+    from vidgen.demos.common import last_checkpoint, stage_trainer
 
     losses: list[float] = []
 
@@ -56,11 +57,10 @@ def _fit(module, batches, max_steps: int, ema: bool = False):
             losses.append(float(outputs["loss"]))
 
     cbs = [Record()] + ([EMA(decay=0.99)] if ema else [])
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=cbs, num_sanity_val_steps=0)
+    trainer = stage_trainer(run_dir, max_steps=max_steps, callbacks=cbs, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
-    return losses, time.perf_counter() - t0, trainer
+    return losses, time.perf_counter() - t0, last_checkpoint(run_dir)
 
 
 def area_resize(clips: torch.Tensor, size: int) -> torch.Tensor:
@@ -120,9 +120,7 @@ def run(ctx) -> dict:
             i = torch.randint(0, n, (64,), generator=g)
             f = torch.randint(0, t_src, (64,), generator=g)
             batches.append({"video": clips[i, :, f], "text": [texts[j] for j in i.tolist()]})
-        losses, secs, tr = _fit(clip, batches, steps["clip"])
-        ckpt_clip = str(out / "clip_tiny.ckpt")
-        tr.save_checkpoint(ckpt_clip, weights_only=False)
+        losses, secs, ckpt_clip = _fit(clip, batches, steps["clip"], out / "clip")
         clip.eval()
         with torch.no_grad():
             mid = val["video"][:, :, t_src // 2]
@@ -152,9 +150,7 @@ def run(ctx) -> dict:
             c = cap_idx[i]
             batches.append({"image_embed": frame_emb[i, f], "text_embed": tc["text_embed"][c],
                             "text_tokens": tc["text_tokens"][c], "text_mask": tc["text_mask"][c]})
-        losses, secs, tr = _fit(prior, batches, steps["prior"], ema=True)
-        ckpt_prior = str(out / "prior_tiny.ckpt")
-        tr.save_checkpoint(ckpt_prior, weights_only=False)
+        losses, secs, ckpt_prior = _fit(prior, batches, steps["prior"], out / "prior", ema=True)
         ctx.log(f"prior: {_loss_line(losses)} in {secs:.0f}s")
 
         # 3. decoder D on single frames (y_e = the frame's own CLIP embedding) -----------------------------------------
@@ -166,9 +162,7 @@ def run(ctx) -> dict:
             i = torch.randint(0, n, (24,), generator=g)
             f = torch.randint(0, t_src, (24,), generator=g)
             batches.append({"video": small[i, :, f], "image_embed": frame_emb[i, f]})
-        losses, secs, tr = _fit(dec, batches, steps["image"], ema=True)
-        ckpt_d = str(out / "decoder_image_tiny.ckpt")
-        tr.save_checkpoint(ckpt_d, weights_only=False)
+        losses, secs, ckpt_d = _fit(dec, batches, steps["image"], out / "decoder_image", ema=True)
         ctx.log(f"D (image stage): {_loss_line(losses)} in {secs:.0f}s, "
                 f"{sum(p.numel() for p in dec.unet.parameters()) / 1e6:.2f}M parameters")
 
@@ -181,8 +175,7 @@ def run(ctx) -> dict:
             i = torch.randint(0, n, (4,), generator=g)
             v, fps, first = _fps_clips(small[i], rng)
             batches.append({"video": v, "image_embed": frame_emb[i, first], "fps": fps})  # y_e of frame 0 of the clip
-        losses, secs, tr = _fit(dect, batches, steps["video"], ema=True)
-        tr.save_checkpoint(str(out / "decoder_video_tiny.ckpt"), weights_only=False)
+        losses, secs, ckpt_dt = _fit(dect, batches, steps["video"], out / "decoder_video", ema=True)
         new = sum(p.numel() for _, p in dect.unet.new_video_parameters())
         ctx.log(f"D^t (video stage, no captions): {_loss_line(losses)} in {secs:.0f}s; "
                 f"{new / 1e6:.2f}M new temporal/fps parameters, spatial lr x0.5")
@@ -205,7 +198,7 @@ def run(ctx) -> dict:
     rep = report_samples(ctx, "make_a_video", videos, labels=labels, captions=captions)
     res = {"summary": f"CLIP retrieval {acc:.0%} (chance {chance:.0%}); text->video with no text-video pairs: "
                       + rep.get("probe_summary", "no probe"),
-           "clip_retrieval_acc": acc, "clip_retrieval_chance": chance, "checkpoint": str(out / "decoder_video_tiny.ckpt"),
+           "clip_retrieval_acc": acc, "clip_retrieval_chance": chance, "checkpoint": ckpt_dt,
            "clip_checkpoint": ckpt_clip, "prior_checkpoint": ckpt_prior, "base_resolution": BASE,
            "num_frames": NUM_FRAMES, "steps": steps}
     res.update({k: v for k, v in rep.items() if k != "outputs"})
@@ -305,9 +298,7 @@ def run_cascade(ctx) -> dict:
         for _ in range(steps["interpolation"]):
             i = torch.randint(0, n, (2,), generator=g)
             batches.append({"video": low[i], "image_embed": y_first[i], "fps": torch.full((2,), 8.0)})
-        losses, secs, tr = _fit(up, batches, steps["interpolation"])
-        ckpt_up = str(out / "interpolation_tiny.ckpt")
-        tr.save_checkpoint(ckpt_up, weights_only=False)
+        losses, secs, ckpt_up = _fit(up, batches, steps["interpolation"], out / "interpolation")
         ctx.log(f"↑F (from D^t, 7 input channels): {_loss_line(losses)} in {secs:.0f}s")
 
         # ↑F against linear blending on held-out clips: keep every 5th frame of 16, fill the 12 between
@@ -328,9 +319,7 @@ def run_cascade(ctx) -> dict:
         # 2. SR_l^t: images first (no temporal layers), then video (temporal layers at identity) ------------------------
         srl_img = MakeAVideoSR(stage="spatiotemporal", phase="image", unet=SR_UNET, scale_factor=2, resolution=2 * b0,
                                lr=3e-3, sample_steps=SAMPLE_STEPS["sr_low"], diffusion=DIFFUSION)
-        losses, secs, tr = _fit(srl_img, _frame_batches(mid, steps["sr_low_image"], 8, g), steps["sr_low_image"])
-        ckpt_srl_img = str(out / "sr_low_image_tiny.ckpt")
-        tr.save_checkpoint(ckpt_srl_img, weights_only=False)
+        losses, secs, ckpt_srl_img = _fit(srl_img, _frame_batches(mid, steps["sr_low_image"], 8, g), steps["sr_low_image"], out / "sr_low_image")
         ctx.log(f"SR_l^t image phase ({b0}->{2 * b0}): {_loss_line(losses)} in {secs:.0f}s")
         srl = MakeAVideoSR(stage="spatiotemporal", phase="video", unet=SR_UNET, scale_factor=2, resolution=2 * b0,
                            num_frames=8, init_from=ckpt_srl_img, lr=2e-3, sample_steps=SAMPLE_STEPS["sr_low"],
@@ -339,17 +328,13 @@ def run_cascade(ctx) -> dict:
         for _ in range(steps["sr_low_video"]):
             i, s = torch.randint(0, n, (2,), generator=g), int(torch.randint(0, CASCADE_FRAMES - 8 + 1, (1,), generator=g))
             batches.append({"video": mid[i, :, s:s + 8]})
-        losses, secs, tr = _fit(srl, batches, steps["sr_low_video"])
-        ckpt_srl = str(out / "sr_low_video_tiny.ckpt")
-        tr.save_checkpoint(ckpt_srl, weights_only=False)
+        losses, secs, ckpt_srl = _fit(srl, batches, steps["sr_low_video"], out / "sr_low_video")
         ctx.log(f"SR_l^t video phase (8-frame clips): {_loss_line(losses)} in {secs:.0f}s")
 
         # 3. SR_h: per frame, no temporal layers ----------------------------------------------------------------------
         srh = MakeAVideoSR(stage="spatial", phase="image", unet=SR_UNET, scale_factor=2, resolution=4 * b0, lr=3e-3,
                            sample_steps=SAMPLE_STEPS["sr_high"], diffusion=DIFFUSION)
-        losses, secs, tr = _fit(srh, _frame_batches(hi, steps["sr_high"], 4, g), steps["sr_high"])
-        ckpt_srh = str(out / "sr_high_tiny.ckpt")
-        tr.save_checkpoint(ckpt_srh, weights_only=False)
+        losses, secs, ckpt_srh = _fit(srh, _frame_batches(hi, steps["sr_high"], 4, g), steps["sr_high"], out / "sr_high")
         ctx.log(f"SR_h ({2 * b0}->{4 * b0}, per frame): {_loss_line(losses)} in {secs:.0f}s")
 
         # 4. the cascade from the demo captions: P -> D^t -> ↑F -> SR_l^t -> SR_h, one generator -------------------------

@@ -20,7 +20,7 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import load_clips, probe_scores
+    from vidgen.demos.common import last_checkpoint, load_clips, probe_scores, stage_trainer
     from vidgen.lightning_modules.probe import VideoProbe
 
     out = Path(ctx.out_dir) / "probe"
@@ -55,12 +55,10 @@ def run(ctx) -> dict:
     torch.set_num_threads(1)  # a ~70k-parameter CNN is per-op bound: one thread is as fast and leaves a core free
     t0 = time.perf_counter()
     try:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = stage_trainer(out, max_steps=steps, limit_val_batches=0)
         trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=None))
         train_s = time.perf_counter() - t0
-        ckpt = out / "probe_tiny.ckpt"
-        trainer.save_checkpoint(str(ckpt), weights_only=False)
+        ckpt = last_checkpoint(out)
         model.eval()
         scores, _ = probe_scores(model, val["video"][:, :, : model.config.num_frames], val["label"], val["text"])
         # the same clips at stride 2 (how the Latte stage samples): the ceiling should not depend on frame rate

@@ -48,7 +48,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     from torchmetrics.image import StructuralSimilarityIndexMeasure
 
     from vidgen.callbacks.ema import EMA
-    from vidgen.demos.common import load_clips, manifest
+    from vidgen.demos.common import last_checkpoint, load_clips, manifest, stage_trainer
     from vidgen.lightning_modules.nn.quantizers import CodebookUsage
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png
@@ -98,14 +98,11 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
                 j = torch.randint(len(train["label"]), (bs,), generator=g)
                 yield {"video": train["video"][j], "label": train["label"][j], "key": [""] * bs, "text": [""] * bs}
 
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
-                        callbacks=[EMA(**(_ema_args(cfg) or {"decay": 0.99})), Curve()])
+    trainer = stage_trainer(out, max_steps=steps, callbacks=[EMA(**(_ema_args(cfg) or {"decay": 0.99})), Curve()])
     t0 = time.perf_counter()
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=None))
     dt = time.perf_counter() - t0
-    ckpt = out / f"{subdir}_tiny.ckpt"
-    trainer.save_checkpoint(str(ckpt), weights_only=False)
+    ckpt = last_checkpoint(out)
     (out / "psnr_curve.txt").write_text("# batch seconds psnr_db (raw weights, 16 procedural val clips)\n"
                                         + "".join(f"{s} {t:.1f} {p:.2f}\n" for s, t, p in curve))
     ctx.log("PSNR curve (batch: dB): " + ", ".join(f"{s}: {p:.1f}" for s, _, p in curve))

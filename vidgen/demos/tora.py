@@ -104,11 +104,10 @@ def _side_by_side(path: Path, a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor
 
 
 def run(ctx) -> dict:
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     from vidgen.callbacks.ema import EMA, ema_weights
-    from vidgen.demos.common import report_samples
+    from vidgen.demos.common import report_samples, stage_trainer
     from vidgen.lightning_modules.tora import Tora
 
     out = Path(ctx.out_dir) / "tora"
@@ -161,10 +160,8 @@ def run(ctx) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # budgeted by steps, never by seconds: the result must not depend on the machine's speed (about 70 CPU-s)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=TRAIN_STEPS // (6 if ctx.fast else 1),
-                        logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[EMA(decay=0.99), Record()])
+    trainer = stage_trainer(out, max_steps=TRAIN_STEPS // (6 if ctx.fast else 1), gradient_clip_val=1.0,
+                            callbacks=[EMA(decay=0.99), Record()])
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True)
     t0 = time.perf_counter()
     try:
