@@ -12,6 +12,7 @@ single latent frame keeps only the first); LFQ is sign (0 -> -1) with index sum_
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,20 @@ def test_switches_default_to_the_magvit2_layout_and_each_changes_the_network():
                dict(depth_to_space="pt ph pw c"), dict(causal_upsample_keep="first")):
         out = run(**sw)
         assert out.shape == ref.shape and not torch.allclose(out, ref, atol=1e-4), sw
+
+
+def test_parity_with_their_code(tmp_path):
+    """Their own Encoder/Decoder/LFQ/LitEma (not the restatement above), tiny random instances of the video layout,
+    their ucf101 layout and the image one, raw and EMA weights: same latents, same tokens, same reconstructions.
+    Runs when SEED_VOKEN_PATH names a SEED-Voken checkout (benchmarks/seed_voken_parity.py)."""
+    spec = importlib.util.spec_from_file_location("seed_voken_parity", ROOT / "benchmarks" / "seed_voken_parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    checkout = parity.find_checkout()
+    if checkout is None:
+        pytest.skip("no SEED-Voken checkout: set SEED_VOKEN_PATH to run the parity check against their code")
+    results = parity.compare(checkout, tmp_path)
+    assert len(results) == 10
+    for case, r in results.items():
+        assert r["tokens_equal"] and r["distinct_tokens"] > 1, (case, r)
+        assert r["latents"] <= parity.TOLERANCE and r["recon"] <= parity.TOLERANCE, (case, r)
