@@ -60,4 +60,6 @@ def test_demo_saves_set_weights_only():
                 if getattr(node.func, "attr") == "load" and getattr(node.func.value, "id", None) != "torch":
                     continue
                 calls.append((f.name, node.lineno, any(k.arg == "weights_only" for k in node.keywords)))
-    assert calls and all(ok for _, _, ok in calls), [c for c in calls if not c[2]]
+    # the stages save through vidgen.demos.common.stage_trainer (the CLI's LastCheckpoint, tests/test_demo_run_layout.py);
+    # any direct save or torch.load left in a stage must still say weights_only
+    assert all(ok for _, _, ok in calls), [c for c in calls if not c[2]]
