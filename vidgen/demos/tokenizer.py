@@ -1,5 +1,6 @@
 """Demo stages ``tokenizer`` and ``vae``: train the tiny MAGVIT 3D-VQ tokenizer
-(``configs/magvit/tokenizer_ucf101_tiny.yaml``: 8x32^2 -> 4x8x8 tokens) and the tiny per-frame KL VAE
+(``configs/magvit/tokenizer_ucf101_tiny.yaml``: 8x32^2 -> 4x8x8 tokens; inflated, as MAGVIT §3.1 does, from the
+per-frame 2D-VQ of ``configs/magvit/tokenizer_2d_tiny.yaml`` that the stage trains first) and the tiny per-frame KL VAE
 (``configs/latte/vae_tiny.yaml``: 8x32^2 -> 8x4x8x8 latents) on the demo train clips, then reconstruct the held-out
 val clips with the EMA weights.
 
@@ -17,12 +18,20 @@ from pathlib import Path
 import torch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_ucf101_tiny.yaml"
+CONFIG_2D = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_2d_tiny.yaml"
 VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "latte" / "vae_tiny.yaml"
 
 
 def run(ctx) -> dict:
-    """The tiny MAGVIT 3D-VQ tokenizer (tokens for the MAGVIT stage)."""
-    return train_and_report(ctx, CONFIG, "tokenizer", "tiny MAGVIT 3D-VQ")
+    """The tiny MAGVIT 3D-VQ tokenizer (tokens for the MAGVIT stage): the per-frame 2D-VQ first, then the 3D-VQ
+    centrally inflated from its EMA weights (MAGVIT §3.1) and trained on clips."""
+    image = train_and_report(ctx, CONFIG_2D, "tokenizer/image_2d", "tiny MAGVIT 2D-VQ (per frame, to inflate)",
+                             report=False)
+    res = train_and_report(ctx, CONFIG, "tokenizer", "tiny MAGVIT 3D-VQ", init_from_2d=image["checkpoint"])
+    res["image_2d"] = {k: image[k] for k in ("checkpoint", "psnr_curve", "seconds", "steps")}
+    res["summary"] += (f"; inflated from a 2D-VQ trained {image['steps']} batches ({image['seconds']:.0f}s, "
+                       f"{image['psnr_curve'][-1][2]:.1f} dB raw)")
+    return res
 
 
 def run_vae(ctx) -> dict:
@@ -42,7 +51,10 @@ def reconstruct(tok, video: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
                       for i in range(0, video.shape[0], batch_size)])
 
 
-def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
+def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: str | None = None,
+                     report: bool = True) -> dict:
+    """Train ``config``'s model on the demo clips (``init_from_2d``: inflate that 2D checkpoint first, §1.11) and,
+    with ``report``, reconstruct the val clips with the EMA weights and write the pictures."""
     import lightning as L
     import yaml
     from torchmetrics.image import StructuralSimilarityIndexMeasure
@@ -63,6 +75,8 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
         model_args["optim"] = {**model_args.get("optim", {}), "total_steps": steps}
     bs = int(data_args.get("batch_size", 4))
     L.seed_everything(ctx.seed, verbose=False)
+    if init_from_2d:
+        model_args["init_from_2d"] = init_from_2d
     model = VideoTokenizer(**model_args, num_frames=T, resolution=R)
     if model.discriminator is not None and model.dcfg.start_step < steps:
         ctx.log(f"note: the GAN starts at batch {model.dcfg.start_step}; Lightning counts G and D steps")
@@ -106,6 +120,8 @@ def train_and_report(ctx, config: Path, subdir: str, title: str) -> dict:
     (out / "psnr_curve.txt").write_text("# batch seconds psnr_db (raw weights, 16 procedural val clips)\n"
                                         + "".join(f"{s} {t:.1f} {p:.2f}\n" for s, t, p in curve))
     ctx.log("PSNR curve (batch: dB): " + ", ".join(f"{s}: {p:.1f}" for s, _, p in curve))
+    if not report:
+        return {"checkpoint": str(ckpt), "psnr_curve": curve, "seconds": dt, "steps": model.train_steps}
 
     tok = VideoTokenizer.load_frozen(str(ckpt))  # EMA weights, eval mode
     video = val["video"]

@@ -1,0 +1,45 @@
+"""The 2D-VQ recipes are the per-frame layouts of the 3D-VQ recipes they inflate into (MAGVIT §3.1), and the demo's
+tokenizer stage trains the 2D one first and hands its checkpoint to the 3D one as ``init_from_2d``."""
+
+import os
+import types
+
+import yaml
+
+from cliutil import ROOT
+
+PAIRS = [("configs/magvit/tokenizer_2d.yaml", "configs/magvit/tokenizer_ucf101.yaml"),
+         ("configs/magvit/tokenizer_2d_tiny.yaml", "configs/magvit/tokenizer_ucf101_tiny.yaml")]
+
+
+def _args(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return yaml.safe_load(f)["model"]["init_args"]
+
+
+def test_the_2d_recipes_are_their_3d_recipes_per_frame():
+    for p2, p3 in PAIRS:
+        a2, a3 = _args(p2), _args(p3)
+        assert a2["arch"]["dims"] == 2 and a3["arch"].get("dims", 3) == 3, (p2, p3)
+        same = {k: v for k, v in a3["arch"].items() if k != "dims"}
+        assert {k: a2["arch"].get(k) for k in same} == same, f"{p2} is not the per-frame layout of {p3}"
+        assert a2["bottleneck"] == a3["bottleneck"], (p2, p3)   # the codebook is copied as it is
+        assert "init_from_2d" in a3 and p2 in open(os.path.join(ROOT, p3)).read(), f"{p3} does not name {p2}"
+
+
+def test_the_demo_tokenizer_stage_inflates_its_2d_phase(monkeypatch):
+    from vidgen.demos import tokenizer as stage
+
+    calls = []
+
+    def fake(ctx, config, subdir, title, init_from_2d=None, report=True):
+        calls.append((config.name, subdir, init_from_2d, report))
+        if not report:
+            return {"checkpoint": "/x/image_2d.ckpt", "psnr_curve": [(400, 1.0, 20.0)], "seconds": 1.0, "steps": 400}
+        return {"summary": "3d", "checkpoint": "/x/3d.ckpt"}
+
+    monkeypatch.setattr(stage, "train_and_report", fake)
+    res = stage.run(types.SimpleNamespace())
+    assert [c[0] for c in calls] == ["tokenizer_2d_tiny.yaml", "tokenizer_ucf101_tiny.yaml"]
+    assert calls[1][2] == "/x/image_2d.ckpt" and calls[0][3] is False
+    assert res["checkpoint"] == "/x/3d.ckpt" and res["image_2d"]["checkpoint"] == "/x/image_2d.ckpt"
