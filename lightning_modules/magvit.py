@@ -24,6 +24,8 @@ Choices made explicitly (spec Part 7 and [unverified] items):
   configs: for the dynamic tasks OPD / IPD the stripe is drawn again at latent resolution (``linspace(0, 8, 4)`` on
   the 4x16x16 grid), which marks fewer supervoxels given than ispad where the pixel stripe straddles them.
 - GELU is the tanh approximation (flax ``nn.gelu`` default) unless ``act: gelu``.
+- ``class_conditioning: token+add`` (not in MAGVIT; default ``token``, the paper's prefix token only) also adds the
+  class token's embedding to every input embedding, for models too small / briefly trained to attend to it.
 - With ``class_dropout_prob > 0`` (CFG, not in MAGVIT v1) a dropped sample loses its whole condition: UNCOND
   class, FULL_GENERATION task token and no interior condition — exactly the unconditional decoding pass.
 """
@@ -285,6 +287,8 @@ def latent_condition_mask(given: Tensor, token_shape: tuple[int, int, int], caus
 #: for the dynamic tasks OPD / IPD: the moving stripe is drawn again on the latent grid (``w₀(t') =
 #: round(linspace(0, w/2, t))[t']``, i.e. ``linspace(0, 8, 4)`` for the 4x16x16 grid), not derived from the pixels.
 LATENT_MASK_RULES = ("paper", "official")
+#: ``class_conditioning`` rules (see :class:`MagvitConfig`)
+CLASS_CONDITIONING = ("token", "token+add")
 DYNAMIC_REGIONS = ("dynamic_vertical", "inpaint_dynamic")
 
 
@@ -377,9 +381,11 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, tokens: Tensor, offset: int = 0, add: Tensor | None = None) -> Tensor:
+        """``add`` (``[B, 1 or L, D]``, optional) joins the sum before the LN (``class_conditioning: token+add``)."""
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
-        return self.drop(self.norm(self.word(tokens) + self.position(pos)[None]))
+        x = self.word(tokens) + self.position(pos)[None]
+        return self.drop(self.norm(x if add is None else x + add))
 
 
 class BertLayer(nn.Module):
@@ -443,12 +449,13 @@ class BidirectionalTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens: Tensor, logits_from: int = 0, vocab_limit: int | None = None,
-                kv_caches: list[KVCache] | None = None, offset: int = 0) -> Tensor:
+                kv_caches: list[KVCache] | None = None, offset: int = 0, add: Tensor | None = None) -> Tensor:
         """``tokens [B, L]`` → logits ``[B, L − logits_from, vocab_limit or V]``.  ``kv_caches`` (one per layer)
-        and ``offset`` (position of ``tokens[:, 0]``) serve the causal baseline's incremental decoding."""
+        and ``offset`` (position of ``tokens[:, 0]``) serve the causal baseline's incremental decoding; ``add``
+        ``[B, 1 or L, hidden]`` is added to every input embedding before its LN (None: the paper's BERT)."""
         if tokens.shape[1] + offset > self.cfg.max_len:
             raise ValueError(f"sequence of {tokens.shape[1] + offset} tokens exceeds max_len={self.cfg.max_len}")
-        x = self.embed(tokens, offset)
+        x = self.embed(tokens, offset, add)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if kv_caches is None else kv_caches[i])
         return self.head(x[:, logits_from:], self.embed.word.weight, vocab_limit)
@@ -489,6 +496,10 @@ class MagvitConfig:
     label_smoothing: float = 1e-4
     mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine"
     class_dropout_prob: float = 0.0
+    # how the class reaches the visual tokens: "token" = the class token in the prefix only (§2.2, MAGVIT); "token+add"
+    # = also its embedding added to every input embedding (before the embedding LN), so a small, briefly trained model
+    # sees the class at every position rather than through attention to 1 of N+2 inputs (not in the paper)
+    class_conditioning: Literal["token", "token+add"] = "token"
     inpainting_token_fix: bool = False
     latent_mask: Literal["paper", "official"] = "paper"   # OPD/IPD latent condition: ispad (paper) | re-drawn stripe
     pad_value: float = -1.0
@@ -547,6 +558,9 @@ class MagvitConfig:
             raise MagvitConfigError(f"act must be 'gelu_tanh' or 'gelu', got {self.act!r}")
         if not 0 <= self.label_smoothing < 1:
             raise MagvitConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.class_conditioning not in CLASS_CONDITIONING:
+            raise MagvitConfigError(f"class_conditioning must be one of {CLASS_CONDITIONING}, got "
+                                    f"{self.class_conditioning!r}")
         if not 0 <= self.class_dropout_prob < 1:
             raise MagvitConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.guidance_scale and self.class_dropout_prob <= 0:
@@ -630,6 +644,7 @@ class MaskedVideoTransformer(L.LightningModule):
         label_smoothing: float = 1e-4,
         mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine",
         class_dropout_prob: float = 0.0,
+        class_conditioning: Literal["token", "token+add"] = "token",
         inpainting_token_fix: bool = False,
         latent_mask: Literal["paper", "official"] = "paper",
         pad_value: float = -1.0,
@@ -799,9 +814,11 @@ class MaskedVideoTransformer(L.LightningModule):
         return torch.stack(cols, dim=1).long()
 
     def forward(self, prefix: Tensor, visual: Tensor) -> Tensor:
-        """Logits over the K codes at the visual positions, ``[B, N, K]``."""
+        """Logits over the K codes at the visual positions, ``[B, N, K]``.  With ``class_conditioning: token+add``
+        the class token's embedding (the last prefix column: class or UNCOND) is also added at every position."""
+        add = self.net.embed.word(prefix[:, -1:]) if self.config.class_conditioning == "token+add" else None
         return self.net(torch.cat([prefix, visual], dim=1), logits_from=prefix.shape[1],
-                        vocab_limit=self.vocab.codebook_size)
+                        vocab_limit=self.vocab.codebook_size, add=add)
 
     # ---------------------------------------------------------------------------------------------------- training
     def commit_loss(self, batch: Mapping[str, Any], task: Task | str, ratio: float,

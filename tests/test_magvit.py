@@ -291,6 +291,65 @@ def test_generate_shapes_cfg_and_paste_back():
         m.generate(num_samples=1, task="FP")
 
 
+def test_classifier_free_guidance_logits(monkeypatch):
+    """CFG in COMMIT decoding: ``ℓ = ℓ_c + s·(ℓ_c − ℓ_u)`` with ``ℓ_u`` from the UNCOND class (and, for a dropped
+    sample, the FULL_GENERATION task token and no interior condition); ``s = 0`` is the conditional model alone."""
+    import vidgen.lightning_modules.magvit as magvit_mod
+
+    captured = {}
+
+    def fake_decode(logits_fn, fallback, *args, **kwargs):
+        captured["fn"], captured["fallback"] = logits_fn, fallback
+        return fallback.clamp(max=15)
+
+    monkeypatch.setattr(magvit_mod, "masked_decode", fake_decode)
+    torch.manual_seed(0)
+    m = tiny_model(tasks=["CG"], class_dropout_prob=0.1)
+    m.eval()
+    labels = torch.tensor([0, 3])
+    tokens = torch.randint(0, 16, (2, m.num_tokens))
+    unknown = torch.rand(2, m.num_tokens) < 0.5
+    with torch.no_grad():
+        lc = m(m.prefix(TASKS["CG"], labels, 2), tokens)
+        lu = m(m.prefix(TASKS["CG"], labels, 2, drop=torch.ones(2, dtype=torch.bool)), tokens)
+    assert not torch.allclose(lc, lu)                     # the class token changes the logits
+    for s in (0.0, 2.0):
+        m.config.guidance_scale = s
+        m.sample_tokens("CG", 2, labels)
+        got = captured["fn"](tokens, unknown)
+        assert torch.allclose(got, lc + s * (lc - lu), atol=1e-5), s
+
+
+@pytest.mark.parametrize("rule", ["token", "token+add"])
+def test_class_conditioning_rule(rule):
+    """``class_conditioning``: ``token`` is the paper's BERT over ``[task, class, visual]``; ``token+add`` also adds
+    the class token's embedding (UNCOND for a dropped sample) to every input embedding before the embedding LN."""
+    torch.manual_seed(0)
+    m = tiny_model(tasks=["CG", "FP"], class_conditioning=rule, class_dropout_prob=0.1)
+    m.eval()
+    net = m.net
+    labels, n = torch.tensor([1, -1]), 2
+    visual = torch.randint(0, 16, (n, m.num_tokens))
+    for drop in (None, torch.tensor([True, False])):
+        prefix = m.prefix(TASKS["CG"], labels, n, drop)
+        seq = torch.cat([prefix, visual], 1)
+        x = net.embed.word(seq) + net.embed.position(torch.arange(seq.shape[1]))[None]
+        if rule == "token+add":
+            cls = torch.where(labels >= 0, 16 + labels.clamp_min(0), m.vocab.uncond_id)
+            if drop is not None:
+                cls = torch.where(drop, m.vocab.uncond_id, cls)
+            x = x + net.embed.word(cls)[:, None]
+        x = net.embed.norm(x)
+        for layer in net.layers:
+            x = layer(x)
+        want = net.head(x[:, 2:], net.embed.word.weight, 16)
+        with torch.no_grad():
+            assert torch.allclose(m(prefix, visual), want, atol=1e-5)
+    with pytest.raises(MagvitConfigError, match="class_conditioning"):
+        MaskedVideoTransformer.validate_config({"codebook_size": 16, "token_shape": [4, 4, 4], "num_frames": 8,
+                                                "resolution": 16, "class_conditioning": "adaln"})
+
+
 # ------------------------------------------------------------------------------------------------------ config
 def test_validate_config_errors():
     base = dict(codebook_size=16, token_shape=[4, 4, 4], num_frames=8, resolution=16)

@@ -80,7 +80,8 @@ def run(ctx) -> dict:
     c = model.config
     ctx.log(f"tokenizer {ckpt}: {T}x{R}^2 -> tokens {tuple(grid)}, {tok.codebook_size} codes; transformer "
             f"{c.depth or 'tiny'}x{c.hidden or ''} ({sum(p.numel() for p in model.net.parameters()) / 1e3:.0f}K "
-            f"params), tasks {c.tasks}; FP given {c.condition_frames} frame(s); {steps} steps of batch {bs}")
+            f"params), tasks {c.tasks}; FP given {c.condition_frames} frame(s); {steps} steps of batch {bs}; class "
+            f"conditioning {c.class_conditioning}, class dropout {c.class_dropout_prob}, CFG scale {c.guidance_scale}")
 
     train = load_clips(ctx, "train", T, R)
     g = torch.Generator().manual_seed(ctx.seed)
@@ -141,7 +142,9 @@ def run(ctx) -> dict:
     cg_dir = rep_cg.get("probe", {}).get("direction", {}).get("accuracy")
     fp_dir = rep_fp.get("probe", {}).get("direction", {}).get("accuracy")
     pct = lambda x: f"{x * 100:.0f}%" if x is not None else "n/a"  # noqa: E731
-    ceil = (f" (tokenizer-reconstruction ceiling {pct(ceiling.get('class'))})" if ceiling else "")
+    frac = (cg_acc / ceiling["class"] if cg_acc is not None and ceiling.get("class") else None)
+    ceil = (f" (tokenizer-reconstruction ceiling {pct(ceiling.get('class'))}, i.e. {pct(frac)} of it)"
+            if ceiling else "")
     summary = (f"{len(losses)} steps in {dt:.0f}s, loss {first:.2f} -> {last:.2f}; CG probe class accuracy "
                + (pct(cg_acc) if cg_acc is not None else "n/a (no probe)") + ceil
                + f", direction {pct(cg_dir)} on {len(labels)} samples; FP direction accuracy {pct(fp_dir)}"
@@ -155,6 +158,7 @@ def run(ctx) -> dict:
             "tokenizer_ceiling": ceiling,
             "metrics": {"cg_class_accuracy": cg_acc, "cg_direction_accuracy": cg_dir, "fp_direction_accuracy": fp_dir,
                         "tokenizer_ceiling_class_accuracy": ceiling.get("class"),
+                        "cg_class_fraction_of_ceiling": frac,
                         "tokenizer_ceiling_direction_accuracy": ceiling.get("direction"),
                         "fp_given_frames_psnr_db": round(given_psnr, 2), "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
             "samples": [rep_cg["samples"], rep_fp["samples"]],
