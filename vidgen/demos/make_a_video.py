@@ -5,18 +5,30 @@ make_a_video_videopoet.md §1.1-§1.5), on the procedural clips ("a red square m
    zero-shot caption->frame retrieval accuracy on val is reported.
 2. The prior P on (frame, caption) pairs: CLIP text encodings -> CLIP image embedding (DALL-E 2 diffusion prior).
 3. The decoder D on single frames, conditioned on the frame's own CLIP image embedding (no text).
-4. D^t: temporal layers added at identity, D's weights loaded, fine-tuned on 8-frame clips WITHOUT their captions,
+4. D^t: temporal layers added at identity, D's weights loaded (spatial layers frozen, ``SPATIAL_LR_SCALE``), the new
+   temporal/fps layers trained on 8-frame clips WITHOUT their captions,
    conditioned on the CLIP embedding of the first frame and on fps (per-clip fps drawn from a Beta distribution in
    [4, 8] with the datamodule's own ``target_fps`` / ``clip_indices`` on the cached 15-frame clips).
-5. Sampling: caption -> CLIP text -> P -> y_e -> D^t (fps 4, CFG on both) -> 8 frames at 16x16 (the base of the
-   cascade, which the next stage, ``make_a_video_cascade``, takes to 36 x 64^2), scored by the demo's probe
-   (``report_samples``): shape and colour are what a CLIP image embedding carries; direction cannot pass through an
-   image embedding of one frame, which is the paper's own stated limitation (§1.1 notes), and its accuracy is
-   reported as that measure.
+5. Sampling: caption -> CLIP text -> P -> y_e -> D^t (fps 4, CFG on both, stochastic DDIM) -> 8 frames at 16x16
+   (the base of the cascade, which the next stage, ``make_a_video_cascade``, takes to 36 x 64^2), scored by the
+   demo's probe (``report_samples``): shape and colour are what a CLIP image embedding carries; direction cannot
+   pass through an image embedding of one frame, which is the paper's own stated limitation (§1.1 notes), and its
+   accuracy is reported as that measure.
 
 CLIP and the prior see 32x32 frames; D and D^t generate 16x16 (DALL-E 2 likewise pairs a 224^2 CLIP with a 64^2
 decoder). Each training phase runs a fixed number of steps (``STEPS``; a fifth with --fast) on cached tensors, so
 results do not depend on the machine's speed; the models are tiny and the samples rough.
+
+Measured 2026-12-02 (full run of main, then ``vidgen demo --only make_a_video`` on a copy; 2 cores shared with
+three other jobs, so CPU-s are inflated ~1.4x against a quiet machine): before (D 300 steps, D^t 150 steps at
+spatial lr x0.5, DDIM eta 0, CFG 3) shape 50%, colour 92%, direction 17% on the 12 prompts, 109 CPU-s; after
+(D 600, D^t 100 with frozen spatial layers, DDIM eta 1, CFG 5) shape 58%, colour 92%, direction 33%, 137 CPU-s.
+Where shape is lost (decomposition, same checkpoints): the probe reads shape from real val clips area-resized to
+16^2 at 100% (so 16^2 is not the limit); CLIP's val-frame embeddings give the right shape by nearest train frame
+90% (linear probe 80%; colour 100%); P's y_e for the 12 prompts lands on a train frame of the right shape 83% (prior
+CFG 2; 73% at CFG 1, 67% at CFG 4); D^t on the TRUE y_e of 48 val clips draws the right shape 54% (35% before
+this change, at its own CFG 3 / DDIM eta 0; D of this run 58%): the decoder, which draws blobs that the probe reads
+as circles (squares suffer most), is the weak link. The target (shape >= 70% on the prompts) is NOT met.
 """
 
 from __future__ import annotations
@@ -28,11 +40,22 @@ import numpy as np
 import torch
 
 NUM_FRAMES, RES, BASE, SRC_FRAMES = 8, 32, 16, 15  # CLIP/prior at RES^2; D, D^t (the cascade's base) at BASE^2
-STEPS = {"clip": 200, "prior": 300, "image": 300, "video": 150}  # training steps per phase
+# training steps per phase. Measured 2026-12-02 (shape read by the probe from D's samples on the TRUE y_e of 48 val
+# clips, two frames each): D at 300 steps draws coloured blobs (shape 52% DDIM eta 0 CFG 3; 46% even with an oracle
+# one-hot shape/colour condition, so neither CLIP nor P was the limit), at 600 steps 67-73% (58% for the D of the
+# stage run, frame 0 only). D^t with its spatial layers trained on (lr x0.5, 150 steps) did not improve them (true
+# y_e of 48 val clips: D 35%, D^t 35%): the spatial budget goes to D and D^t trains its new temporal/fps layers only
+# (spatial_lr_scale 0, the paper's §3.4 reading).
+STEPS = {"clip": 200, "prior": 300, "image": 600, "video": 100}
 # v-prediction for every U-Net stage of the demo (Imagen Video uses v for its whole cascade [unverified for MAV]; the
 # recipes keep eps): at a few hundred steps on these clips eps-prediction samples stay noise (sample mean -0.22 vs
 # the clips' -0.67, MSE 0.58 for D after 300 steps) while v-prediction gets the layout (mean -0.71, MSE 0.11).
 DIFFUSION = {"predict": "v"}
+# D and D^t sample with stochastic DDIM (eta 1) and CFG 5: on the same D (300 steps, true y_e of 48 val clips x 2
+# frames) shape 52% (eta 0, CFG 3) -> 64% (eta 1, CFG 3); at 600 steps 65% -> 73% (eta 1, CFG 5).
+DECODER_DIFFUSION = {**DIFFUSION, "eta": 1.0}
+DECODER_CFG = 5.0
+SPATIAL_LR_SCALE = 0.0  # D^t: 0 freezes D's spatial layers (§3.4), only the temporal/fps layers train
 UNET = dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), num_head_channels=32,
             groups=8, num_cond_tokens=2)
 PROMPTS = [  # every shape x direction, colours cycling: labels for the probe, captions for colour
@@ -156,7 +179,7 @@ def run(ctx) -> dict:
         # 3. decoder D on single frames (y_e = the frame's own CLIP embedding) -----------------------------------------
         small = area_resize(clips, BASE)  # the decoder's frames (y_e still comes from the RES^2 frames)
         dec = MakeAVideoDecoder(stage="image", unet=UNET, clip=clip_cfg, num_frames=1, resolution=BASE, lr=2e-3,
-                                cond_drop_prob=0.1, diffusion=DIFFUSION)
+                                cond_drop_prob=0.1, diffusion=DECODER_DIFFUSION)
         batches = []
         for _ in range(steps["image"]):
             i = torch.randint(0, n, (24,), generator=g)
@@ -168,8 +191,9 @@ def run(ctx) -> dict:
 
         # 4. D^t: temporal layers at identity, D loaded, clips without captions, y_e of the first frame, fps -------------
         dect = MakeAVideoDecoder(stage="video", unet=UNET, clip=clip_cfg, num_frames=NUM_FRAMES, resolution=BASE,
-                                 lr=2e-3, cond_drop_prob=0.1, init_from=ckpt_d, spatial_lr_scale=0.5, diffusion=DIFFUSION,
-                                 prior=ckpt_prior, prior_cfg_scale=2.0, cfg_scale=3.0, sample_steps=20, sample_fps=4.0)
+                                 lr=2e-3, cond_drop_prob=0.1, init_from=ckpt_d, spatial_lr_scale=SPATIAL_LR_SCALE,
+                                 diffusion=DECODER_DIFFUSION, prior=ckpt_prior, prior_cfg_scale=2.0,
+                                 cfg_scale=DECODER_CFG, sample_steps=20, sample_fps=4.0)
         batches = []
         for _ in range(steps["video"]):
             i = torch.randint(0, n, (4,), generator=g)
@@ -178,7 +202,7 @@ def run(ctx) -> dict:
         losses, secs, ckpt_dt = _fit(dect, batches, steps["video"], out / "decoder_video", ema=True)
         new = sum(p.numel() for _, p in dect.unet.new_video_parameters())
         ctx.log(f"D^t (video stage, no captions): {_loss_line(losses)} in {secs:.0f}s; "
-                f"{new / 1e6:.2f}M new temporal/fps parameters, spatial lr x0.5")
+                f"{new / 1e6:.2f}M new temporal/fps parameters, spatial lr x{SPATIAL_LR_SCALE:g}")
 
         # 5. text -> P -> y_e -> D^t ---------------------------------------------------------------------------------
         from vidgen.callbacks.ema import ema_weights
@@ -191,7 +215,8 @@ def run(ctx) -> dict:
         with ema_weights(dect):
             videos = dect.generate({"text": captions, "fps": torch.full((len(captions),), 4.0)},
                                    generator=torch.Generator().manual_seed(ctx.seed))
-        ctx.log(f"sampled {len(captions)} clips (prior DDIM 32 CFG 2 -> D^t DDIM 20 CFG 3, fps 4, EMA weights) "
+        ctx.log(f"sampled {len(captions)} clips (prior DDIM 32 CFG 2 -> D^t DDIM 20 eta 1 CFG {DECODER_CFG:g}, fps 4, "
+                f"EMA weights) "
                 f"in {time.perf_counter() - t0:.1f}s")
     finally:
         torch.set_num_threads(threads)
