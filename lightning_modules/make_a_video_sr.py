@@ -23,7 +23,7 @@ downsampled (antialiased bilinear) high-resolution frames (§1.1 notes).
 Sampling starts from pure noise (``sample_start: 1``) or, with ``sample_start: 1/k``, from the upsampled input noised
 to the top of the schedule's first ``1/k`` (SDEdit-style truncated sampling [unverified for MAV]). In the demo
 (2026-12-02) the tiny SR nets sampled from pure noise kept the D^t sample's colour in 50-67% of the clips against 92%
-at the D^t stage; from 1/2 they kept all of it (92%), see ``vidgen/demos/make_a_video.py`` ``SR_START``.
+at the D^t stage; from 1/3 they kept all of it (92%), see ``vidgen/demos/make_a_video.py`` ``SR_START``.
 """
 
 from __future__ import annotations
