@@ -11,7 +11,11 @@ channels. Trained on video only, with variable frame skips and fps conditioning;
 * extrapolation (``extrapolation_mask``): the first (or last) frames given, the rest masked (future / past);
 * image animation (``animation_mask``): one frame given.
 
-The kept frames pass through: sampling returns them unchanged (``MaskedFrameInterpolation.fill``). Conditioning on
+The kept frames pass through: sampling returns them unchanged (``MaskedFrameInterpolation.fill``); with
+``replace_given`` they also enter the noisy input at every sampling step, noised along one DDIM trajectory (as in
+training, where the noisy input is the real clip). ``t_power < 1`` draws the training timesteps towards high noise,
+where the masked frames can only come from the given ones (both options off by default; the demo's measurements are
+in ``vidgen/demos/make_a_video.py``, ``INTERP``). Conditioning on
 y_e is inherited from D^t [unverified; the paper names only fps and frame skip]. The loss is averaged over the masked
 frames (``loss_on: masked``; ``all`` averages over every frame) [unverified].
 """
@@ -31,6 +35,7 @@ from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, Mak
                                                    _defaults, _diffusion_args, _frozen, unet_state_dict)
 from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
+from vidgen.lightning_modules.nn.diffusion.common import randn
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNET_SIZES, UNetConfigError,
                                               unet_config)
 
@@ -118,6 +123,15 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             ``(n - 1) * skip + 1`` frames for the drawn skip.
         sample_skip: the skip ``generate`` interpolates with (5: 16 -> 76 frames). sample_fps: the fps of the INPUT
             clip when a batch gives none; ↑F is conditioned on the output fps = input fps x skip.
+        replace_given: sampling also puts the given frames into the noisy input: at every step the U-Net sees them
+            as ``q(x_t | given) = sqrt(a_t) x + sqrt(1 - a_t) eps`` (one ``eps`` per sample, the DDIM trajectory of
+            the known frames) instead of its own running estimate of them, as in training, where the noisy input
+            is the real clip given frames included ("replacement", Ho et al. 2022 Video Diffusion Models §3.1
+            [unverified for MAV: the paper names only the mask channels]). Gaussian diffusion only.
+        t_power: training timesteps ``t = floor(T u^p)``, ``u ~ U(0, 1)`` (``training_timesteps``): 1 is the usual
+            uniform draw; ``p < 1`` favours the high noise levels, where the masked frames can only come from the
+            given ones and y_e (density ``∝ t^(1/p - 1)``: 0.5 -> linear in t, mean 2T/3) [unverified: a
+            training-budget choice, not the paper's].
         diffusion, sampler, sample_steps, cfg_scale, cond_drop_prob, cond_frame: as ``MakeAVideoDecoder``.
     """
 
@@ -142,6 +156,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         cfg_scale: float = 1.0,
         sample_skip: int = 5,
         sample_fps: float = 4.0,
+        replace_given: bool = False,
+        t_power: float = 1.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
     ):
@@ -186,6 +202,11 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
                                         f"{a['num_frames']}-frame clip: drop them or raise data.num_frames")
         if a["sample_skip"] < 1:
             raise MakeAVideoConfigError(f"sample_skip must be >= 1, got {a['sample_skip']}")
+        if a["replace_given"] and (a.get("diffusion") or {}).get("process", "gaussian") != "gaussian":
+            raise MakeAVideoConfigError("replace_given noises the given frames with the Gaussian schedule: "
+                                        "set replace_given: false for diffusion.process: flow")
+        if not 0 < a["t_power"] <= 1:
+            raise MakeAVideoConfigError(f"t_power must be in (0, 1] (1: uniform timesteps), got {a['t_power']}")
         if a["loss_on"] not in ("masked", "all"):
             raise MakeAVideoConfigError(f"loss_on must be 'masked' or 'all', got {a['loss_on']!r}")
         if not 0 <= a["cond_drop_prob"] < 1:
@@ -235,6 +256,23 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             kw["loss_mask"] = rearrange(~keep.to(self.device), "t -> 1 1 t 1 1")
         return x0, kw
 
+    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """``[n]`` training timesteps ``floor(T u^t_power)`` (None at ``t_power`` 1: the diffusion's uniform draw)."""
+        p = float(self.hparams.t_power)
+        if p == 1.0:
+            return None
+        steps = self.diffusion.num_timesteps
+        u = torch.rand(n, generator=generator, device=generator.device if generator is not None else "cpu")
+        return (steps * u.double() ** p).long().clamp(max=steps - 1).to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, kw = self.model_inputs(batch, train=True)
+        mask = kw.pop("loss_mask", None)
+        t = self.training_timesteps(x0.shape[0])
+        loss = self.diffusion.training_losses(self.denoiser, x0, kw, t=t, mask=mask)["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         return self.unet(x, t, **kwargs)
 
@@ -258,10 +296,13 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
                 "fps": fps.to(self.device).float(), "frame_skip": skip,
                 "x_cond": masked_frames(video.to(self.device).float(), keep)}
         uncond = {**cond, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
+        model = self.unet
+        if hp.replace_given:
+            model = self._given_frames_in_x_t(video.to(self.device).float(), keep, generator)
         was = self.unet.training
         self.unet.eval()
         try:
-            x = self.diffusion.sample(self.unet, tuple(video.shape), sampler=hp.sampler,
+            x = self.diffusion.sample(model, tuple(video.shape), sampler=hp.sampler,
                                       steps=hp.sample_steps if steps is None else steps, cfg_scale=scale,
                                       generator=generator, model_kwargs=cond,
                                       uncond_kwargs=uncond if scale != 1.0 else None, noise=noise, device=self.device)
@@ -269,6 +310,21 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             self.unet.train(was)
         k = rearrange(keep.to(self.device), "t -> 1 1 t 1 1")
         return torch.where(k, video.to(self.device).float(), x.clamp(-1, 1))
+
+    def _given_frames_in_x_t(self, video: Tensor, keep: Tensor, generator: torch.Generator | None):
+        """The U-Net with its noisy input's given frames replaced by ``sqrt(a_t) video + sqrt(1 - a_t) eps`` (``t``
+        the original-schedule timestep the sampler feeds the model; one ``eps`` drawn here for the whole run)."""
+        eps = randn(tuple(video.shape), generator, video.device)
+        abar = torch.cumprod(1 - torch.as_tensor(self.diffusion.base_betas, dtype=torch.float64), 0).float()
+        k = rearrange(keep.to(video.device), "t -> 1 1 t 1 1")
+
+        def fn(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+            r = x.shape[0] // video.shape[0]  # classifier-free guidance doubles the batch
+            v, e = (repeat(z, "b ... -> (r b) ...", r=r) for z in (video, eps))
+            a = rearrange(abar.to(x.device)[t], "b -> b 1 1 1 1")
+            return self.unet(torch.where(k, a.sqrt() * v + (1 - a).sqrt() * e, x), t, **kwargs)
+
+        return fn
 
     def interpolate(self, video: Tensor, skip: int, y_e: Tensor | None = None, fps: Tensor | None = None,
                     generator: torch.Generator | None = None, **kwargs: Any) -> Tensor:

@@ -19,6 +19,11 @@ downsampled (antialiased bilinear) high-resolution frames (§1.1 notes).
   noise differs between clips) so hallucinated detail stays consistent across frames. The noise augmentation of the
   conditioning is shared across the frames of a clip for the same reason. ``frame_batch`` bounds the frames per U-Net
   call (memory); it does not change the result with the deterministic DDIM sampler.
+
+Sampling starts from pure noise (``sample_start: 1``) or, with ``sample_start: 1/k``, from the upsampled input noised
+to the top of the schedule's first ``1/k`` (SDEdit-style truncated sampling [unverified for MAV]). In the demo
+(2026-12-02) the tiny SR nets sampled from pure noise kept the D^t sample's colour in 50-67% of the clips against 92%
+at the D^t stage; from 1/3 they kept all of it (92%), see ``vidgen/demos/make_a_video.py`` ``SR_START``.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
         frame_batch: SR_h frames per U-Net call when sampling (0: all frames of the batch at once).
         shared_noise: SR_h: one initial noise (and aug noise) per clip, repeated over its frames (§1.1); False draws
             it per frame (the ablation).
+        sample_start: where sampling starts, as a fraction ``1/k`` of the schedule: 1 from pure noise (the paper);
+            ``1/k`` from the upsampled input noised to the top of the schedule's first ``1/k``,
+            ``q(x_t0 | up(low))``, with the ``sample_steps`` steps spread below ``t0`` (SDEdit-style truncated
+            sampling [unverified for MAV]: coarse content and colour come from the input, the model adds detail).
         diffusion, sampler, sample_steps: as ``MakeAVideoDecoder`` (fewer steps than the decoder, §1.6 [unverified]).
     """
 
@@ -131,6 +140,7 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
         chunk_overlap: int = 4,
         frame_batch: int = 0,
         shared_noise: bool = True,
+        sample_start: float = 1.0,
         diffusion: dict | None = None,
         sampler: Literal["ddpm", "ddim"] = "ddim",
         sample_steps: int | str = 32,
@@ -172,6 +182,13 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
             raise MakeAVideoConfigError(f"scale_factor must be >= 1, got {a['scale_factor']}")
         if not 0 <= a["noise_aug_max"] <= 1 or not 0 <= a["sample_aug_level"] <= 1:
             raise MakeAVideoConfigError("noise_aug_max and sample_aug_level are fractions of the schedule in [0, 1]")
+        k = 1 / a["sample_start"] if a["sample_start"] > 0 else 0
+        if not 0 < a["sample_start"] <= 1 or abs(k - round(k)) > 1e-6:
+            raise MakeAVideoConfigError(f"sample_start must be 1/k for an integer k >= 1 (1, 0.5, 0.25, ...), "
+                                        f"got {a['sample_start']}")
+        if a["sample_start"] < 1 and not isinstance(a["sample_steps"], int):
+            raise MakeAVideoConfigError("sample_start < 1 spreads an integer number of sample_steps below t0: set "
+                                        f"sample_steps to an int, got {a['sample_steps']!r}")
         if a["chunk_frames"] < 0 or a["frame_batch"] < 0:
             raise MakeAVideoConfigError("chunk_frames and frame_batch must be >= 0 (0: off)")
         if a["chunk_frames"] and not 0 <= a["chunk_overlap"] < a["chunk_frames"]:
@@ -266,13 +283,28 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
                 fn = (chunked_over_time(self.unet, hp.chunk_frames, hp.chunk_overlap)
                       if hp.chunk_frames and t > hp.chunk_frames else self.unet)
                 shape = (b, c, t, *size)
-                out = self.diffusion.sample(fn, shape, sampler=hp.sampler, steps=steps, generator=generator,
+                spec, x_start = self.start(steps, upsample_bilinear(low, size), generator)
+                out = self.diffusion.sample(fn, shape, sampler=hp.sampler, steps=spec, generator=generator,
                                             model_kwargs={"x_cond": x_cond, "aug_level": aug_t.float()},
-                                            device=self.device)
+                                            noise=x_start, device=self.device)
         finally:
             self.unet.train(was)
         out = out.clamp(-1, 1)
         return out[:, :, 0] if image else out
+
+    def start(self, steps: int | str, up: Tensor, generator: torch.Generator | None = None,
+              noise: Tensor | None = None) -> tuple[int | str, Tensor | None]:
+        """(the sampler's steps, its initial ``x``): ``(steps, noise)`` at ``sample_start`` 1 (``noise`` None: the
+        sampler draws it); at ``1/k`` the respacing ``"steps,0,...,0"`` (k sections: every step in the first) and
+        ``sqrt(a_t0) up + sqrt(1 - a_t0) noise`` at its top timestep ``t0``."""
+        k = round(1 / self.hparams.sample_start)
+        if k == 1:
+            return steps, noise
+        spec = ",".join([str(int(steps))] + ["0"] * (k - 1))
+        t0 = int(self.diffusion.respaced(spec).timestep_map[-1])
+        noise = randn(tuple(up.shape), generator, up.device) if noise is None else noise
+        t = torch.full((up.shape[0],), t0, dtype=torch.long, device=up.device)
+        return spec, self.diffusion.respaced("").q_sample(up.float(), t, noise.to(up.device))
 
     def _per_frame(self, low: Tensor, size: tuple[int, int], generator, steps, aug_level, frame_batch: int) -> Tensor:
         """SR_h: every frame alone, one initial noise (and aug noise) per clip shared by its frames (§1.1)."""
@@ -292,8 +324,9 @@ class MakeAVideoSR(CLIPConditionedDiffusion):
             sl = slice(s, min(n, s + step))
             aug_t = self.aug_timesteps(sl.stop - sl.start, False, level=aug_level)
             x_cond = self.condition(frames[sl], size, aug_t, aug_noise[sl])
+            spec, x_start = self.start(steps, upsample_bilinear(frames[sl].float(), size), noise=noise[sl])
             outs.append(self.diffusion.sample(self.unet, (sl.stop - sl.start, c, *size), sampler=self.hparams.sampler,
-                                              steps=steps, generator=generator, noise=noise[sl],
+                                              steps=spec, generator=generator, noise=x_start,
                                               model_kwargs={"x_cond": x_cond, "aug_level": aug_t.float()},
                                               device=self.device))
         return rearrange(torch.cat(outs), "(b t) c h w -> b c t h w", b=b)

@@ -90,6 +90,72 @@ def test_upF_at_init_equals_Dt_on_the_noisy_channels_and_kept_frames_pass_throug
     assert not torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
 
 
+def test_upF_replace_given_feeds_the_given_frames_noised_along_one_trajectory():
+    """replace_given: at every sampling step the U-Net's noisy input holds the given frames as
+    sqrt(a_t) x + sqrt(1 - a_t) eps with ONE eps for the run (t the original-schedule timestep it receives), under
+    CFG too; the masked frames keep the sampler's own x_t; off, the given frames are the sampler's own."""
+    torch.manual_seed(0)
+    up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=7, resolution=8, frame_skips=[3], sample_steps=4,
+                                  cond_drop_prob=0.1, cfg_scale=2.0, replace_given=True)
+    _randomise(up.unet, 0.1)
+    seen = []
+    up.unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0].clone(), a[1].clone())), with_kwargs=True)
+    g = torch.Generator().manual_seed(0)
+    clip = torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1
+    y_e = torch.randn(2, 64, generator=g)
+    out = up.interpolate(clip, 3, y_e=y_e, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
+    assert len(seen) == 4 and all(x.shape[0] == 4 for x, _ in seen)  # 4 steps, CFG doubles the batch
+    full, keep = spread_frames(clip, 3)
+    abar = torch.cumprod(1 - torch.as_tensor(up.diffusion.base_betas), 0).float()
+    eps = []
+    for x, t in seen:
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        e = (x[:, :, keep] - a.sqrt() * torch.cat([clip, clip])) / (1 - a).sqrt()
+        torch.testing.assert_close(e[:2], e[2:])  # the conditional and unconditional halves see the same input
+        eps.append(e)
+    for e in eps[1:]:
+        torch.testing.assert_close(e, eps[0], rtol=0, atol=1e-4)  # one eps: the given frames' DDIM trajectory
+    assert 0.7 < float(eps[0].std()) < 1.3
+    assert torch.equal(out[:, :, keep], clip)  # and the given frames come back unchanged
+    # off: the given frames of the model's input are the sampler's own x_t (the last step's is no noised clip)
+    up.hparams.replace_given = False
+    seen.clear()
+    up.interpolate(clip, 3, y_e=y_e, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
+    x, t = seen[-1]
+    a = abar[t].view(-1, 1, 1, 1, 1)
+    e = (x[:2, :, keep] - a[:2].sqrt() * clip) / (1 - a[:2]).sqrt()
+    assert (e - eps[0][:2]).abs().max() > 1e-2
+    with pytest.raises(MakeAVideoConfigError, match="replace_given"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 7, "resolution": 8, "unet": UNET,
+                                                  "frame_skips": [3], "replace_given": True,
+                                                  "diffusion": {"process": "flow"}})
+
+
+def test_upF_t_power_draws_floor_T_u_to_the_p_and_training_uses_it():
+    up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=7, resolution=8, frame_skips=[3],
+                                  masks={"interpolation": 1.0}, t_power=0.5)
+    T = up.diffusion.num_timesteps
+    t = up.training_timesteps(20000, torch.Generator().manual_seed(0)).double()
+    assert int(t.min()) >= 0 and int(t.max()) <= T - 1
+    # t = floor(T sqrt(u)): P(t < T/2) = 1/4, E[t] = 2T/3 - 1/2
+    assert abs(float((t < T / 2).double().mean()) - 0.25) < 0.015
+    assert abs(float(t.mean()) - (2 * T / 3 - 0.5)) < 8
+    u = torch.rand(5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(up.training_timesteps(5, torch.Generator().manual_seed(3)),
+                               (T * u.double() ** 0.5).long())
+    assert MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=7, resolution=8,
+                                    frame_skips=[3]).training_timesteps(4) is None  # 1: the uniform draw
+    seen = {}
+    orig = up.diffusion.training_losses
+    up.diffusion.training_losses = lambda *a, **kw: seen.update(kw) or orig(*a, **kw)
+    up.training_step({"video": torch.rand(2, 3, 7, 8, 8) * 2 - 1, "image_embed": torch.randn(2, 64),
+                      "fps": torch.full((2,), 8.0)}, 0)
+    assert seen["t"].shape == (2,) and seen["mask"] is not None
+    with pytest.raises(MakeAVideoConfigError, match="t_power"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 7, "resolution": 8, "unet": UNET,
+                                                  "frame_skips": [3], "t_power": 1.5})
+
+
 def test_upF_training_batches_draw_masks_and_skips():
     up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=11, resolution=8, frame_skips=[2, 5],
                                   masks={"interpolation": 1.0})
@@ -189,6 +255,35 @@ def test_sr_h_shares_the_initial_noise_across_frames_not_clips_and_frame_batchin
     per_frame.load_state_dict(sr.state_dict())
     pf = per_frame.upsample(low, torch.Generator().manual_seed(0))
     assert (pf[:, :, 1] - pf[:, :, 0]).abs().max() > 1e-3  # the ablation: per-frame noise breaks the consistency
+
+
+@pytest.mark.parametrize("stage,phase", [("spatial", "image"), ("spatiotemporal", "video")])
+def test_sr_sample_start_begins_at_the_noised_upsampled_input(stage, phase):
+    """sample_start 1/k: the first U-Net call is at t0 = the top of the first 1/k of the schedule, on
+    sqrt(a_t0) up(low) + sqrt(1 - a_t0) eps, and the sample_steps steps all lie below t0; SR_h keeps one noise per clip."""
+    from vidgen.lightning_modules.make_a_video_sr import upsample_bilinear
+
+    torch.manual_seed(0)
+    sr = _sr(stage=stage, phase=phase, sample_start=0.5, sample_aug_level=0.0, sample_steps=3)
+    _randomise(sr.unet, 0.1)
+    calls = []
+    sr.unet.register_forward_pre_hook(lambda m, a, kw: calls.append((a[0].clone(), a[1].clone())), with_kwargs=True)
+    frame = torch.rand(1, 3, 1, 4, 4) * 2 - 1
+    low = torch.cat([repeat(frame, "1 c 1 h w -> 1 c t h w", t=3), torch.rand(1, 3, 3, 4, 4) * 2 - 1])
+    out = sr.upsample(low, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 3, 8, 8) and len(calls) == 3
+    x, t = calls[0]
+    assert torch.all(t == 499) and all(int(tt.max()) < 499 for _, tt in calls[1:])  # 1000 steps, k = 2
+    abar = torch.cumprod(1 - torch.as_tensor(sr.diffusion.base_betas), 0).float()[499]
+    up = upsample_bilinear(low, (8, 8))
+    up = rearrange(up, "b c t h w -> (b t) c h w") if stage == "spatial" else up
+    eps = (x - abar.sqrt() * up) / (1 - abar).sqrt()
+    assert abs(float(eps.mean())) < 0.15 and 0.8 < float(eps.std()) < 1.2
+    if stage == "spatial":  # identical LR frames: identical start and output (one noise per clip)
+        torch.testing.assert_close(eps[1], eps[0]) and torch.testing.assert_close(out[0, :, 1], out[0, :, 0])
+    assert sr.start(3, up)[0] == "3,0"
+    with pytest.raises(MakeAVideoConfigError, match="sample_start"):
+        _sr(sample_start=0.4)
 
 
 def test_sr_l_temporal_chunking_and_images_then_video(tmp_path):
