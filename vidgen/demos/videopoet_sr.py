@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-# Budgeted by steps. Measured 2026-12-02 on /tmp/demo0's tokenizer (cached tokens, 16 val clips, greedy decoding;
+# Budgeted by steps. Measured 2026-12-02 on the from-scratch demo tokenizer (22.8 dB) (cached tokens, 16 val clips, greedy decoding;
 # tokenizer ceiling 22.82 dB, LR tokens + bicubic 14.02 dB): depth 2, lr 3e-3, 400 steps: HR token acc 21.9%, SR 16.83 dB,
 # 74 train CPU-s; depth 2, 800 steps: 41.4%, 19.16 dB, 155 CPU-s (over budget); depth 1 (3 axis layers), lr 6e-3,
 # 800 steps: 36.4%, 18.15 dB, 86 train CPU-s (this setting). The model is still learning at the end (not converged):
