@@ -43,3 +43,31 @@ def test_the_demo_tokenizer_stage_inflates_its_2d_phase(monkeypatch):
     assert [c[0] for c in calls] == ["tokenizer_2d_tiny.yaml", "tokenizer_ucf101_tiny.yaml"]
     assert calls[1][2] == "/x/image_2d.ckpt" and calls[0][3] is False
     assert res["checkpoint"] == "/x/3d.ckpt" and res["image_2d"]["checkpoint"] == "/x/image_2d.ckpt"
+
+
+def test_a_recipe_with_fewer_frames_trains_on_random_windows_of_the_clips():
+    """The per-frame recipes (num_frames 1) and short 3D windows see a random window of each decoded clip, as the
+    datamodule's random clip offset gives them under `vidgen fit`, not always the clip's first frames."""
+    import torch
+
+    from vidgen.demos.tokenizer import random_windows
+
+    clips = torch.arange(6 * 8, dtype=torch.float32).view(6, 1, 8, 1, 1).expand(6, 3, 8, 2, 2).contiguous()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(random_windows(clips, 8, g), clips)
+    starts = set()
+    for _ in range(20):
+        w = random_windows(clips, 3, g)
+        assert w.shape == (6, 3, 3, 2, 2)
+        for b in range(6):
+            s = int(w[b, 0, 0, 0, 0]) - b * 8           # frame index of the window's first frame in clip b
+            assert 0 <= s <= 5 and torch.equal(w[b], clips[b, :, s:s + 3])
+            starts.add(s)
+    assert starts == set(range(6))                        # every offset occurs
+
+
+def test_the_per_frame_demo_recipes_train_on_single_frames_of_many_clips():
+    for path in ("configs/magvit/tokenizer_2d_tiny.yaml", "configs/latte/vae_tiny.yaml"):
+        with open(os.path.join(ROOT, path)) as f:
+            data = yaml.safe_load(f)["data"]["init_args"]
+        assert data["num_frames"] == 1 and data["batch_size"] >= 16, path

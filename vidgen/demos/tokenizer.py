@@ -19,6 +19,7 @@ import torch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_ucf101_tiny.yaml"
 CONFIG_2D = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_2d_tiny.yaml"
+CLIP_FRAMES = 8  # frames per decoded demo clip: the 3D recipe's num_frames
 VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "latte" / "vae_tiny.yaml"
 
 
@@ -80,8 +81,11 @@ def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: s
     model = VideoTokenizer(**model_args, num_frames=T, resolution=R)
     if model.discriminator is not None and model.dcfg.start_step < steps:
         ctx.log(f"note: the GAN starts at batch {model.dcfg.start_step}; Lightning counts G and D steps")
-    train = load_clips(ctx, "train", T, R)
-    val = load_clips(ctx, "val", T, R)
+    # the clips are decoded once at the 3D recipe's length; a recipe with fewer frames (the per-frame 2D phase at
+    # num_frames 1) trains on a random window of each, as the datamodule's random clip offset gives it in `vidgen fit`
+    clip_frames = max(T, CLIP_FRAMES)
+    train = load_clips(ctx, "train", clip_frames, R)
+    val = load_clips(ctx, "val", clip_frames, R)
     n_proc = int(manifest(ctx).get("procedural_classes", 12))
     proc = (val["label"] >= 0) & (val["label"] < n_proc)
     grid = (f"tokens {model.token_shape(T, R, R)}, {model.codebook_size} codes" if model.codebook_size
@@ -110,7 +114,8 @@ def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: s
         def __iter__(self):
             while True:
                 j = torch.randint(len(train["label"]), (bs,), generator=g)
-                yield {"video": train["video"][j], "label": train["label"][j], "key": [""] * bs, "text": [""] * bs}
+                yield {"video": random_windows(train["video"][j], T, g), "label": train["label"][j],
+                       "key": [""] * bs, "text": [""] * bs}
 
     trainer = stage_trainer(out, max_steps=steps, callbacks=[EMA(**(_ema_args(cfg) or {"decay": 0.99})), Curve()])
     t0 = time.perf_counter()
@@ -139,7 +144,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: s
     show = torch.cat([torch.nonzero(proc).flatten()[:6], torch.nonzero(~proc).flatten()[:2]])
     pairs = torch.cat([video[show], rec[show]], dim=-1)  # input | reconstruction
     mp4 = save_video_grid_mp4(str(out / "reconstructions.mp4"), pairs, fps=8, nrow=2)
-    png = write_grid_png(str(out / "reconstructions.png"), pairs, max_frames=T)
+    png = write_grid_png(str(out / "reconstructions.png"), pairs, max_frames=clip_frames)
     codes = (f", codebook usage {float(u['usage']) * 100:.0f}% (perplexity {float(u['perplexity']):.0f})"
              if u is not None else "")
     res = {
@@ -154,6 +159,16 @@ def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: s
         res.update(codebook_usage=float(u["usage"]), perplexity=float(u["perplexity"]))
     ctx.log(res["summary"])
     return res
+
+
+def random_windows(video: torch.Tensor, num_frames: int, generator: torch.Generator) -> torch.Tensor:
+    """A window of ``num_frames`` consecutive frames at a random offset of each clip of ``video`` [B, C, T, H, W]
+    (the clips themselves when ``num_frames`` is their length)."""
+    t = video.shape[2]
+    if num_frames >= t:
+        return video
+    start = torch.randint(t - num_frames + 1, (video.shape[0],), generator=generator)
+    return torch.stack([v[:, s:s + num_frames] for v, s in zip(video, start.tolist())])
 
 
 def _ema_args(cfg: dict) -> dict | None:
