@@ -22,7 +22,8 @@ Choices the paper leaves open, made once here [unverified]: pre-LN residual laye
 each block; learned absolute per-axis position embeddings (t, h, w summed) for the HR and LR grids; a dropped LR
 condition is every LR token replaced by the ``[MASK]`` sub-tokens, a dropped text is one learned null embedding;
 the noise fraction of each sample is ``U(0, lr_noise)``; the masked-token loss is the cross-entropy on the masked
-positions (MaskGIT), per sub-token head, summed over heads.
+positions (MaskGIT), per sub-token head, summed over heads (``loss_tokens: all``: on every HR position, MAGVIT's
+mask+recons weighting).
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ class VideoPoetSRConfig:
     lr_noise: float = 0.2                          # max fraction of LR tokens resampled [unverified: not given]
     mask_schedule: str = "cosine"
     label_smoothing: float = 0.0
+    loss_tokens: str = "masked"                    # "masked" (MaskGIT) | "all" (MAGVIT's mask+recons weighting)
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -361,6 +363,8 @@ class VideoPoetSRConfig:
         for key in ("text_dropout", "lr_dropout", "lr_noise"):
             if not 0 <= getattr(self, key) < 1:
                 raise SRConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.loss_tokens not in ("masked", "all"):
+            raise SRConfigError(f"loss_tokens must be 'masked' (MaskGIT) or 'all' (MAGVIT), got {self.loss_tokens!r}")
         if self.mask_schedule not in SCHEDULES:
             raise SRConfigError(f"mask_schedule must be one of {SCHEDULES}, got {self.mask_schedule!r}")
         if self.decode_steps < 1:
@@ -433,6 +437,7 @@ class VideoPoetSR(L.LightningModule):
         lr_noise: float = 0.2,
         mask_schedule: str = "cosine",
         label_smoothing: float = 0.0,
+        loss_tokens: str = "masked",
         width: int | None = None,
         depth: int | None = None,
         heads: int | None = None,
@@ -620,7 +625,8 @@ class VideoPoetSR(L.LightningModule):
         emb, ln = self.text_of(batch, B)
         text_mask = None if emb is None else torch.arange(emb.shape[1], device=hr.device)[None] < ln[:, None]
         logits = self.net(inputs, lr_in, emb, text_mask, keep_text=~drop_text)
-        out = factorized_loss(logits, hr, self.fact, masked, c.label_smoothing)
+        weight = masked if c.loss_tokens == "masked" else torch.ones_like(masked)
+        out = factorized_loss(logits, hr, self.fact, weight, c.label_smoothing)
         with torch.no_grad():
             pred = self.fact.merge(torch.stack([lg.argmax(-1) for lg in logits], -1))
             out["acc"] = (pred == hr)[masked].float().mean()

@@ -128,6 +128,34 @@ def test_two_head_loss_is_the_sum_of_the_parts_and_the_joint_factorised_cross_en
     assert torch.allclose(out["loss"], F.cross_entropy(joint[masked], codes[masked]), atol=1e-5)
 
 
+def test_loss_tokens_all_weights_every_position_and_masked_only_the_masked_ones():
+    """``loss_tokens``: "masked" (MaskGIT) scores the masked positions only, "all" (MAGVIT's mask+recons weighting)
+    every HR position, on the same logits and the same mask."""
+    from vidgen.lightning_modules.nn.masking import random_token_mask, sample_mask_ratio
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    batch = {"tokens": torch.randint(0, 256, (2, 4, 8, 8), generator=g),
+             "lr_tokens": torch.randint(0, 256, (2, 4, 4, 4), generator=g)}
+    hr = batch["tokens"].flatten(1)
+    losses = {}
+    for mode in ("masked", "all"):
+        m = _tiny(loss_tokens=mode, text_dropout=0.0, lr_dropout=0.0, lr_noise=0.0, text_guidance=1.0)
+        seen = []
+        m.net.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        out = m.step_loss(batch, 7)
+        gen = m._generator(7)
+        ratio = sample_mask_ratio(gen, m.config.mask_schedule, hr.shape[1])
+        masked = random_token_mask(2, hr.shape[1], ratio, gen, hr.device)
+        assert 0 < int(masked.sum()) < masked.numel()
+        weight = masked if mode == "masked" else torch.ones_like(masked)
+        assert torch.allclose(out["loss"], factorized_loss(seen[0], hr, m.fact, weight)["loss"])
+        losses[mode] = float(out["loss"])
+    assert abs(losses["masked"] - losses["all"]) > 1e-4
+    with pytest.raises(SRConfigError, match="loss_tokens"):
+        _tiny(loss_tokens="some")
+
+
 # ---------------------------------------------------------------------------------------------------- guidance
 def test_dual_guidance_formula_and_unit_scales():
     torch.manual_seed(0)
