@@ -55,7 +55,10 @@ NUM_FRAMES, RES, BASE, SRC_FRAMES = 8, 32, 16, 15  # CLIP/prior at RES^2; D, D^t
 # clips x 2 seeds / P's y_e of the 12 captions x 4 seeds (shape; colour 93-100% throughout; +-7 points between seeds):
 # this D (batch 24, 600 steps, 79 CPU-s) 59% / 73%; batch 48 x 430 steps (same CPU-s) 62% / 71%; that + attention at
 # 8^2 too + y_e scaled by sqrt(64) 60% / 77%; model_channels 24 x 400 steps (same CPU-s) 52% / 69%; CFG 2 / 5 / 9
-# 62 / 62 / 57% and 73 / 71 / 69%. None of these is a clear gain: the decoder still draws blobs.
+# 62 / 62 / 57% and 73 / 71 / 69%. None of these is a clear gain: the decoder still draws blobs. Twice the steps (1200,
+# ~2x the D CPU-s, over the stage's budget) 72% / 73%: more training lifts the true-y_e shape, not the captions' (P's
+# y_e; "a blue triangle moving left" comes out an empty frame at every draw, which the probe happens to read as a
+# triangle).
 STEPS = {"clip": 200, "prior": 300, "image": 600, "video": 100}
 # v-prediction for every U-Net stage of the demo (Imagen Video uses v for its whole cascade [unverified for MAV]; the
 # recipes keep eps): at a few hundred steps on these clips eps-prediction samples stay noise (sample mean -0.22 vs
