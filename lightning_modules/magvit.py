@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 
 from .nn.attention import KVCache, MultiHeadAttention
-from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
+from .nn.masking import SCHEDULES, DecodeStep, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.optim import transformer_adamw
 
 __all__ = [
@@ -289,6 +289,8 @@ def latent_condition_mask(given: Tensor, token_shape: tuple[int, int, int], caus
 LATENT_MASK_RULES = ("paper", "official")
 #: ``class_conditioning`` rules (see :class:`MagvitConfig`)
 CLASS_CONDITIONING = ("token", "token+add")
+#: ``decode_order`` rules (see :class:`MagvitConfig`)
+DECODE_ORDERS = ("all", "frames")
 DYNAMIC_REGIONS = ("dynamic_vertical", "inpaint_dynamic")
 
 
@@ -365,6 +367,12 @@ class BertConfig:
     # copying long before any token-to-token rule (measured: tests/test_magvit.py::test_class_token_decides_the_motion).
     init_std: float = 0.02
     causal: bool = False          # True only for the autoregressive baseline of benchmarks/decode.py
+    # "absolute": one learned embedding per sequence position (BERT / MAGVIT); "factorized": the prefix keeps its
+    # absolute embeddings, a visual token at latent (t, h, w) gets e_t + e_h + e_w (needs grid and prefix_len; not in
+    # MAGVIT: a small, briefly trained model then shares what it learns about "same place, next frame" across places)
+    position_embedding: Literal["absolute", "factorized"] = "absolute"
+    grid: tuple[int, int, int] | None = None
+    prefix_len: int = 0
 
 
 def _gelu(kind: str) -> nn.Module:
@@ -377,14 +385,33 @@ class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.position = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.factorized = cfg.position_embedding == "factorized"
+        if self.factorized:
+            if cfg.grid is None:
+                raise ValueError("position_embedding 'factorized' needs the token grid (t, h, w)")
+            self.grid, self.prefix_len = tuple(int(g) for g in cfg.grid), int(cfg.prefix_len)
+            self.position = nn.Embedding(max(1, self.prefix_len), cfg.hidden)
+            self.pos_t, self.pos_h, self.pos_w = (nn.Embedding(n, cfg.hidden) for n in self.grid)
+        else:
+            self.position = nn.Embedding(cfg.max_len, cfg.hidden)
         self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def position_embedding(self, pos: Tensor) -> Tensor:
+        """``[L, D]`` for sequence positions ``pos``: absolute, or prefix-absolute + ``e_t + e_h + e_w``."""
+        if not self.factorized:
+            return self.position(pos)
+        P, (_, h, w) = self.prefix_len, self.grid
+        i = (pos - P).clamp_min(0)
+        vis = self.pos_t(i // (h * w)) + self.pos_h((i // w) % h) + self.pos_w(i % w)
+        if P == 0:
+            return vis
+        return torch.where((pos < P)[:, None], self.position(pos.clamp(max=P - 1)), vis)
 
     def forward(self, tokens: Tensor, offset: int = 0, add: Tensor | None = None) -> Tensor:
         """``add`` (``[B, 1 or L, D]``, optional) joins the sum before the LN (``class_conditioning: token+add``)."""
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
-        x = self.word(tokens) + self.position(pos)[None]
+        x = self.word(tokens) + self.position_embedding(pos)[None]
         return self.drop(self.norm(x if add is None else x + add))
 
 
@@ -492,6 +519,7 @@ class MagvitConfig:
     attn_dropout: float = 0.1
     act: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
     init_std: float = 0.02                          # σ of the truncated-normal init (BERT/MAGVIT 0.02; see BertConfig)
+    position_embedding: Literal["absolute", "factorized"] = "absolute"   # see BertConfig (factorized: not in MAGVIT)
     weight_mode: WeightMode = "mask+refine+recons"
     label_smoothing: float = 1e-4
     mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine"
@@ -508,6 +536,13 @@ class MagvitConfig:
     choice_temperature: float = 4.5
     decode_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine"
     guidance_scale: float = 0.0
+    # per-task CFG scale overriding guidance_scale, e.g. {FP: 0.0} (not in MAGVIT: v1 has no CFG)
+    task_guidance_scale: dict[str, float] | None = None
+    # COMMIT decoding order: "all" = every latent position at once (Algorithm 1); "frames" = one latent frame after
+    # the other, each decoded with ceil(decode_steps / t) steps given the frames before it, later frames held at their
+    # fallback ([MASK] / z̃) (not in MAGVIT)
+    decode_order: Literal["all", "frames"] = "all"
+    task_decode_order: dict[str, str] | None = None   # per-task decode_order, e.g. {FP: frames} (not in MAGVIT)
     replace_condition_pixels: bool = False
     sample_task: str | None = None                  # generate()'s default task (None: the first of ``tasks``)
     num_samples: int = 4
@@ -552,6 +587,9 @@ class MagvitConfig:
         for key in ("mask_schedule", "decode_schedule"):
             if getattr(self, key) not in SCHEDULES:
                 raise MagvitConfigError(f"{key} must be one of {SCHEDULES}, got {getattr(self, key)!r}")
+        if self.position_embedding not in ("absolute", "factorized"):
+            raise MagvitConfigError(f"position_embedding must be 'absolute' or 'factorized', got "
+                                    f"{self.position_embedding!r}")
         if not self.init_std > 0:
             raise MagvitConfigError(f"init_std must be > 0, got {self.init_std}")
         if self.act not in ("gelu_tanh", "gelu"):
@@ -563,9 +601,17 @@ class MagvitConfig:
                                     f"{self.class_conditioning!r}")
         if not 0 <= self.class_dropout_prob < 1:
             raise MagvitConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.guidance_scale and self.class_dropout_prob <= 0:
+        scales = [self.guidance_scale] + list((self.task_guidance_scale or {}).values())
+        if any(scales) and self.class_dropout_prob <= 0:
             raise MagvitConfigError("guidance_scale != 0 needs an unconditional model: train with "
                                     "class_dropout_prob > 0 (MAGVIT v1 trains without, so CFG is off by default)")
+        for name in self.task_guidance_scale or {}:
+            get_task(name)
+        for name, order in [("", self.decode_order)] + list((self.task_decode_order or {}).items()):
+            if name:
+                get_task(name)
+            if order not in DECODE_ORDERS:
+                raise MagvitConfigError(f"decode_order must be one of {DECODE_ORDERS}, got {order!r}")
         if self.decode_steps < 1:
             raise MagvitConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.tokenizer_path is None and (self.codebook_size is None or self.token_shape is None):
@@ -581,12 +627,14 @@ class MagvitConfig:
     def is_multi_task(self) -> bool:
         return bool(self.multi_task) if self.multi_task is not None else len(self.tasks) > 1
 
-    def bert(self, vocab_size: int, max_len: int) -> BertConfig:
+    def bert(self, vocab_size: int, max_len: int, grid: tuple[int, int, int] | None = None,
+             prefix_len: int = 0) -> BertConfig:
         depth, hidden, heads, mlp = MAGVIT_SIZES[self.size]
         return BertConfig(vocab_size=vocab_size, max_len=max_len, hidden=self.hidden or hidden,
                           depth=self.depth or depth, heads=self.heads or heads, mlp_dim=self.mlp_dim or mlp,
                           dropout=self.dropout, attn_dropout=self.attn_dropout, act=self.act,
-                          init_std=self.init_std)
+                          init_std=self.init_std, position_embedding=self.position_embedding, grid=grid,
+                          prefix_len=prefix_len)
 
 
 def _tokenizer_causal(tok: nn.Module) -> bool:
@@ -640,6 +688,7 @@ class MaskedVideoTransformer(L.LightningModule):
         attn_dropout: float = 0.1,
         act: Literal["gelu_tanh", "gelu"] = "gelu_tanh",
         init_std: float = 0.02,
+        position_embedding: Literal["absolute", "factorized"] = "absolute",
         weight_mode: WeightMode = "mask+refine+recons",
         label_smoothing: float = 1e-4,
         mask_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine",
@@ -653,6 +702,9 @@ class MaskedVideoTransformer(L.LightningModule):
         choice_temperature: float = 4.5,
         decode_schedule: Literal["cosine", "linear", "square", "exp"] = "cosine",
         guidance_scale: float = 0.0,
+        task_guidance_scale: dict[str, float] | None = None,
+        decode_order: Literal["all", "frames"] = "all",
+        task_decode_order: dict[str, str] | None = None,
         replace_condition_pixels: bool = False,
         sample_task: str | None = None,
         num_samples: int = 4,
@@ -697,7 +749,8 @@ class MaskedVideoTransformer(L.LightningModule):
         self.schedule = TaskSchedule(list(cfg.tasks), cfg.task_weights, cfg.seed)
         self.commit = COMMIT(self.vocab.mask_id, self.vocab.codebook_size, cfg.weight_mode, cfg.label_smoothing,
                              cfg.mask_schedule)
-        self.net = BidirectionalTransformer(cfg.bert(self.vocab.size, self.prefix_len + self.num_tokens))
+        self.net = BidirectionalTransformer(cfg.bert(self.vocab.size, self.prefix_len + self.num_tokens,
+                                                     self.token_grid, self.prefix_len))
         self.register_state_dict_post_hook(_frozen_state_dict_hook)
         self.register_load_state_dict_post_hook(_frozen_load_hook)
 
@@ -709,6 +762,10 @@ class MaskedVideoTransformer(L.LightningModule):
         for k in ("tasks", "task_weights", "token_shape", "betas"):
             if k in a:
                 a[k] = list(a[k])
+        if "task_decode_order" in a:
+            a["task_decode_order"] = {str(k): str(v) for k, v in dict(a["task_decode_order"]).items()}
+        if "task_guidance_scale" in a:
+            a["task_guidance_scale"] = {str(k): float(v) for k, v in dict(a["task_guidance_scale"]).items()}
         return MagvitConfig(**a)
 
     @classmethod
@@ -898,7 +955,8 @@ class MaskedVideoTransformer(L.LightningModule):
             z_cond, cond, _, _ = self.condition(task, video, n)
             fallback = torch.where(cond, z_cond, self.vocab.mask_id)
             prefix = self.prefix(task, labels, n)
-            use_cfg = c.guidance_scale != 0
+            scale = self.guidance_for(task)
+            use_cfg = scale != 0
             if use_cfg:
                 prefix_u = self.prefix(task, labels, n, drop=torch.ones(n, dtype=torch.bool, device=self.device))
 
@@ -908,16 +966,62 @@ class MaskedVideoTransformer(L.LightningModule):
                 tokens_u = torch.where(cond & unknown, self.vocab.mask_id, tokens)
                 both = self(torch.cat([prefix, prefix_u]), torch.cat([tokens, tokens_u]))
                 lc, lu = both.chunk(2)
-                return lc + c.guidance_scale * (lc - lu)
+                return lc + scale * (lc - lu)
 
-            out = masked_decode(logits_fn, fallback, c.decode_steps, c.temperature, c.choice_temperature,
-                                c.decode_schedule, generator, return_history)
+            if self.decode_order_for(task) == "frames":
+                out = self._decode_frames(logits_fn, fallback, generator, return_history)
+            else:
+                out = masked_decode(logits_fn, fallback, c.decode_steps, c.temperature, c.choice_temperature,
+                                    c.decode_schedule, generator, return_history)
         finally:
             self.net.train(was_training)
         tokens, history = out if return_history else (out, None)
         t, h, w = self.token_grid
         grid = rearrange(tokens, "b (t h w) -> b t h w", t=t, h=h, w=w)
         return (grid, history) if return_history else grid
+
+    def guidance_for(self, task: Task | str) -> float:
+        """The CFG scale ``task`` decodes with: ``task_guidance_scale[task]`` when set, else ``guidance_scale``."""
+        name = task if isinstance(task, str) else task.name
+        return float((self.config.task_guidance_scale or {}).get(name, self.config.guidance_scale))
+
+    def decode_order_for(self, task: Task | str) -> str:
+        """The order ``task`` decodes in: ``task_decode_order[task]`` when set, else ``decode_order``."""
+        name = task if isinstance(task, str) else task.name
+        return str((self.config.task_decode_order or {}).get(name, self.config.decode_order))
+
+    def _decode_frames(self, logits_fn: Callable[[Tensor, Tensor], Tensor], fallback: Tensor,
+                       generator: torch.Generator | None, return_history: bool):
+        """``decode_order: frames``: Algorithm 1 on latent frame 0, then on frame 1 given frame 0, ... (``ceil(K/t)``
+        steps each); the frames after the current one hold their fallback and count as unknown for ``logits_fn``.
+        The history is the concatenation of the frames' histories (each step's tensors over all ``N`` positions)."""
+        c = self.config
+        t = self.token_grid[0]
+        per = self.num_tokens // t
+        steps = math.ceil(c.decode_steps / t)
+        tokens = fallback.clone()
+        history: list = []
+        for k in range(t):
+            lo, hi = k * per, (k + 1) * per
+
+            def frame_logits(sub: Tensor, sub_unknown: Tensor, lo=lo, hi=hi) -> Tensor:
+                full = torch.cat([tokens[:, :lo], sub, fallback[:, hi:]], dim=1)
+                unknown = torch.zeros_like(full, dtype=torch.bool)
+                unknown[:, lo:hi] = sub_unknown
+                unknown[:, hi:] = True
+                return logits_fn(full, unknown)[:, lo:hi]
+
+            out = masked_decode(frame_logits, fallback[:, lo:hi], steps, c.temperature, c.choice_temperature,
+                                c.decode_schedule, generator, return_history)
+            sub, hist = out if return_history else (out, None)
+            tokens[:, lo:hi] = sub
+            before, after = tokens[:, :lo], fallback[:, hi:]
+            no, yes = torch.zeros_like(before, dtype=torch.bool), torch.ones_like(after, dtype=torch.bool)
+            for st in hist or []:
+                history.append(DecodeStep(torch.cat([before, st.inputs, after], 1), torch.cat([no, st.unknown, yes], 1),
+                                          torch.cat([before, st.sampled, after], 1),
+                                          torch.cat([no, st.remasked, yes], 1)))
+        return (tokens, history) if return_history else tokens
 
     def _labels(self, task: Task, batch: Mapping[str, Any] | None, n: int, generator: torch.Generator | None):
         if not task.class_conditional or self.vocab.num_classes == 0:
@@ -987,7 +1091,7 @@ class MaskedVideoTransformer(L.LightningModule):
 
 #: arguments that only affect sampling / predict (not saved as hyper-parameters; see ``__init__``)
 INFERENCE_ARGS = ("decode_steps", "temperature", "choice_temperature", "decode_schedule", "guidance_scale",
-                  "replace_condition_pixels", "sample_task", "num_samples", "predict_task")
+                  "task_guidance_scale", "decode_order", "task_decode_order", "replace_condition_pixels", "sample_task", "num_samples", "predict_task")
 
 
 # ====================================================================================================================

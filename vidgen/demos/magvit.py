@@ -81,7 +81,9 @@ def run(ctx) -> dict:
     ctx.log(f"tokenizer {ckpt}: {T}x{R}^2 -> tokens {tuple(grid)}, {tok.codebook_size} codes; transformer "
             f"{c.depth or 'tiny'}x{c.hidden or ''} ({sum(p.numel() for p in model.net.parameters()) / 1e3:.0f}K "
             f"params), tasks {c.tasks}; FP given {c.condition_frames} frame(s); {steps} steps of batch {bs}; class "
-            f"conditioning {c.class_conditioning}, class dropout {c.class_dropout_prob}, CFG scale {c.guidance_scale}")
+            f"conditioning {c.class_conditioning}, class dropout {c.class_dropout_prob}, CFG scale CG "
+            f"{model.guidance_for('CG')} / FP {model.guidance_for('FP')}; decoding {c.decode_steps} steps, order CG "
+            f"{model.decode_order_for('CG')} / FP {model.decode_order_for('FP')}")
 
     train = load_clips(ctx, "train", T, R)
     g = torch.Generator().manual_seed(ctx.seed)
