@@ -46,6 +46,9 @@ class MakeAVideoCascade(L.LightningModule):
             unset stages use their checkpoint's ``sample_steps``.
         guidance: CFG scale per guided stage (``prior``, ``decoder``, ``interpolation``); unset: the checkpoint's.
         sample_fps: the fps D^t is asked for; ↑F then runs at ``sample_fps x frame_skip``.
+        interpolation_fps: the output fps ↑F is conditioned on instead (null: ``sample_fps x frame_skip``); set it
+            to the fps ↑F was trained at when that differs (a model conditioned on an fps it never saw gets an
+            untrained embedding) [not in the paper].
         frame_skip: ↑F's skip (5: 16 -> 76 frames).
         aug_levels: noise-augmentation level per SR stage at sampling (``sr_low``, ``sr_high``; fraction of the
             schedule); unset: the checkpoint's ``sample_aug_level``.
@@ -66,6 +69,7 @@ class MakeAVideoCascade(L.LightningModule):
         guidance: dict[str, float] | None = None,
         sample_fps: float = 4.0,
         frame_skip: int = 5,
+        interpolation_fps: float | None = None,
         aug_levels: dict[str, float] | None = None,
         frame_batch: int = 0,
         chunk_frames: int | None = None,
@@ -116,6 +120,8 @@ class MakeAVideoCascade(L.LightningModule):
         if bad or any(not 0 <= v <= 1 for v in (a["aug_levels"] or {}).values()):
             raise MakeAVideoConfigError(f"cascade aug_levels: keys sr_low / sr_high with levels in [0, 1], got "
                                         f"{a['aug_levels']}")
+        if a["interpolation_fps"] is not None and not a["interpolation_fps"] > 0:
+            raise MakeAVideoConfigError(f"cascade interpolation_fps must be > 0 or null, got {a['interpolation_fps']}")
         if a["frame_skip"] < 1 or a["frame_batch"] < 0 or not a["sample_fps"] > 0:
             raise MakeAVideoConfigError("cascade frame_skip >= 1, frame_batch >= 0 and sample_fps > 0 are required")
 
@@ -150,7 +156,9 @@ class MakeAVideoCascade(L.LightningModule):
             stages["decoder"] = x
         if self.interpolation is not None:
             up = self.interpolation
-            x = up.interpolate(x, int(self.hparams.frame_skip), y_e=y_e, fps=fps, generator=generator,
+            skip, in_fps = int(self.hparams.frame_skip), self.hparams.interpolation_fps
+            x = up.interpolate(x, skip, y_e=y_e, fps=fps if in_fps is None else torch.full_like(fps, in_fps / skip),
+                               generator=generator,
                                steps=self._steps("interpolation", up.hparams.sample_steps),
                                cfg_scale=self._cfg("interpolation", up.hparams.cfg_scale))
             if keep:

@@ -15,7 +15,9 @@ The kept frames pass through: sampling returns them unchanged (``MaskedFrameInte
 ``replace_given`` they also enter the noisy input at every sampling step, noised along one DDIM trajectory (as in
 training, where the noisy input is the real clip). ``t_power < 1`` draws the training timesteps towards high noise,
 where the masked frames can only come from the given ones (both options off by default; the demo's measurements are
-in ``vidgen/demos/make_a_video.py``, ``INTERP``). Conditioning on
+in ``vidgen/demos/make_a_video.py``, ``INTERP``). ``cond_fill: linear`` fills the masked frames of the
+conditioning video with the linear blend of the given frames around them instead of zeros (NOT in the paper, which
+zero-pads; the mask channel is unchanged, and the zero-init input weights keep ↑F at init equal to D^t). Conditioning on
 y_e is inherited from D^t [unverified; the paper names only fps and frame skip]. The loss is averaged over the masked
 frames (``loss_on: masked``; ``all`` averages over every frame) [unverified].
 """
@@ -40,7 +42,7 @@ from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet,
                                               unet_config)
 
 __all__ = ["MASK_KINDS", "interpolated_length", "interpolation_mask", "extrapolation_mask", "animation_mask",
-           "masked_frames", "spread_frames", "MaskedFrameInterpolation"]
+           "masked_frames", "blend_given", "spread_frames", "MaskedFrameInterpolation"]
 
 MASK_KINDS = ("interpolation", "extrapolation", "animation")
 
@@ -94,13 +96,44 @@ def spread_frames(video: Tensor, skip: int) -> tuple[Tensor, Tensor]:
     return out, keep
 
 
-def masked_frames(video: Tensor, keep: Tensor) -> Tensor:
+def blend_given(video: Tensor, keep: Tensor) -> Tensor:
+    """``video`` ``[B, C, T, H, W]`` with every masked frame replaced by the linear blend of the nearest given frames
+    before and after it (weights by temporal distance); a masked frame with a given frame on one side only (extrapolation,
+    animation) copies that frame. ``keep``: bool ``[T]`` or ``[B, T]``, True on given frames (at least one per clip)."""
+    t = video.shape[2]
+    keep = keep.to(video.device)
+    k = (keep[None] if keep.ndim == 1 else keep).expand(video.shape[0], -1)
+    if not bool(k.any(1).all()):
+        raise ValueError("blend_given needs at least one given frame per clip")
+    pos = torch.arange(t, device=video.device).expand_as(k)
+    big = t + 1
+    # index of the last given frame at or before each frame / the first at or after (-1 / big where there is none)
+    prev = torch.cummax(torch.where(k, pos, torch.full_like(pos, -1)), dim=1).values
+    nxt = torch.flip(torch.cummin(torch.flip(torch.where(k, pos, torch.full_like(pos, big)), [1]), dim=1).values, [1])
+    prev_ok, next_ok = prev >= 0, nxt < big
+    p, n = torch.where(prev_ok, prev, nxt), torch.where(next_ok, nxt, prev)  # one side missing: both ends the same frame
+    span = (n - p).clamp(min=1).to(video.dtype)
+    a = torch.where(n > p, (pos - p).to(video.dtype) / span, torch.zeros_like(span))  # weight of the frame after
+    gather = lambda idx: torch.gather(video, 2, repeat(idx, "b t -> b c t h w", c=video.shape[1],  # noqa: E731
+                                                       h=video.shape[3], w=video.shape[4]))
+    a = rearrange(a, "b t -> b 1 t 1 1")
+    return (1 - a) * gather(p) + a * gather(n)
+
+
+def masked_frames(video: Tensor, keep: Tensor, fill: Literal["zeros", "linear"] = "zeros") -> Tensor:
     """↑F's 4 conditioning channels ``[B, 4, T, H, W]``: the video with masked frames zeroed (3) and the mask channel,
-    1 on masked frames (1). ``keep``: bool ``[T]`` or ``[B, T]``, True on given frames."""
+    1 on masked frames (1). ``keep``: bool ``[T]`` or ``[B, T]``, True on given frames. ``fill='linear'`` puts the
+    linear blend of the given frames around each masked frame there instead of zeros (``blend_given``; not in the
+    paper, which zero-pads); the mask channel is the same either way."""
     keep = keep.to(video.device)
     k = (keep[None] if keep.ndim == 1 else keep).expand(video.shape[0], -1)
     k = rearrange(k.to(video.dtype), "b t -> b 1 t 1 1")
-    masked = video * k
+    if fill == "zeros":
+        masked = video * k
+    elif fill == "linear":
+        masked = blend_given(video, keep)
+    else:
+        raise ValueError(f"fill must be 'zeros' or 'linear', got {fill!r}")
     return torch.cat([masked, (1 - k).expand(-1, 1, -1, *video.shape[-2:])], dim=1)
 
 
@@ -128,6 +161,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             the known frames) instead of its own running estimate of them, as in training, where the noisy input
             is the real clip given frames included ("replacement", Ho et al. 2022 Video Diffusion Models §3.1
             [unverified for MAV: the paper names only the mask channels]). Gaussian diffusion only.
+        cond_fill: 'zeros' (the paper: masked frames zero-padded) or 'linear' (``blend_given``: the blend of the
+            given frames around each masked frame) in the masked-RGB conditioning [not in the paper].
         t_power: training timesteps ``t = floor(T u^p)``, ``u ~ U(0, 1)`` (``training_timesteps``): 1 is the usual
             uniform draw; ``p < 1`` favours the high noise levels, where the masked frames can only come from the
             given ones and y_e (density ``∝ t^(1/p - 1)``: 0.5 -> linear in t, mean 2T/3) [unverified: a
@@ -158,6 +193,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         sample_fps: float = 4.0,
         replace_given: bool = False,
         t_power: float = 1.0,
+        cond_fill: Literal["zeros", "linear"] = "zeros",
         lr: float = 1e-4,
         weight_decay: float = 0.0,
     ):
@@ -207,6 +243,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
                                         "set replace_given: false for diffusion.process: flow")
         if not 0 < a["t_power"] <= 1:
             raise MakeAVideoConfigError(f"t_power must be in (0, 1] (1: uniform timesteps), got {a['t_power']}")
+        if a["cond_fill"] not in ("zeros", "linear"):
+            raise MakeAVideoConfigError(f"cond_fill must be 'zeros' (the paper) or 'linear', got {a['cond_fill']!r}")
         if a["loss_on"] not in ("masked", "all"):
             raise MakeAVideoConfigError(f"loss_on must be 'masked' or 'all', got {a['loss_on']!r}")
         if not 0 <= a["cond_drop_prob"] < 1:
@@ -251,7 +289,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         p = self.hparams.cond_drop_prob if train else 0.0
         kw: dict[str, Any] = {"cond": y_e, "cond_drop": torch.rand(b, device=self.device) < p, "fps": fps,
                               "frame_skip": torch.full((b,), float(skip), device=self.device),
-                              "x_cond": masked_frames(x0, keep)}
+                              "x_cond": masked_frames(x0, keep, self.hparams.cond_fill)}
         if self.hparams.loss_on == "masked":
             kw["loss_mask"] = rearrange(~keep.to(self.device), "t -> 1 1 t 1 1")
         return x0, kw
@@ -294,7 +332,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         skip = torch.as_tensor(frame_skip, dtype=torch.float32, device=self.device).expand(b).clone()
         cond = {"cond": y_e.to(self.device).float(), "cond_drop": torch.zeros(b, dtype=torch.bool, device=self.device),
                 "fps": fps.to(self.device).float(), "frame_skip": skip,
-                "x_cond": masked_frames(video.to(self.device).float(), keep)}
+                "x_cond": masked_frames(video.to(self.device).float(), keep, hp.cond_fill)}
         uncond = {**cond, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
         model = self.unet
         if hp.replace_given:
@@ -312,17 +350,17 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         return torch.where(k, video.to(self.device).float(), x.clamp(-1, 1))
 
     def _given_frames_in_x_t(self, video: Tensor, keep: Tensor, generator: torch.Generator | None):
-        """The U-Net with its noisy input's given frames replaced by ``sqrt(a_t) video + sqrt(1 - a_t) eps`` (``t``
-        the original-schedule timestep the sampler feeds the model; one ``eps`` drawn here for the whole run)."""
+        """The U-Net with its noisy input's given frames replaced by ``q_sample(video, t, eps)`` of the diffusion core
+        (``sqrt(a_t) video + sqrt(1 - a_t) eps``, ``t`` the original-schedule timestep the sampler feeds the model; one
+        ``eps`` drawn here for the whole run)."""
         eps = randn(tuple(video.shape), generator, video.device)
-        abar = torch.cumprod(1 - torch.as_tensor(self.diffusion.base_betas, dtype=torch.float64), 0).float()
+        base = self.diffusion.respaced("")  # the unrespaced process: its index is the original timestep t
         k = rearrange(keep.to(video.device), "t -> 1 1 t 1 1")
 
         def fn(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
             r = x.shape[0] // video.shape[0]  # classifier-free guidance doubles the batch
             v, e = (repeat(z, "b ... -> (r b) ...", r=r) for z in (video, eps))
-            a = rearrange(abar.to(x.device)[t], "b -> b 1 1 1 1")
-            return self.unet(torch.where(k, a.sqrt() * v + (1 - a).sqrt() * e, x), t, **kwargs)
+            return self.unet(torch.where(k, base.q_sample(v, t, e).to(x.dtype), x), t, **kwargs)
 
         return fn
 

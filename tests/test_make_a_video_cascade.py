@@ -7,9 +7,9 @@ from einops import rearrange, repeat
 
 from vidgen.lightning_modules.clip import CLIP_SIZES
 from vidgen.lightning_modules.make_a_video import MakeAVideoConfigError, MakeAVideoDecoder
-from vidgen.lightning_modules.make_a_video_interp import (MaskedFrameInterpolation, animation_mask, extrapolation_mask,
-                                                          interpolated_length, interpolation_mask, masked_frames,
-                                                          spread_frames)
+from vidgen.lightning_modules.make_a_video_interp import (MaskedFrameInterpolation, animation_mask, blend_given,
+                                                          extrapolation_mask, interpolated_length, interpolation_mask,
+                                                          masked_frames, spread_frames)
 
 CLIP = {"model_cfg": CLIP_SIZES["tiny"]}  # a random tiny CLIP (embed_dim 64): no checkpoint needed
 UNET = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_head_channels=8,
@@ -57,6 +57,31 @@ def test_interpolation_masks_and_frame_counts():
     assert torch.equal(cond[:, :3], full) and torch.all(cond[:, 3, keep] == 0) and torch.all(cond[:, 3, ~keep] == 1)
 
 
+def test_cond_fill_linear_puts_the_blend_of_the_given_frames_on_the_masked_ones():
+    """cond_fill='linear' (not in the paper): each masked frame of the conditioning video holds the linear blend of
+    the given frames around it, weighted by temporal distance; one-sided (extrapolation / animation): a copy of the
+    nearest given frame; per-clip masks; the mask channel and the given frames are those of the zero fill."""
+    g = torch.Generator().manual_seed(0)
+    kept = torch.randn(2, 3, 3, 4, 4, generator=g)
+    full, keep = spread_frames(kept, 5)  # given at 0, 5, 10
+    lin, zero = masked_frames(full, keep, "linear"), masked_frames(full, keep)
+    for j, a in [(1, 0.2), (3, 0.6), (4, 0.8), (7, 0.4), (9, 0.8)]:
+        lo, hi = kept[:, :, j // 5], kept[:, :, j // 5 + 1]
+        torch.testing.assert_close(lin[:, :3, j], (1 - a) * lo + a * hi)
+    assert torch.equal(lin[:, :3, keep], zero[:, :3, keep]) and torch.equal(lin[:, 3], zero[:, 3])
+    assert torch.all(zero[:, :3, ~keep] == 0) and lin[:, :3, ~keep].abs().min() > 0  # the option changes x_cond
+    video = torch.randn(2, 3, 6, 4, 4, generator=g)
+    fut = blend_given(video, extrapolation_mask(6, 2, "future"))  # frames 2..5 copy frame 1
+    assert torch.equal(fut[:, :, :2], video[:, :, :2]) and torch.equal(fut[:, :, 5], video[:, :, 1])
+    anim = blend_given(video, animation_mask(6, 3))  # every frame a copy of frame 3
+    assert torch.equal(anim, repeat(video[:, :, 3], "b c h w -> b c t h w", t=6))
+    per_clip = torch.stack([extrapolation_mask(6, 2, "past"), animation_mask(6, 0)])
+    both = blend_given(video, per_clip)
+    assert torch.equal(both[0, :, 0], video[0, :, 4]) and torch.equal(both[1, :, 5], video[1, :, 0])
+    with pytest.raises(ValueError, match="fill"):
+        masked_frames(full, keep, "nearest")
+
+
 def _decoder_checkpoint(tmp_path):
     torch.manual_seed(0)
     dec = MakeAVideoDecoder(stage="video", unet=UNET, clip=CLIP, num_frames=4, resolution=8)
@@ -77,11 +102,14 @@ def test_upF_at_init_equals_Dt_on_the_noisy_channels_and_kept_frames_pass_throug
     x, t = torch.randn(2, 3, 7, 8, 8, generator=g), torch.tensor([3, 700])
     cond, fps = torch.randn(2, 64, generator=g), torch.tensor([4.0, 20.0])
     x_cond = masked_frames(torch.randn(2, 3, 7, 8, 8, generator=g), interpolation_mask(3, 3))
+    x_lin = masked_frames(x_cond[:, :3], interpolation_mask(3, 3), "linear")  # cond_fill 'linear' (not the paper's)
     with torch.no_grad():
         ref = dec.unet(x, t, cond=cond, fps=fps)
         out = up.unet(x, t, cond=cond, fps=fps, frame_skip=torch.tensor([3.0, 5.0]), x_cond=x_cond)
+        out_lin = up.unet(x, t, cond=cond, fps=fps, frame_skip=torch.tensor([3.0, 5.0]), x_cond=x_lin)
     assert ref.abs().mean() > 0.1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_lin, ref, rtol=0, atol=1e-5)  # whatever fills the masked frames
     # interpolation: n frames -> (n-1)*skip+1, the given frames returned unchanged
     clip = torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1
     out = up.interpolate(clip, 3, y_e=cond, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
@@ -106,24 +134,27 @@ def test_upF_replace_given_feeds_the_given_frames_noised_along_one_trajectory():
     out = up.interpolate(clip, 3, y_e=y_e, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
     assert len(seen) == 4 and all(x.shape[0] == 4 for x, _ in seen)  # 4 steps, CFG doubles the batch
     full, keep = spread_frames(clip, 3)
-    abar = torch.cumprod(1 - torch.as_tensor(up.diffusion.base_betas), 0).float()
+    abar = torch.cumprod(1 - torch.as_tensor(up.diffusion.base_betas, dtype=torch.float64), 0)  # 1 - a_t needs fp64
     eps = []
     for x, t in seen:
         a = abar[t].view(-1, 1, 1, 1, 1)
-        e = (x[:, :, keep] - a.sqrt() * torch.cat([clip, clip])) / (1 - a).sqrt()
+        e = ((x[:, :, keep].double() - a.sqrt() * torch.cat([clip, clip]).double()) / (1 - a).sqrt()).float()
         torch.testing.assert_close(e[:2], e[2:])  # the conditional and unconditional halves see the same input
         eps.append(e)
     for e in eps[1:]:
         torch.testing.assert_close(e, eps[0], rtol=0, atol=1e-4)  # one eps: the given frames' DDIM trajectory
     assert 0.7 < float(eps[0].std()) < 1.3
     assert torch.equal(out[:, :, keep], clip)  # and the given frames come back unchanged
+    x, t = seen[0]  # the same numbers as the diffusion core's own forward process q(x_t | x_0) at t
+    torch.testing.assert_close(x[:2, :, keep], up.diffusion.respaced("").q_sample(clip, t[:2], eps[0][:2]),
+                               rtol=0, atol=1e-5)
     # off: the given frames of the model's input are the sampler's own x_t (the last step's is no noised clip)
     up.hparams.replace_given = False
     seen.clear()
     up.interpolate(clip, 3, y_e=y_e, fps=torch.tensor([2.0, 2.0]), generator=torch.Generator().manual_seed(1))
     x, t = seen[-1]
     a = abar[t].view(-1, 1, 1, 1, 1)
-    e = (x[:2, :, keep] - a[:2].sqrt() * clip) / (1 - a[:2]).sqrt()
+    e = ((x[:2, :, keep].double() - a[:2].sqrt() * clip.double()) / (1 - a[:2]).sqrt()).float()
     assert (e - eps[0][:2]).abs().max() > 1e-2
     with pytest.raises(MakeAVideoConfigError, match="replace_given"):
         MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 7, "resolution": 8, "unet": UNET,
@@ -170,6 +201,21 @@ def test_upF_training_batches_draw_masks_and_skips():
         assert torch.equal(given[0], interpolation_mask((11 - 1) // skip + 1, skip))
         assert torch.equal(kw["loss_mask"].flatten(), ~given[0])  # the loss covers the masked frames
     assert seen == {2, 5}
+    # cond_fill 'linear' reaches training and sampling: the masked frames of x_cond hold the blend, not zeros
+    up.hparams.cond_fill = "linear"
+    video = torch.randn(2, 3, 11, 8, 8)
+    x0, kw = up.model_inputs({"video": video, "fps": torch.tensor([8.0, 8.0])}, True,
+                             generator=torch.Generator().manual_seed(0))
+    keep = kw["x_cond"][0, 3, :, 0, 0] == 0
+    torch.testing.assert_close(kw["x_cond"], masked_frames(x0, keep, "linear"))
+    seen_cond = []
+    up.unet.register_forward_pre_hook(lambda m, a, kw: seen_cond.append(kw["x_cond"].clone()), with_kwargs=True)
+    up.interpolate(video[:, :, :3], 2, y_e=torch.randn(2, 64), fps=torch.tensor([2.0, 2.0]), steps=2)
+    full, keep = spread_frames(video[:, :, :3], 2)
+    torch.testing.assert_close(seen_cond[0], masked_frames(full, keep, "linear"))
+    with pytest.raises(MakeAVideoConfigError, match="cond_fill"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 8, "resolution": 8, "unet": UNET,
+                                                  "frame_skips": [2], "cond_fill": "noise"})
     with pytest.raises(MakeAVideoConfigError, match="frame_skips"):
         MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 4, "resolution": 8, "frame_skips": [5],
                                                   "unet": UNET})
@@ -380,6 +426,15 @@ def test_cascade_end_to_end_shapes_and_seeding(tmp_path):
     assert torch.equal(again["video"], out["video"])  # seeded runs are identical
     other = cascade.run(texts, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(other["video"], out["video"])
+    fps_seen = []  # ↑F is conditioned on sample_fps x frame_skip, or on interpolation_fps when set
+    cascade.interpolation.unet.register_forward_pre_hook(lambda m, a, kw: fps_seen.append(kw["fps"].clone()),
+                                                         with_kwargs=True)
+    cascade.run(texts, generator=torch.Generator().manual_seed(0))
+    assert torch.all(fps_seen[-1] == cascade.hparams.sample_fps * 2)
+    cascade.hparams.interpolation_fps = 8.0
+    cascade.run(texts, generator=torch.Generator().manual_seed(0))
+    assert torch.all(fps_seen[-1] == 8.0)
+    cascade.hparams.interpolation_fps = None
     pred = cascade.predict_step({"text": texts, "key": ["a", "b"]}, 0)
     assert pred["videos"].shape == (2, 3, 5, 32, 32) and pred["captions"] == texts
     assert cascade.prediction_inputs() == {"kind": "text"}

@@ -276,17 +276,26 @@ def run(ctx) -> dict:
 # Stage ``make_a_video_cascade``: ↑F, SR_l^t and SR_h on top of the stage above, then the whole cascade (Eq. 1)
 # ======================================================================================================================
 CASCADE_FRAMES, SKIP = 16, 5  # ↑F trains on 16-frame clips at skip 5; the cascade interpolates 8 -> 36 at skip 5
-CASCADE_STEPS = {"interpolation": 240, "sr_low_image": 200, "sr_low_video": 60, "sr_high": 200}  # training steps
+CASCADE_STEPS = {"interpolation": 320, "sr_low_image": 200, "sr_low_video": 60, "sr_high": 200}  # training steps
 # ↑F's recipe in the demo (measured 2026-12-02 on the 24 held-out clips, MSE of the 12 filled frames, D^t of a baseline
 # run; linear blending 0.0085): the session-4 recipe (120 steps, masks interpolation/extrapolation/animation
 # 0.8/0.1/0.1 at skips 2..5, uniform t, raw weights) 0.074; interpolation at skip 5 only (the only task the demo asks
 # of ↑F) 0.064 at 300 steps, 0.048 at 600; + t_power 0.5 (high noise levels, where the masked frames can only come
 # from the given ones) + EMA 0.99: 0.048 / 0.038 / 0.032 at 200 / 300 / 450 steps; replace_given lowers each by
-# ~0.002; the demo's 240 steps (CPU budget) 0.042 (19.7 dB). Still ~4-5x linear blending: the error is flat over the
-# 12 frames (frames next to a given one are no better),
-# half of it a per-clip background-level offset, and even started from the linear blend noised to t = 200 (SDEdit)
-# ↑F ends at 0.012: the tiny D^t-initialised denoiser's own error at mid noise exceeds linear blending's.
-INTERP = dict(frame_skips=[SKIP], masks={"interpolation": 1.0}, t_power=0.5, replace_given=True, ema=0.99)
+# ~0.002; 240 steps of 2 x 16-frame clips 0.037-0.038 (58 CPU-s of training). Diagnosis on that checkpoint: its
+# one-step x0 estimate from pure noise is 0.044 from the truth (0.115 with the conditioning zeroed: it reaches the
+# net, but weakly), i.e. the net had not learned to carry the given frames over. Then, each at 240 steps unless said:
+# cond_fill 'linear' (masked frames of the conditioning hold the blend; NOT in the paper, which zero-fills) 0.024;
+# + loss on all frames (the given ones teach the copy) 0.022 (zero fill + all frames 0.039); lr 5e-3 0.029 (unstable);
+# + 6-frame training clips (2 given frames at skip 5, 2.7x cheaper per clip) 5 per step 0.0165, 4 per step x 320
+# steps 0.0154 (65 CPU-s; DDIM 4 / 8 / 16 steps 0.0165 / 0.0154 / 0.0159; 0.006 of it a per-frame colour offset).
+# Sampling from the blend noised to t = 333 / 249 (SDEdit) gives 0.0090 / 0.0085: no better than the blend itself.
+# ↑F still does NOT beat linear blending at this budget.
+INTERP = dict(frame_skips=[SKIP], masks={"interpolation": 1.0}, t_power=0.5, replace_given=True, ema=0.99,
+              cond_fill="linear", loss_on="all", clip_frames=SKIP + 1, batch=4)
+# ↑F trains on 8 fps clips only: the cascade conditions it on that fps rather than D^t's 4 fps x 5 = 20 (an fps value
+# its embedding never saw) [not in the paper, which trains ↑F at many fps]
+INTERP_FPS = 8.0
 # SR_l^t / SR_h sample from the upsampled input noised to the top of the schedule's first third (sample_start 1/3)
 # instead of pure noise (measured 2026-12-02, 12 captions, probe colour / shape; D^t 92% / 50%): from pure noise the
 # tiny SR nets end 0.05-0.06 MSE away from the bilinear upsampling and lose colour (SR_l^t 58-67%, SR_h 50%; aug level
@@ -337,7 +346,11 @@ def run_cascade(ctx) -> dict:
 
     Measured 2026-12-02 on one D^t checkpoint (``--only make_a_video_cascade``): ↑F MSE 0.074 -> 0.042 (17.3 -> 19.7 dB;
     linear blending 0.0085, 26.8 dB: ↑F does not beat it, see ``INTERP``); probe shape / colour per stage D^t 50% / 92%,
-    output (SR_h) 42% / 58% -> 50% / 92% (``SR_START``); 154-167 CPU-s under load (was 120)."""
+    output (SR_h) 42% / 58% -> 50% / 92% (``SR_START``); 154-167 CPU-s under load (was 120). Later the same day
+    (``INTERP``: cond_fill 'linear', loss on all frames, 4 x 6-frame clips x 320 steps; ↑F conditioned on 8 fps in
+    the cascade) on a baseline run's D^t: ↑F MSE 0.0367 -> 0.0157 (20.4 -> 24.1 dB; linear blending 0.0085, still
+    better); probe shape / colour at the output 50% / 92% before and after (direction 33% -> 17%, 12 prompts);
+    stage 137 -> 122 CPU-s (shared machine)."""
     from vidgen.callbacks.ema import ema_weights
     from vidgen.datamodules.media import save_video_grid_mp4
     from vidgen.demo_data import class_label
@@ -374,19 +387,21 @@ def run_cascade(ctx) -> dict:
         ctx.log(f"{n} procedural train clips of {CASCADE_FRAMES} frames: {b0}^2 (↑F), {2 * b0}^2 (SR_l^t), "
                 f"{4 * b0}^2 (SR_h)")
 
-        # 1. ↑F: D^t + 4 zero-init input channels, fine-tuned on masked clips (skips 2..5, some extrapolation) -----------
-        up = MaskedFrameInterpolation(unet=UNET, clip=clip_cfg, init_from=base["checkpoint"], num_frames=CASCADE_FRAMES,
+        # 1. ↑F: D^t + 4 zero-init input channels, fine-tuned on masked clips (INTERP) -------------------------------------
+        cf, nb = INTERP["clip_frames"], INTERP["batch"]
+        up = MaskedFrameInterpolation(unet=UNET, clip=clip_cfg, init_from=base["checkpoint"], num_frames=cf,
                                       resolution=b0, frame_skips=INTERP["frame_skips"], cond_drop_prob=0.0, lr=2e-3,
-                                      masks=INTERP["masks"], t_power=INTERP["t_power"],
-                                      replace_given=INTERP["replace_given"], sample_steps=SAMPLE_STEPS["interpolation"],
-                                      sample_skip=SKIP, diffusion=DIFFUSION)
+                                      masks=INTERP["masks"], t_power=INTERP["t_power"], cond_fill=INTERP["cond_fill"],
+                                      loss_on=INTERP["loss_on"], replace_given=INTERP["replace_given"],
+                                      sample_steps=SAMPLE_STEPS["interpolation"], sample_skip=SKIP, diffusion=DIFFUSION)
         batches = []
-        for _ in range(steps["interpolation"]):
-            i = torch.randint(0, n, (2,), generator=g)
-            batches.append({"video": low[i], "image_embed": y_first[i], "fps": torch.full((2,), 8.0)})
+        for _ in range(steps["interpolation"]):  # cf-frame windows of the 16-frame clips, at their own 8 fps
+            i, s = torch.randint(0, n, (nb,), generator=g), int(torch.randint(0, CASCADE_FRAMES - cf + 1, (1,), generator=g))
+            batches.append({"video": low[i, :, s:s + cf], "image_embed": y_first[i], "fps": torch.full((nb,), 8.0)})
         losses, secs, ckpt_up = _fit(up, batches, steps["interpolation"], out / "interpolation", ema=INTERP["ema"])
         ctx.log(f"↑F (from D^t, 7 input channels; skips {INTERP['frame_skips']}, masks {INTERP['masks']}, t_power "
-                f"{INTERP['t_power']}, EMA {INTERP['ema']}): {_loss_line(losses)} in {secs:.0f}s")
+                f"{INTERP['t_power']}, EMA {INTERP['ema']}, cond_fill {INTERP['cond_fill']}, loss on "
+                f"{INTERP['loss_on']}, {nb} x {cf}-frame clips): {_loss_line(losses)} in {secs:.0f}s")
 
         # ↑F against linear blending on held-out clips: keep every 5th frame of 16, fill the 12 between
         vlow = area_resize(val["video"], b0)
@@ -430,7 +445,7 @@ def run_cascade(ctx) -> dict:
         cascade = MakeAVideoCascade(decoder=base["checkpoint"], interpolation=ckpt_up, sr_low=ckpt_srl,
                                     sr_high=ckpt_srh, steps=SAMPLE_STEPS,
                                     guidance={"prior": 2.0, "decoder": 3.0, "interpolation": 1.0}, sample_fps=4.0,
-                                    frame_skip=SKIP, frame_batch=72, keep_stages=True)
+                                    frame_skip=SKIP, interpolation_fps=INTERP_FPS, frame_batch=72, keep_stages=True)
         captions = [f"a {c} {s} moving {d}" for c, s, d in PROMPTS]
         labels = torch.tensor([class_label(s, d) for _, s, d in PROMPTS])
         t0 = time.perf_counter()
