@@ -71,3 +71,18 @@ def test_the_per_frame_demo_recipes_train_on_single_frames_of_many_clips():
         with open(os.path.join(ROOT, path)) as f:
             data = yaml.safe_load(f)["data"]["init_args"]
         assert data["num_frames"] == 1 and data["batch_size"] >= 16, path
+
+
+def test_token_space_stages_model_the_demo_clips_not_the_tokenizer_window():
+    """The 3D-VQ trains on 4-frame windows, but MAGVIT, the VideoPoet LM, SR and audio model the demo's 8-frame clips:
+    none may take its clip length from the tokenizer checkpoint's training ``num_frames``."""
+    import inspect
+
+    from vidgen.demos import common, magvit, videopoet, videopoet_audio, videopoet_sr
+
+    with open(os.path.join(ROOT, "configs/magvit/tokenizer_ucf101_tiny.yaml")) as f:
+        window = yaml.safe_load(f)["data"]["init_args"]["num_frames"]
+    assert window < common.CLIP_FRAMES == 8
+    for stage in (magvit, videopoet, videopoet_audio, videopoet_sr):
+        src = inspect.getsource(stage.run)
+        assert "tok.num_frames" not in src and "CLIP_FRAMES" in src, stage.__name__

@@ -25,6 +25,11 @@ import torch
 _PROBES: dict[str, object] = {}
 _CLIPS: dict[tuple, dict] = {}
 
+# The clip length every token-space stage (MAGVIT, VideoPoet LM, SR, audio) models and the tokenizer stage reports
+# on: 8 frames. Not the tokenizer checkpoint's ``num_frames``, which is its training window (4-frame windows of these
+# clips; a convolutional tokenizer codes any multiple of its temporal downsampling).
+CLIP_FRAMES = 8
+
 
 # ------------------------------------------------------------------------------------------------------ demo data
 def manifest(ctx) -> dict:

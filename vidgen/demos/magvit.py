@@ -53,8 +53,8 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import (get_probe, last_checkpoint, load_clips, manifest, probe_scores, report_samples,
-                                     skipped_without, stage_checkpoint, stage_trainer)
+    from vidgen.demos.common import (CLIP_FRAMES, get_probe, last_checkpoint, load_clips, manifest, probe_scores,
+                                     report_samples, skipped_without, stage_checkpoint, stage_trainer)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -70,7 +70,7 @@ def run(ctx) -> dict:
     bs = int(dargs["batch_size"])
     L.seed_everything(ctx.seed, verbose=False)
     tok = VideoTokenizer.load_frozen(str(ckpt))
-    T, R = int(tok.num_frames), int(tok.resolution)
+    T, R = CLIP_FRAMES, int(tok.resolution)  # the demo's clips, not the tokenizer's training window
     grid = tok.token_shape(T, R, R)
     m = manifest(ctx)
     n_proc = int(m.get("procedural_classes", 12))

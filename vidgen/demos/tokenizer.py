@@ -19,7 +19,6 @@ import torch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_ucf101_tiny.yaml"
 CONFIG_2D = Path(__file__).resolve().parents[2] / "configs" / "magvit" / "tokenizer_2d_tiny.yaml"
-CLIP_FRAMES = 8  # frames per decoded demo clip: the 3D recipe's num_frames
 VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "latte" / "vae_tiny.yaml"
 
 
@@ -61,7 +60,7 @@ def train_and_report(ctx, config: Path, subdir: str, title: str, init_from_2d: s
     from torchmetrics.image import StructuralSimilarityIndexMeasure
 
     from vidgen.callbacks.ema import EMA
-    from vidgen.demos.common import last_checkpoint, load_clips, manifest, stage_trainer
+    from vidgen.demos.common import CLIP_FRAMES, last_checkpoint, load_clips, manifest, stage_trainer
     from vidgen.lightning_modules.nn.quantizers import CodebookUsage
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.datamodules.media import save_video_grid_mp4, write_grid_png

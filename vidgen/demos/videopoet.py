@@ -23,7 +23,7 @@ import torch
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import CaptionTable, load_clips, report_samples, skipped_without, stage_checkpoint
+    from vidgen.demos.common import CLIP_FRAMES, CaptionTable, load_clips, report_samples, skipped_without, stage_checkpoint
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet import LAYOUTS, VideoPoet
     from vidgen.media import save_video_grid_mp4, write_grid_png
@@ -35,7 +35,7 @@ def run(ctx) -> dict:
         return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
-    T, R = int(tok.num_frames), int(tok.resolution)
+    T, R = CLIP_FRAMES, int(tok.resolution)  # the demo's clips, not the tokenizer's training window
     grid = tuple(tok.token_shape(T, R, R))
 
     # ---- token "shards" in memory: every clip tokenised once, every caption embedded once (never per step)

@@ -67,7 +67,7 @@ def load_soundtracks(ctx, split: str, num_frames: int, resolution: int) -> dict:
 
 def run(ctx) -> dict:
     from vidgen.datamodules.media import write_video
-    from vidgen.demos.common import skipped_without, stage_checkpoint
+    from vidgen.demos.common import CLIP_FRAMES, skipped_without, stage_checkpoint
     from vidgen.demo_data import DEMO_DIRECTIONS, NUM_PROCEDURAL_CLASSES
     from vidgen.lightning_modules.soundstream import SoundStream, reconstruction_quality
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -81,7 +81,7 @@ def run(ctx) -> dict:
         return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
-    T, R = int(tok.num_frames), int(tok.resolution)
+    T, R = CLIP_FRAMES, int(tok.resolution)  # the demo's clips, not the tokenizer's training window
 
     # ---- clips and their soundtracks (the data path: same clip window, resampled to 8 kHz)
     t0 = time.perf_counter()

@@ -63,8 +63,8 @@ def bicubic_upsample(video: torch.Tensor, scale: int = 2) -> torch.Tensor:
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import (CaptionTable, get_probe, load_clips, probe_scores, report_samples, skipped_without,
-                                     stage_checkpoint)
+    from vidgen.demos.common import (CLIP_FRAMES, CaptionTable, get_probe, load_clips, probe_scores, report_samples,
+                                     skipped_without, stage_checkpoint)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet_sr import VideoPoetSR, bicubic_downsample
@@ -78,7 +78,7 @@ def run(ctx) -> dict:
         return skipped_without("tokenizer")
     torch.manual_seed(ctx.seed)
     tok = VideoTokenizer.load_frozen(str(ckpt))
-    T, R = int(tok.num_frames), int(tok.resolution)
+    T, R = CLIP_FRAMES, int(tok.resolution)  # the demo's clips, not the tokenizer's training window
     hr_grid, lr_grid = tuple(tok.token_shape(T, R, R)), tuple(tok.token_shape(T, R // 2, R // 2))
     if lr_grid != (hr_grid[0], hr_grid[1] // 2, hr_grid[2] // 2) or hr_grid[1] % 8:
         return {"summary": f"skipped: the demo tokenizer's grids {lr_grid} -> {hr_grid} are not a 2x token "
