@@ -71,3 +71,19 @@ def test_independent_stages_overlap_and_dependents_wait(tmp_path):
     assert summary["slow"]["result"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
     assert summary["broken"]["summary"].startswith("FAILED: RuntimeError: broken on purpose")
     assert "[broken] RuntimeError: broken on purpose" in p.stdout + p.stderr  # its lines carry its name
+    assert summary["slow"]["out_dir"] == str(out)  # where its paths live, for reruns from a copied folder
+
+
+def test_a_copied_demo_folder_hands_its_checkpoints_to_reruns(tmp_path):
+    """``--only`` reruns read the earlier stages' results from ``summary.json``: their paths, written under that run's
+    ``--out-dir`` (often relative to its working directory), are moved under the folder being rerun."""
+    from vidgen.demo import rebase_paths
+
+    res = {"checkpoint": "outputs/demo/tokenizer/checkpoints/last.ckpt", "n": 3,
+           "samples": [{"npz": "outputs/demo/magvit/samples.npz"}], "elsewhere": "outputs/demo2/x.ckpt"}
+    new = rebase_paths(res, "outputs/demo", tmp_path / "copy")
+    assert new["checkpoint"] == str(tmp_path / "copy" / "tokenizer" / "checkpoints" / "last.ckpt")
+    assert new["samples"][0]["npz"] == str(tmp_path / "copy" / "magvit" / "samples.npz")
+    assert new["elsewhere"] == "outputs/demo2/x.ckpt" and new["n"] == 3  # only paths under the old folder move
+    assert rebase_paths(res, None, tmp_path) == res  # a summary from before out_dir was recorded: unchanged
+    assert rebase_paths(res, "outputs/demo", "outputs/demo") == res

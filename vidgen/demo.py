@@ -109,6 +109,22 @@ class DemoContext:
         print(f"    {msg}", flush=True)
 
 
+def rebase_paths(obj, old_root: str | None, new_root: Path):
+    """``obj`` (a stage's result from an earlier run's ``summary.json``) with every string under ``old_root`` (that
+    run's ``--out-dir``, as it was written) moved under ``new_root``: a demo folder that was copied, moved or written
+    from another working directory still hands its checkpoints to ``--only`` reruns."""
+    if not old_root or Path(old_root) == Path(new_root):
+        return obj
+    old = str(Path(old_root))
+    if isinstance(obj, dict):
+        return {k: rebase_paths(v, old_root, new_root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rebase_paths(v, old_root, new_root) for v in obj]
+    if isinstance(obj, str) and (obj == old or obj.startswith(old + os.sep)):
+        return str(Path(new_root) / os.path.relpath(obj, old))
+    return obj
+
+
 def stage_data(ctx: DemoContext) -> dict:
     from vidgen.demo_data import HALF_SIZE, TRAIN_REPS, build_demo_data
 
@@ -398,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(previous) as f:
             for name, entry in json.load(f).items():
                 if name not in args.only and isinstance(entry.get("result"), dict):
-                    ctx.results[name] = entry["result"]
+                    ctx.results[name] = rebase_paths(entry["result"], entry.get("out_dir"), ctx.out_dir)
         if ctx.results:
             print(f"reusing the results of {sorted(ctx.results)} from {previous}", flush=True)
     t_all, cpu_all = time.perf_counter(), _cpu_seconds()
@@ -432,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(previous) as f:
             entries = json.load(f)
     entries.update({n: {"summary": s, "seconds": round(d, 1), "cpu_seconds": ctx.results.get(n, {}).get("cpu_seconds"),
-                        "outputs": o, "result": _jsonable(ctx.results.get(n, {}))} for n, s, d, o in rows})
+                        "outputs": o, "result": _jsonable(ctx.results.get(n, {})), "out_dir": str(ctx.out_dir)}
+                    for n, s, d, o in rows})
     tmp = ctx.out_dir / "summary.json.tmp"
     with open(tmp, "w") as f:
         json.dump(entries, f, indent=1)
