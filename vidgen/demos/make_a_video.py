@@ -292,7 +292,7 @@ CASCADE_STEPS = {"interpolation": 320, "sr_low_image": 200, "sr_low_video": 60, 
 # Sampling from the blend noised to t = 333 / 249 (SDEdit) gives 0.0090 / 0.0085: no better than the blend itself.
 # ↑F still does NOT beat linear blending at this budget.
 INTERP = dict(frame_skips=[SKIP], masks={"interpolation": 1.0}, t_power=0.5, replace_given=True, ema=0.99,
-              cond_fill="linear", loss_on="all", clip_frames=SKIP + 1, batch=4)
+              cond_fill="linear", loss_on="all", clip_frames=SKIP + 1, batch=4, target="clip")
 # ↑F trains on 8 fps clips only: the cascade conditions it on that fps rather than D^t's 4 fps x 5 = 20 (an fps value
 # its embedding never saw) [not in the paper, which trains ↑F at many fps]
 INTERP_FPS = 8.0
@@ -305,18 +305,6 @@ SAMPLE_STEPS = {"prior": 32, "decoder": 20, "interpolation": 8, "sr_low": 4, "sr
 SR_UNET = dict(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(), num_head_channels=8,
                groups=4)
 INTERP_EVAL_CLIPS = 24
-
-
-def _linear_blend(kept: torch.Tensor, skip: int) -> torch.Tensor:
-    """The baseline: every in-between frame a linear blend of the two given frames around it."""
-    b, c, n, h, w = kept.shape
-    out = []
-    for j in range(n - 1):
-        for k in range(skip):
-            a = k / skip
-            out.append((1 - a) * kept[:, :, j] + a * kept[:, :, j + 1])
-    out.append(kept[:, :, -1])
-    return torch.stack(out, dim=2)
 
 
 def _frame_batches(clips: torch.Tensor, steps: int, size: int, g: torch.Generator) -> list[dict]:
@@ -357,7 +345,7 @@ def run_cascade(ctx) -> dict:
     from vidgen.demos.common import get_probe, load_clips, probe_scores, report_samples
     from vidgen.lightning_modules.make_a_video import DiffusionPrior
     from vidgen.lightning_modules.make_a_video_cascade import MakeAVideoCascade
-    from vidgen.lightning_modules.make_a_video_interp import MaskedFrameInterpolation
+    from vidgen.lightning_modules.make_a_video_interp import MaskedFrameInterpolation, blend_given, spread_frames
     from vidgen.lightning_modules.make_a_video_sr import MakeAVideoSR
 
     base = (getattr(ctx, "results", {}) or {}).get("make_a_video") or {}
@@ -393,6 +381,7 @@ def run_cascade(ctx) -> dict:
                                       resolution=b0, frame_skips=INTERP["frame_skips"], cond_drop_prob=0.0, lr=2e-3,
                                       masks=INTERP["masks"], t_power=INTERP["t_power"], cond_fill=INTERP["cond_fill"],
                                       loss_on=INTERP["loss_on"], replace_given=INTERP["replace_given"],
+                                      target=INTERP["target"],
                                       sample_steps=SAMPLE_STEPS["interpolation"], sample_skip=SKIP, diffusion=DIFFUSION)
         batches = []
         for _ in range(steps["interpolation"]):  # cf-frame windows of the 16-frame clips, at their own 8 fps
@@ -413,7 +402,7 @@ def run_cascade(ctx) -> dict:
         masked = torch.ones(CASCADE_FRAMES, dtype=torch.bool)
         masked[::SKIP] = False
         mse_up = float(((filled - vlow)[:, :, masked] ** 2).mean())
-        mse_lin = float(((_linear_blend(kept, SKIP) - vlow)[:, :, masked] ** 2).mean())
+        mse_lin = float(((blend_given(*spread_frames(kept, SKIP)) - vlow)[:, :, masked] ** 2).mean())  # the baseline
         psnr = lambda m: 10 * np.log10(4.0 / max(m, 1e-12))  # noqa: E731 (pixels in [-1, 1])
         per_frame = [round(float(((filled - vlow)[:, :, k] ** 2).mean()), 4) for k in torch.nonzero(masked).flatten()]
         ctx.log(f"↑F interpolation error on {len(kept)} held-out clips (4 given frames -> 16, skip {SKIP}, EMA weights, "
