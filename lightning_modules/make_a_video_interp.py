@@ -167,7 +167,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             given frames around each masked frame) in the masked-RGB conditioning [not in the paper].
         target: 'clip' (the paper: the diffusion generates the clip) or 'residual' (it generates the clip minus
             ``blend_given`` of its given frames, and sampling adds that blend back: the given frames' residual is
-            zero, and an x0 estimate of zero returns the linear blend) [not in the paper].
+            zero, and an x0 estimate of zero returns the linear blend: with ``diffusion.predict: x0`` a network that
+            outputs zero samples exactly the blend) [not in the paper].
         t_power: training timesteps ``t = floor(T u^p)``, ``u ~ U(0, 1)`` (``training_timesteps``): 1 is the usual
             uniform draw; ``p < 1`` favours the high noise levels, where the masked frames can only come from the
             given ones and y_e (density ``∝ t^(1/p - 1)``: 0.5 -> linear in t, mean 2T/3) [unverified: a

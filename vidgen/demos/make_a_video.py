@@ -346,7 +346,12 @@ def run_cascade(ctx) -> dict:
     (``INTERP``: cond_fill 'linear', loss on all frames, 4 x 6-frame clips x 320 steps; ↑F conditioned on 8 fps in
     the cascade) on a baseline run's D^t: ↑F MSE 0.0367 -> 0.0157 (20.4 -> 24.1 dB; linear blending 0.0085, still
     better); probe shape / colour at the output 50% / 92% before and after (direction 33% -> 17%, 12 prompts);
-    stage 137 -> 122 CPU-s (shared machine)."""
+    stage 137 -> 122 CPU-s (shared machine). Then (``INTERP``: target 'residual', predict x0 for ↑F, lr 5e-3) on
+    another baseline run's D^t: ↑F MSE 0.0158 -> 0.0083 (24.0 -> 26.8 dB; linear blending 0.0085: level with it, not
+    clearly below); probe shape / colour per stage decoder / ↑F 67% / 100% unchanged, SR_l^t 67% / 100% -> 67% / 92%,
+    SR_h 67% / 92% -> 58% / 92% (one caption of 12 each; at sampling seeds 1 and 2 both runs score the same at every
+    stage: SR_h 67% / 92% and 58% / 92%); the same ↑F net, batch and steps, so the same cost (187 CPU-s, --jobs 1,
+    shared machine; the baseline's 245 ran beside another stage)."""
     from vidgen.callbacks.ema import ema_weights
     from vidgen.datamodules.media import save_video_grid_mp4
     from vidgen.demo_data import class_label
