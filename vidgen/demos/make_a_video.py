@@ -294,8 +294,9 @@ CASCADE_STEPS = {"interpolation": 320, "sr_low_image": 200, "sr_low_video": 60, 
 #                                                                    160 steps 0.0117: EMA still near D^t)
 #   + lr 5e-3                                                        0.0083 (lr 1e-2: 0.0085; conditioning x5,
 #                                                                    i.e. x5 lr on the zero-init input weights: 0.0084)
-#   480 steps at lr 2e-3 0.0083; 960 steps (3x ↑F's training CPU): lr 2e-3 0.0052 (raw weights 0.0055; loss 0.066 -> 0.003, below the
-#   predict-zero 0.006), lr 5e-3 0.0197 (a drifting colour offset, 0.009): ↑F CAN learn the motion, given the steps.
+#   480 steps at lr 2e-3 0.0083; 960 steps (3x ↑F's training CPU): lr 2e-3 0.0052 (raw weights 0.0055; loss
+#   0.066 -> 0.003, below the predict-zero 0.006), lr 5e-3 0.0197 (a drifting colour offset, 0.009): ↑F CAN learn
+#   the motion, given the steps.
 # The zero-terminal-SNR fix (Lin et al. 2024) does not apply: the cosine schedule's alpha_bar_T is 2.4e-9 (signal
 # sqrt 4.9e-5, vs 0.068 in the scaled-linear schedule they fix) and the sampler starts at t = T - 1 already. The
 # residual/x0 ↑F removes the colour offset and matches the blend, but learns almost no motion on top of it (training
