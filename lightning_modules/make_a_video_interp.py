@@ -19,7 +19,9 @@ in ``vidgen/demos/make_a_video.py``, ``INTERP``). ``cond_fill: linear`` fills th
 conditioning video with the linear blend of the given frames around them instead of zeros (NOT in the paper, which
 zero-pads; the mask channel is unchanged, and the zero-init input weights keep ↑F at init equal to D^t). Conditioning on
 y_e is inherited from D^t [unverified; the paper names only fps and frame skip]. The loss is averaged over the masked
-frames (``loss_on: masked``; ``all`` averages over every frame) [unverified].
+frames (``loss_on: masked``; ``all`` averages over every frame) [unverified]. ``target: residual`` diffuses the
+clip minus the linear blend of its given frames (``blend_given``) and adds the blend back after sampling, so a net
+whose x0 estimate is zero returns the blend (NOT in the paper, which diffuses the clip itself; ``target: clip``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,10 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             [unverified for MAV: the paper names only the mask channels]). Gaussian diffusion only.
         cond_fill: 'zeros' (the paper: masked frames zero-padded) or 'linear' (``blend_given``: the blend of the
             given frames around each masked frame) in the masked-RGB conditioning [not in the paper].
+        target: 'clip' (the paper: the diffusion generates the clip) or 'residual' (it generates the clip minus
+            ``blend_given`` of its given frames, and sampling adds that blend back: the given frames' residual is
+            zero, and an x0 estimate of zero returns the linear blend: with ``diffusion.predict: x0`` a network that
+            outputs zero samples exactly the blend) [not in the paper].
         t_power: training timesteps ``t = floor(T u^p)``, ``u ~ U(0, 1)`` (``training_timesteps``): 1 is the usual
             uniform draw; ``p < 1`` favours the high noise levels, where the masked frames can only come from the
             given ones and y_e (density ``∝ t^(1/p - 1)``: 0.5 -> linear in t, mean 2T/3) [unverified: a
@@ -194,6 +200,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         replace_given: bool = False,
         t_power: float = 1.0,
         cond_fill: Literal["zeros", "linear"] = "zeros",
+        target: Literal["clip", "residual"] = "clip",
         lr: float = 1e-4,
         weight_decay: float = 0.0,
     ):
@@ -245,6 +252,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
             raise MakeAVideoConfigError(f"t_power must be in (0, 1] (1: uniform timesteps), got {a['t_power']}")
         if a["cond_fill"] not in ("zeros", "linear"):
             raise MakeAVideoConfigError(f"cond_fill must be 'zeros' (the paper) or 'linear', got {a['cond_fill']!r}")
+        if a["target"] not in ("clip", "residual"):
+            raise MakeAVideoConfigError(f"target must be 'clip' (the paper) or 'residual', got {a['target']!r}")
         if a["loss_on"] not in ("masked", "all"):
             raise MakeAVideoConfigError(f"loss_on must be 'masked' or 'all', got {a['loss_on']!r}")
         if not 0 <= a["cond_drop_prob"] < 1:
@@ -273,7 +282,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
 
     def model_inputs(self, batch: Mapping[str, Any], train: bool,
                      generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """(x0 = the (cropped) clip, U-Net kwargs incl. the masked conditioning and the loss mask)."""
+        """(x0 = the (cropped) clip, or its residual from the blend with ``target: residual``; U-Net kwargs incl. the
+        masked conditioning and the loss mask)."""
         video = batch["video"].to(self.device)
         if video.ndim != 5 or video.shape[2] < 2:
             raise ValueError(f"↑F trains on clips [B, C, T>1, H, W], got {tuple(video.shape)}")
@@ -290,6 +300,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         kw: dict[str, Any] = {"cond": y_e, "cond_drop": torch.rand(b, device=self.device) < p, "fps": fps,
                               "frame_skip": torch.full((b,), float(skip), device=self.device),
                               "x_cond": masked_frames(x0, keep, self.hparams.cond_fill)}
+        if self.hparams.target == "residual":
+            x0 = x0 - blend_given(x0, keep)
         if self.hparams.loss_on == "masked":
             kw["loss_mask"] = rearrange(~keep.to(self.device), "t -> 1 1 t 1 1")
         return x0, kw
@@ -334,9 +346,12 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
                 "fps": fps.to(self.device).float(), "frame_skip": skip,
                 "x_cond": masked_frames(video.to(self.device).float(), keep, hp.cond_fill)}
         uncond = {**cond, "cond_drop": torch.ones(b, dtype=torch.bool, device=self.device)}
+        video = video.to(self.device).float()
+        # target 'residual': the process runs on video - blend (zero on the given frames), the blend is added back
+        base = blend_given(video, keep) if hp.target == "residual" else torch.zeros_like(video)
         model = self.unet
         if hp.replace_given:
-            model = self._given_frames_in_x_t(video.to(self.device).float(), keep, generator)
+            model = self._given_frames_in_x_t(video - base, keep, generator)
         was = self.unet.training
         self.unet.eval()
         try:
@@ -347,7 +362,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         finally:
             self.unet.train(was)
         k = rearrange(keep.to(self.device), "t -> 1 1 t 1 1")
-        return torch.where(k, video.to(self.device).float(), x.clamp(-1, 1))
+        return torch.where(k, video, (base + x).clamp(-1, 1))
 
     def _given_frames_in_x_t(self, video: Tensor, keep: Tensor, generator: torch.Generator | None):
         """The U-Net with its noisy input's given frames replaced by ``q_sample(video, t, eps)`` of the diffusion core

@@ -224,6 +224,42 @@ def test_upF_training_batches_draw_masks_and_skips():
                                                   "masks": {"inpainting": 1.0}})
 
 
+def test_upF_target_residual_diffuses_the_clip_minus_the_blend_and_adds_the_blend_back():
+    """target 'residual' (not in the paper): training diffuses x0 - blend_given(x0) (zero on the given frames, the
+    conditioning unchanged); sampling adds the blend back, so a net whose x0 estimate is zero returns exactly the
+    linear blend of the given frames (with replace_given too); target 'clip' (the paper) returns zeros there."""
+    torch.manual_seed(0)
+    kw_up = dict(unet=UNET, clip=CLIP, num_frames=7, resolution=8, frame_skips=[3], masks={"interpolation": 1.0},
+                 cond_fill="linear", sample_steps=3, diffusion={"predict": "x0"})
+    res = MaskedFrameInterpolation(target="residual", **kw_up)
+    clip_up = MaskedFrameInterpolation(**kw_up)
+    video = torch.rand(2, 3, 7, 8, 8) * 2 - 1
+    batch = {"video": video, "image_embed": torch.randn(2, 64), "fps": torch.full((2,), 8.0)}
+    x0_r, kw_r = res.model_inputs(batch, True, generator=torch.Generator().manual_seed(0))
+    x0_c, kw_c = clip_up.model_inputs(batch, True, generator=torch.Generator().manual_seed(0))
+    keep = interpolation_mask(3, 3)
+    torch.testing.assert_close(x0_r, x0_c - blend_given(x0_c, keep))
+    assert float(x0_r[:, :, keep].abs().max()) == 0 and float(x0_r[:, :, ~keep].abs().max()) > 0.1
+    torch.testing.assert_close(kw_r["x_cond"], kw_c["x_cond"])  # the conditioning is the same clip's
+    for m in (res, clip_up):
+        with torch.no_grad():
+            for p in m.unet.parameters():
+                p.zero_()  # x0 estimate 0 at every step
+    given = video[:, :, ::3]
+    full, keep = spread_frames(given, 3)
+    for replace in (False, True):
+        res.hparams.replace_given = replace
+        out = res.interpolate(given, 3, y_e=torch.randn(2, 64), fps=torch.tensor([2.0, 2.0]),
+                              generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out, blend_given(full, keep), rtol=0, atol=1e-6)
+    out = clip_up.interpolate(given, 3, y_e=torch.randn(2, 64), fps=torch.tensor([2.0, 2.0]),
+                              generator=torch.Generator().manual_seed(1))
+    assert float(out[:, :, ~keep].abs().max()) < 1e-6 and torch.equal(out[:, :, keep], given)
+    with pytest.raises(MakeAVideoConfigError, match="target"):
+        MaskedFrameInterpolation.validate_config({"clip": CLIP, "num_frames": 7, "resolution": 8, "unet": UNET,
+                                                  "frame_skips": [3], "target": "flow"})
+
+
 def test_tiny_upF_overfits():
     torch.manual_seed(0)
     up = MaskedFrameInterpolation(unet=UNET, clip=CLIP, num_frames=7, resolution=8, frame_skips=[3],
