@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 
 from .nn.attention import KVCache, MultiHeadAttention
-from .nn.masking import SCHEDULES, DecodeStep, masked_decode, random_token_mask, sample_mask_ratio
+from .nn.masking import SCHEDULES, DecodeStep, frame_suffix_mask, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.optim import transformer_adamw
 
 __all__ = [
@@ -291,6 +291,7 @@ LATENT_MASK_RULES = ("paper", "official")
 CLASS_CONDITIONING = ("token", "token+add")
 #: ``decode_order`` rules (see :class:`MagvitConfig`)
 DECODE_ORDERS = ("all", "frames")
+TRAIN_MASKS = ("random", "frames")
 DYNAMIC_REGIONS = ("dynamic_vertical", "inpaint_dynamic")
 
 
@@ -543,6 +544,9 @@ class MagvitConfig:
     # fallback ([MASK] / z̃) (not in MAGVIT)
     decode_order: Literal["all", "frames"] = "all"
     task_decode_order: dict[str, str] | None = None   # per-task decode_order, e.g. {FP: frames} (not in MAGVIT)
+    # per-task training masks: "random" (COMMIT §2.3: the ratio over all positions) or "frames" (a latent frame k at the
+    # ratio, the frames before it visible, all after it masked: the inputs decode_order "frames" sees) (not in MAGVIT)
+    task_train_mask: dict[str, str] | None = None
     replace_condition_pixels: bool = False
     sample_task: str | None = None                  # generate()'s default task (None: the first of ``tasks``)
     num_samples: int = 4
@@ -612,6 +616,10 @@ class MagvitConfig:
                 get_task(name)
             if order not in DECODE_ORDERS:
                 raise MagvitConfigError(f"decode_order must be one of {DECODE_ORDERS}, got {order!r}")
+        for name, kind in (self.task_train_mask or {}).items():
+            get_task(name)
+            if kind not in TRAIN_MASKS:
+                raise MagvitConfigError(f"task_train_mask values must be one of {TRAIN_MASKS}, got {name}: {kind!r}")
         if self.decode_steps < 1:
             raise MagvitConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.tokenizer_path is None and (self.codebook_size is None or self.token_shape is None):
@@ -705,6 +713,7 @@ class MaskedVideoTransformer(L.LightningModule):
         task_guidance_scale: dict[str, float] | None = None,
         decode_order: Literal["all", "frames"] = "all",
         task_decode_order: dict[str, str] | None = None,
+        task_train_mask: dict[str, str] | None = None,
         replace_condition_pixels: bool = False,
         sample_task: str | None = None,
         num_samples: int = 4,
@@ -762,8 +771,9 @@ class MaskedVideoTransformer(L.LightningModule):
         for k in ("tasks", "task_weights", "token_shape", "betas"):
             if k in a:
                 a[k] = list(a[k])
-        if "task_decode_order" in a:
-            a["task_decode_order"] = {str(k): str(v) for k, v in dict(a["task_decode_order"]).items()}
+        for key in ("task_decode_order", "task_train_mask"):
+            if key in a:
+                a[key] = {str(k): str(v) for k, v in dict(a[key]).items()}
         if "task_guidance_scale" in a:
             a["task_guidance_scale"] = {str(k): float(v) for k, v in dict(a["task_guidance_scale"]).items()}
         return MagvitConfig(**a)
@@ -892,7 +902,10 @@ class MaskedVideoTransformer(L.LightningModule):
         z_cond, cond, _, _ = self.condition(task, batch.get("video"), b)
         if drop is not None:
             cond = cond & ~drop[:, None]
-        masked = random_token_mask(b, self.num_tokens, ratio, generator, self.device)
+        if (self.config.task_train_mask or {}).get(task.name) == "frames":
+            masked = frame_suffix_mask(b, self.token_grid, ratio, generator, self.device)
+        else:
+            masked = random_token_mask(b, self.num_tokens, ratio, generator, self.device)
         inputs, case = self.commit.mask(z, z_cond, cond, masked)
         logits = self(self.prefix(task, labels, b, drop), inputs)
         out = self.commit.loss(logits, z, case)

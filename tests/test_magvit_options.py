@@ -1,7 +1,7 @@
 """MAGVIT options that are not in the paper (issue 10 §1, the demo's MAGVIT stage):
-``task_guidance_scale`` (a per-task CFG scale), ``decode_order: frames`` (one latent frame after the other) and
-``position_embedding: factorized`` (e_t + e_h + e_w).
-All default to the paper's behaviour (``None`` / ``"all"`` / ``"absolute"``)."""
+``task_guidance_scale`` (a per-task CFG scale), ``decode_order: frames`` (one latent frame after the other),
+``task_train_mask: frames`` (training masks that decoding order sees) and ``position_embedding: factorized``
+(e_t + e_h + e_w). All default to the paper's behaviour (``None`` / ``"all"`` / ``None`` / ``"absolute"``)."""
 
 from __future__ import annotations
 
@@ -170,3 +170,39 @@ def test_task_decode_order_overrides_per_task(monkeypatch):
     with pytest.raises(MagvitConfigError, match="decode_order"):
         MaskedVideoTransformer.validate_config({"codebook_size": 16, "token_shape": [4, 4, 4], "num_frames": 8,
                                                 "resolution": 16, "task_decode_order": {"FP": "rows"}})
+
+
+def test_frame_suffix_mask_is_what_frame_by_frame_decoding_sees():
+    """``frame_suffix_mask``: per row a latent frame k; frames before it unmasked, ``num_masked(h*w, r)`` of frame k
+    masked, every later frame masked; every k occurs."""
+    from vidgen.lightning_modules.nn.masking import frame_suffix_mask, num_masked
+
+    t, h, w, r = 4, 3, 5, 0.4
+    m = frame_suffix_mask(400, (t, h, w), r, torch.Generator().manual_seed(0)).view(400, t, h * w)
+    per_frame = m.sum(-1)
+    seen = set()
+    for row in per_frame.tolist():
+        k = next(i for i, n in enumerate(row) if n > 0)
+        assert row[:k] == [0] * k and row[k] == num_masked(h * w, r) and row[k + 1:] == [h * w] * (t - k - 1)
+        seen.add(k)
+    assert seen == set(range(t))
+
+
+def test_task_train_mask_frames_masks_fp_steps_by_frame_suffix(monkeypatch):
+    """``task_train_mask: {FP: frames}`` (not in MAGVIT): FP's COMMIT loss masks a frame suffix, CG keeps the paper's
+    random positions; unknown kinds are one config error."""
+    assert MagvitConfig().task_train_mask is None
+    torch.manual_seed(0)
+    m = tiny_model(tasks=["CG", "FP"], task_train_mask={"FP": "frames"})
+    used = []
+    real_suffix, real_random = magvit_mod.frame_suffix_mask, magvit_mod.random_token_mask
+    monkeypatch.setattr(magvit_mod, "frame_suffix_mask", lambda *a, **k: used.append("frames") or real_suffix(*a, **k))
+    monkeypatch.setattr(magvit_mod, "random_token_mask", lambda *a, **k: used.append("random") or real_random(*a, **k))
+    batch = {"video": _video(2), "label": torch.tensor([0, 1])}
+    for task in ("FP", "CG"):
+        out = m.commit_loss(batch, task, 0.5, generator=torch.Generator().manual_seed(1))
+        assert torch.isfinite(out["loss"])
+    assert used == ["frames", "random"]
+    with pytest.raises(MagvitConfigError, match="task_train_mask"):
+        MaskedVideoTransformer.validate_config({"codebook_size": 16, "token_shape": [4, 4, 4], "num_frames": 8,
+                                                "resolution": 16, "task_train_mask": {"FP": "rows"}})

@@ -68,6 +68,19 @@ def random_token_mask(batch: int, num_tokens: int, ratio: float, generator: torc
     return torch.zeros(batch, num_tokens, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True)
 
 
+def frame_suffix_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Bool ``[B, t*h*w]``: per row a latent frame ``k ~ U{0..t-1}``; frames before ``k`` unmasked, ``num_masked(h*w,
+    ratio)`` random positions of frame ``k`` masked, every later frame masked: the inputs ``decode_order: frames``
+    decodes from (the frames so far known, the current one partly sampled, the rest at their fallback)."""
+    t, h, w = grid
+    g_dev = generator.device if generator is not None else "cpu"
+    k = torch.randint(0, t, (batch, 1), generator=generator, device=g_dev).to(device)
+    within = random_token_mask(batch, h * w, ratio, generator, device).repeat(1, t)
+    frame = torch.arange(t * h * w, device=within.device) // (h * w)
+    return (frame[None] > k) | ((frame[None] == k) & within)
+
+
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
     """Standard Gumbel noise ``−log(−log U)`` (float32)."""
