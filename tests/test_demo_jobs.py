@@ -87,3 +87,29 @@ def test_a_copied_demo_folder_hands_its_checkpoints_to_reruns(tmp_path):
     assert new["elsewhere"] == "outputs/demo2/x.ckpt" and new["n"] == 3  # only paths under the old folder move
     assert rebase_paths(res, None, tmp_path) == res  # a summary from before out_dir was recorded: unchanged
     assert rebase_paths(res, "outputs/demo", "outputs/demo") == res
+
+
+def test_ready_stages_start_by_their_longest_remaining_chain(monkeypatch):
+    """``--jobs 2`` starts, among the ready stages, the one heading the longest chain of CPU-seconds (``COST``): a short
+    stage with a long dependent (the cascade behind Make-A-Video) goes before a longer one that nothing waits for."""
+    import vidgen.demo as demo
+
+    monkeypatch.setattr(demo, "COST", {"a": 100, "b": 150, "c": 200, "d": 10})
+    monkeypatch.setattr(demo, "DEPENDS", {"a": (), "b": (), "c": ("a",), "d": ("b",)})
+    order = ["a", "b", "c", "d"]
+    assert demo.chain_seconds("a", order) == 300 and demo.chain_seconds("b", order) == 160
+    assert demo.chain_seconds("c", order) == 200 and demo.chain_seconds("d", order) == 10
+    assert demo.chain_seconds("a", ["a", "b", "d"]) == 100  # c is not part of this run
+    monkeypatch.setattr(demo, "COST", {})
+    assert demo.chain_seconds("d", order) == demo.DEFAULT_COST
+
+
+def test_every_demo_stage_has_a_cost_estimate():
+    """The scheduler's table covers every stage (a new stage adds its measured CPU-seconds) and the tokenizer, which
+    most stages wait for, heads the longest chain."""
+    import vidgen.demo as demo
+
+    order = [n for n, *_ in demo.STAGES]
+    assert set(order) - {"data"} <= set(demo.COST)
+    rest = [n for n in order if n != "data"]
+    assert max(rest, key=lambda n: demo.chain_seconds(n, order)) == "tokenizer"

@@ -181,8 +181,13 @@ def procedural_soundtrack(params: dict, size: int = DEMO_SIZE, frames: int = DEM
 
 
 def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np.random.Generator) -> dict[str, bytes]:
+    """One procedural sample's shard members (``mp4`` with its soundtrack, ``txt``, ``json``, ``cls``)."""
+    return encode_procedural(render_procedural(key, shape, colour, direction, rng))
+
+
+def render_procedural(key: str, shape: str, colour: str, direction: str, rng: np.random.Generator) -> dict:
+    """The raw sample (frames, soundtrack, caption, metadata): what draws from ``rng``, so it runs in plan order."""
     frames, params = render_moving_shape(shape, colour, direction, rng)
-    sound = procedural_soundtrack(params)
     label = class_label(shape, direction)
     caption = caption_for(colour, shape, direction)
     meta = {
@@ -202,12 +207,30 @@ def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np
         "caption": caption,
         **params,
     }
+    return {"frames": frames, "sound": procedural_soundtrack(params), "caption": caption, "label": label, "meta": meta}
+
+
+def encode_procedural(raw: dict) -> dict[str, bytes]:
+    """Shard members of a :func:`render_procedural` sample (the mp4 encoding is most of the data stage's time)."""
     return {
-        "mp4": media.encode_video(frames, DEMO_FPS, layout="thwc", crf=18, audio=sound, sample_rate=DEMO_AUDIO_RATE),
-        "txt": caption.encode(),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-        "cls": str(label).encode(),
+        "mp4": media.encode_video(raw["frames"], DEMO_FPS, layout="thwc", crf=18, audio=raw["sound"],
+                                  sample_rate=DEMO_AUDIO_RATE),
+        "txt": raw["caption"].encode(),
+        "json": json.dumps(raw["meta"], sort_keys=True).encode(),
+        "cls": str(raw["label"]).encode(),
     }
+
+
+def _encode_all(raws: list[dict], workers: int) -> list[dict[str, bytes]]:
+    """:func:`encode_procedural` over ``raws`` in ``workers`` forked processes (the same bytes as one process: the
+    encoder is deterministic and every random draw happened in :func:`render_procedural`)."""
+    if workers <= 1 or len(raws) < 16:
+        return [encode_procedural(r) for r in raws]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(encode_procedural, raws, chunksize=max(1, len(raws) // (4 * workers))))
 
 
 def _procedural_plan(split: str, fast: bool, train_reps: int = TRAIN_REPS) -> list[tuple[str, str, str]]:
@@ -339,11 +362,13 @@ def _write_split(out_dir: str, samples: list[tuple[str, dict[str, bytes]]], max_
 
 
 def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fast: bool = False, log=None,
-                    train_reps: int = TRAIN_REPS) -> dict:
+                    train_reps: int = TRAIN_REPS, workers: int | None = None) -> dict:
     """Build the demo set into ``out_dir`` (replacing earlier demo shards there) and return the manifest.
 
     ``fast``: 48 procedural train clips and 12 each for val/test, at most 4 real clips per source; otherwise
-    ``48 * train_reps`` (768) train / 48 / 48 procedural plus every real clip.  Deterministic for a given ``seed``."""
+    ``48 * train_reps`` (768) train / 48 / 48 procedural plus every real clip.  Deterministic for a given ``seed``
+    (the same bytes for any ``workers``: processes that encode the clips, default one per core, at most 2)."""
+    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     t0 = time.time()
     log = log or (lambda msg: None)
     out_dir = os.fspath(out_dir)
@@ -354,10 +379,9 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
     for si, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, si])
         plan = _procedural_plan(split, fast, train_reps)
-        samples = []
-        for i, (shape, colour, direction) in enumerate(plan):
-            key = f"proc_{split}_{i:05d}"
-            samples.append((key, procedural_sample(key, shape, colour, direction, rng)))
+        keys = [f"proc_{split}_{i:05d}" for i in range(len(plan))]
+        raws = [render_procedural(k, *p, rng) for k, p in zip(keys, plan)]
+        samples = list(zip(keys, _encode_all(raws, workers)))
         n_proc = len(samples)
         samples += real[split]
         order = np.random.default_rng([seed, si, 1]).permutation(len(samples))
