@@ -5,17 +5,20 @@
 
     {"videos": float [B, C, T, H, W] in [-1, 1], "keys": list[str],
      optional "labels": int64 [B], "captions": list[str], "cond_videos": [B', C, T, H, W] (the conditioning, shown
-     above the samples in the grid), "audio": [B, 1, S] with "sample_rate", "task": str, any other [B, ...] tensor}
+     above the samples in the grid), "audio": [B, 1, S] with "sample_rate", "trajectories": float [B, N, T, 2]
+     (x, y pixels per frame; NaN rows pad; drawn over the samples in the grid), "task": str, any other [B, ...] tensor}
 
 Per batch (every rank writes its own samples; file names carry the key, grids the rank):
 
 * ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio (also muxed
   into the mp4);
-* ``<out>/grid_r<rank>_<batch>.png`` (one row per sample, conditioning rows first) and ``.mp4`` (the batch tiled);
+* ``<out>/grid_r<rank>_<batch>.png`` (one row per sample, conditioning rows first; requested trajectories drawn over
+  their samples) and ``.mp4`` (the batch tiled);
 
 At the end of the predict epoch ``<out>/samples.npz`` (``samples_r<rank>.npz`` per rank when distributed):
 ``videos`` uint8 ``[N, T, H, W, 3]``, ``keys``, and whatever conditioning came with them (``labels`` int64,
-``captions``, ``cond_videos`` uint8, ``audio`` float32 + ``sample_rate``, other per-sample arrays as they are).
+``captions``, ``cond_videos`` uint8, ``audio`` float32 + ``sample_rate``, ``trajectories`` float32, other per-sample
+arrays as they are; the per-sample files and ``videos`` stay undrawn).
 
 ``<out>`` is ``output_dir`` or ``<run dir>/predictions`` (``trainer.default_root_dir``; ``vidgen predict`` gives each
 predict run its own folder there).  A recipe configures it under ``trainer.callbacks``; ``vidgen predict`` adds one
@@ -34,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from vidgen.datamodules import media
+from vidgen.lightning_modules.nn.trajectory import draw_trajectories
 
 __all__ = ["PredictionWriter", "check_prediction", "write_wav"]
 
@@ -124,6 +128,9 @@ class PredictionWriter(BasePredictionWriter):
                                                   int(pred["sample_rate"])))
         if self.grids:
             grid = videos
+            trajs = pred.get("trajectories")
+            if isinstance(trajs, torch.Tensor) and trajs.ndim == 4 and trajs.shape[0] == b:  # Tora: the requested paths
+                grid = torch.stack([draw_trajectories(videos[i], trajs[i]) for i in range(b)])
             cond = pred.get("cond_videos")
             if isinstance(cond, torch.Tensor) and cond.ndim == 5 and cond.shape[1:] == videos.shape[1:]:
                 grid = torch.cat([cond.detach().float().cpu(), videos])

@@ -517,7 +517,8 @@ class Tora(STDiT):
         return [{"text": [p], "key": [f"prompt{i:03d}"]} for i, p in enumerate(prompts)]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """``{"videos", "keys", "captions", "trajectories"}`` (the writer draws the trajectories over the videos)."""
+        """``{"videos", "keys", "captions", "trajectories"}`` (the writer draws the trajectories over the grid and keeps
+        them in samples.npz)."""
         batch = dict(batch)
         self._inference_inputs(batch)
         out = super().predict_step(batch, batch_idx, dataloader_idx)

@@ -62,3 +62,32 @@ def test_eval_trajerror_from_samples_npz(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--metrics", "trajerror", "--fake", str(tmp_path)])
     assert "needs --fake samples.npz" in capsys.readouterr().err
+
+
+def test_writer_draws_requested_trajectories_over_the_grid_only(tmp_path):
+    """Tora's predictions carry ``trajectories``: the grid shows each sample with its requested path drawn
+    (``nn.trajectory.draw_trajectories``), while ``samples.npz`` keeps the clean videos and the paths themselves."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vidgen.callbacks.prediction_writer import PredictionWriter
+    from vidgen.datamodules import media
+
+    T = 4
+    videos = torch.full((1, 3, T, 32, 32), -1.0)  # black clips: any drawn pixel shows
+    path = np.full((1, 2, T, 2), np.nan, np.float32)
+    path[0, 0] = np.stack([8.0 + 4 * np.arange(T), np.full(T, 16.0)], 1)  # one object moving right along y = 16
+    grids = {}
+    for name, trajs in (("bare", None), ("traj", torch.from_numpy(path))):
+        pred = {"videos": videos, "keys": ["a"], **({"trajectories": trajs} if trajs is not None else {})}
+        writer = PredictionWriter(str(tmp_path / name), per_sample=False, grids=True)
+        trainer = SimpleNamespace(global_rank=0, world_size=1)
+        writer.write_on_batch_end(trainer, None, pred, None, None, 0, 0)
+        writer.on_predict_epoch_end(trainer, None)
+        grids[name] = np.asarray(Image.open(tmp_path / name / "grid_r0_00000.png").convert("RGB"))
+        npz = np.load(tmp_path / name / "samples.npz")
+        assert (npz["videos"] == media.to_uint8(videos.permute(0, 2, 3, 4, 1).numpy())).all()  # undrawn
+    drawn = (grids["traj"] != grids["bare"]).any(-1)
+    assert 4 <= drawn.sum() and (grids["traj"][drawn] == 255).all()  # the path is drawn, white (the first track)
+    assert np.allclose(np.load(tmp_path / "traj" / "samples.npz")["trajectories"], path, equal_nan=True)
