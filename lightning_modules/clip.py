@@ -24,7 +24,7 @@ from torch import Tensor
 
 from vidgen.lightning_modules.nn.text_encoders import clip_preprocess
 
-__all__ = ["CLIP", "pick_frames", "retrieval_accuracy", "CLIP_SIZES"]
+__all__ = ["CLIP", "pick_frames", "retrieval_accuracy", "gather_pairs", "CLIP_SIZES"]
 
 
 def pick_frames(video: Tensor, which: str, generator: torch.Generator | None = None) -> Tensor:
@@ -53,6 +53,18 @@ def retrieval_accuracy(text_features: Tensor, image_features: Tensor, captions: 
     n = len(captions)
     chance = sum(sum(c == d for d in captions) / n for c in captions) / n
     return hits / n, chance
+
+
+def gather_pairs(image_features: Tensor, text_features: Tensor, captions: list[str]) -> tuple[Tensor, Tensor, list[str]]:
+    """Every rank's validation pairs, in rank order (retrieval ranks one caption against the whole split's frames, so
+    under DDP it needs them all; a single process gets its own back)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_features, text_features, captions
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (image_features.cpu(), text_features.cpu(), list(captions)))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [c for p in parts for c in p[2]]
 
 
 class CLIP(L.LightningModule):
@@ -146,7 +158,8 @@ class CLIP(L.LightningModule):
         txt = torch.cat([v[1] for v in self._val])
         caps = [c for v in self._val for c in v[2]]
         self._val = []
-        acc, chance = retrieval_accuracy(txt, img, caps)  # per rank (the demo and tiny recipes run on one)
+        img, txt, caps = gather_pairs(img, txt, caps)  # the whole split on every rank (the same value everywhere)
+        acc, chance = retrieval_accuracy(txt, img, caps)
         self.log("val/retrieval_acc", acc, prog_bar=True)
         self.log("val/retrieval_chance", chance)
 

@@ -323,3 +323,48 @@ def test_tiny_video_decoder_and_prior_overfit():
     first, last = _overfit(lambda: pd.training_losses(prior, y, pkw, t=t, noise=noise)["loss"].mean(),
                            prior.parameters(), 60, 5e-3)
     assert last * 5 <= first, (first, last)
+
+
+def _clip_retrieval_worker(rank, world, init_file, out_dir):
+    import json
+    import os
+
+    from vidgen.lightning_modules.clip import gather_pairs, retrieval_accuracy
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        img, txt, caps = _clip_retrieval_data()
+        mine = gather_pairs(img[rank::world], txt[rank::world], caps[rank::world])
+        with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
+            json.dump([retrieval_accuracy(mine[1], mine[0], mine[2]), len(mine[2])], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _clip_retrieval_data():
+    g = torch.Generator().manual_seed(0)
+    caps = [f"caption {i % 5}" for i in range(12)]
+    txt = torch.randn(12, 8, generator=g)
+    img = txt + 0.8 * torch.randn(12, 8, generator=g)  # some frames closer to another caption's text
+    return img, txt, caps
+
+
+@pytest.mark.distributed
+def test_clip_val_retrieval_ranks_against_every_rank_frames(tmp_path):
+    """Under DDP each rank validates a shard of the pairs; ``val/retrieval_acc`` ranks every caption against the
+    frames of the whole split (``gather_pairs``), so 2 processes report what 1 process does, on both ranks."""
+    import json
+
+    from vidgen.lightning_modules.clip import gather_pairs, retrieval_accuracy
+
+    img, txt, caps = _clip_retrieval_data()
+    assert gather_pairs(img, txt, caps)[2] is caps  # one process: unchanged
+    one = list(retrieval_accuracy(txt, img, caps))
+    per_rank = [retrieval_accuracy(txt[r::2], img[r::2], caps[r::2]) for r in (0, 1)]
+    assert any(list(p) != one for p in per_rank)  # what the per-rank metric reported before: not the split's value
+    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    torch.multiprocessing.start_processes(_clip_retrieval_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)),
+                                          nprocs=2, start_method=method)
+    for r in (0, 1):
+        (acc, chance), n = json.load(open(tmp_path / f"r{r}.json"))
+        assert n == 12 and acc == pytest.approx(one[0]) and chance == pytest.approx(one[1])
