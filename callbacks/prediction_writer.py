@@ -133,7 +133,7 @@ class PredictionWriter(BasePredictionWriter):
                 grid = torch.stack([draw_trajectories(videos[i], trajs[i]) for i in range(b)])
             cond = pred.get("cond_videos")
             if isinstance(cond, torch.Tensor) and cond.ndim == 5 and cond.shape[1:] == videos.shape[1:]:
-                grid = torch.cat([cond.detach().float().cpu(), videos])
+                grid = torch.cat([cond.detach().float().cpu(), grid])
             stem = os.path.join(root, f"grid_r{rank}_{batch_idx:05d}")
             self.written.append(media.write_grid_png(stem + ".png", grid, max_frames=self.max_grid_frames))
             if videos.shape[2] > 1:

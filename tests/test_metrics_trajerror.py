@@ -79,8 +79,11 @@ def test_writer_draws_requested_trajectories_over_the_grid_only(tmp_path):
     path = np.full((1, 2, T, 2), np.nan, np.float32)
     path[0, 0] = np.stack([8.0 + 4 * np.arange(T), np.full(T, 16.0)], 1)  # one object moving right along y = 16
     grids = {}
-    for name, trajs in (("bare", None), ("traj", torch.from_numpy(path))):
-        pred = {"videos": videos, "keys": ["a"], **({"trajectories": trajs} if trajs is not None else {})}
+    runs = (("bare", None, None), ("traj", torch.from_numpy(path), None),
+            ("bare_cond", None, videos), ("traj_cond", torch.from_numpy(path), videos))  # I2V-style condition rows
+    for name, trajs, cond in runs:
+        pred = {"videos": videos, "keys": ["a"], **({"trajectories": trajs} if trajs is not None else {}),
+                **({"cond_videos": cond} if cond is not None else {})}
         writer = PredictionWriter(str(tmp_path / name), per_sample=False, grids=True)
         trainer = SimpleNamespace(global_rank=0, world_size=1)
         writer.write_on_batch_end(trainer, None, pred, None, None, 0, 0)
@@ -90,4 +93,6 @@ def test_writer_draws_requested_trajectories_over_the_grid_only(tmp_path):
         assert (npz["videos"] == media.to_uint8(videos.permute(0, 2, 3, 4, 1).numpy())).all()  # undrawn
     drawn = (grids["traj"] != grids["bare"]).any(-1)
     assert 4 <= drawn.sum() and (grids["traj"][drawn] == 255).all()  # the path is drawn, white (the first track)
+    drawn_cond = (grids["traj_cond"] != grids["bare_cond"]).any(-1)  # also below the conditioning rows
+    assert drawn_cond.sum() == drawn.sum() and (grids["traj_cond"][drawn_cond] == 255).all()
     assert np.allclose(np.load(tmp_path / "traj" / "samples.npz")["trajectories"], path, equal_nan=True)

@@ -61,7 +61,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 
 # CPU-seconds of each stage in a fresh-clone ``make demo`` (2026-12-02; benchmarks/machine_speed.py read the 2D tokenizer
 # step at 121 ms): used only to order the stages that are ready to start, the longest remaining chain first (an
-# unlisted stage counts DEFAULT_COST). Measured with the earlier order (dependencies first, then STAGES order): 20:36
+# unlisted stage counts DEFAULT_COST). Measured with the earlier order (dependencies first, then STAGES order): 20:35
 # wall; the simulated schedule of the same stage times, longest chain first: 77 s shorter (the cascade no longer
 # runs alone at the end).
 COST: dict[str, float] = {

@@ -180,11 +180,6 @@ def procedural_soundtrack(params: dict, size: int = DEMO_SIZE, frames: int = DEM
     return (wave * loud * fade).astype(np.float32)
 
 
-def procedural_sample(key: str, shape: str, colour: str, direction: str, rng: np.random.Generator) -> dict[str, bytes]:
-    """One procedural sample's shard members (``mp4`` with its soundtrack, ``txt``, ``json``, ``cls``)."""
-    return encode_procedural(render_procedural(key, shape, colour, direction, rng))
-
-
 def render_procedural(key: str, shape: str, colour: str, direction: str, rng: np.random.Generator) -> dict:
     """The raw sample (frames, soundtrack, caption, metadata): what draws from ``rng``, so it runs in plan order."""
     frames, params = render_moving_shape(shape, colour, direction, rng)
