@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 from vidgen.lightning_modules.nn.text_encoders import clip_preprocess
 
 __all__ = ["CLIP", "pick_frames", "retrieval_accuracy", "gather_pairs", "CLIP_SIZES"]
@@ -167,8 +168,9 @@ class CLIP(L.LightningModule):
         hp = self.hparams
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                                lr=hp.lr, betas=tuple(hp.betas), eps=1e-6)
+        opt = cpu_multi_tensor(torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                                  {"params": rest, "weight_decay": 0.0}],
+                                                 lr=hp.lr, betas=tuple(hp.betas), eps=1e-6))
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         if not total:
             return opt

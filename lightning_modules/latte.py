@@ -68,6 +68,7 @@ from vidgen.lightning_modules.nn.init import xavier_linears_
 from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHeadAttention, attention
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import VAEConfig, spatial_factor_of
 from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
@@ -1463,7 +1464,7 @@ class Latte(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        return cpu_multi_tensor(torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Log the gradient norm every step; clip at ``grad_clip_norm`` from ``grad_clip_start_step`` on (§1.11)."""

@@ -34,6 +34,7 @@ from vidgen.lightning_modules.nn.attention import Mlp, MultiHeadAttention
 from vidgen.lightning_modules.nn.checkpoint import KeyReport, read_state_dict
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import TimestepEmbedder
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNetConfig, UNetConfigError,
                                               unet_config)
@@ -87,7 +88,7 @@ def video_stage_adamw(unet: UNet, video: bool, lr: float, spatial_lr_scale: floa
     groups = [{"params": new, "lr": lr}]
     if spatial and spatial_lr_scale > 0:
         groups.append({"params": spatial, "lr": lr * spatial_lr_scale})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return cpu_multi_tensor(torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay))
 
 
 class CLIPConditionedDiffusion(L.LightningModule):
@@ -311,7 +312,7 @@ class DiffusionPrior(CLIPConditionedDiffusion):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return torch.optim.AdamW(self.network.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return cpu_multi_tensor(torch.optim.AdamW(self.network.parameters(), lr=hp.lr, weight_decay=hp.weight_decay))
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -40,6 +40,7 @@ from vidgen.lightning_modules.make_a_video import (CLIPConditionedDiffusion, Mak
 from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.diffusion.common import randn
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNET_SIZES, UNetConfigError,
                                               unet_config)
 
@@ -328,8 +329,8 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=hp.lr,
-                                 weight_decay=hp.weight_decay)
+        return cpu_multi_tensor(torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=hp.lr,
+                                                  weight_decay=hp.weight_decay))
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vidgen.lightning_modules.nn.conv3d import GroupNorm
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 
 DEMO_ATTRIBUTES = {  # the demo's procedural vocabulary (vidgen/demo_data.py), in label order
     "shape": ["square", "circle", "triangle"],
@@ -293,7 +294,7 @@ class VideoProbe(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.config
-        opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = cpu_multi_tensor(torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
         total = max(1, cfg.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         return [opt], [{"scheduler": sched, "interval": "step"}]

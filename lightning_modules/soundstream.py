@@ -443,14 +443,15 @@ class SoundStream(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
-        from .nn.optim import WarmupCosine
+        from .nn.optim import WarmupCosine, cpu_multi_tensor
 
         c = self.config
         gen = [p for n, p in self.named_parameters() if n.startswith(("encoder.", "quantizer.", "decoder."))]
-        opts = [torch.optim.Adam(gen, lr=c.lr, betas=tuple(c.betas))]
+        opts = [cpu_multi_tensor(torch.optim.Adam(gen, lr=c.lr, betas=tuple(c.betas)))]
         scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], WarmupCosine(c.warmup_steps, c.total_steps))]
         if self.discriminator is not None:
-            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=c.disc_lr or c.lr, betas=tuple(c.betas)))
+            opts.append(cpu_multi_tensor(torch.optim.Adam(self.discriminator.parameters(), lr=c.disc_lr or c.lr,
+                                                          betas=tuple(c.betas))))
             total_d = None if c.total_steps is None else max(1, c.total_steps - c.disc_start_step)
             scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[1], WarmupCosine(c.warmup_steps, total_d)))
         return opts, scheds

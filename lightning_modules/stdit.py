@@ -50,6 +50,7 @@ from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHead
 from vidgen.lightning_modules.nn.checkpoint import KeyReport, keep_out_of_checkpoints, read_state_dict
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion, opensora_timestep_shift
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_2d
+from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
 from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
@@ -794,7 +795,8 @@ class STDiT(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
+        opt = cpu_multi_tensor(torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+                                                 eps=hp.eps))
         warmup = int(hp.warmup_steps)
         if warmup <= 0:
             return opt

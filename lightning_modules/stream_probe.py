@@ -58,7 +58,9 @@ class StreamProbe(L.LightningModule):
         return self(video).clamp(-1, 1)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        from .nn.optim import cpu_multi_tensor
+
+        return cpu_multi_tensor(torch.optim.Adam(self.parameters(), lr=self.hparams.lr))
 
     @staticmethod
     def read_keys(path: str, rank: int = 0) -> list[list[str]]:

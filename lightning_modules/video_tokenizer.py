@@ -34,7 +34,7 @@ from .nn.discriminator import DiscriminatorBlock, StyleGANDiscriminator
 from .nn.gan_losses import LeCamEMA, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from .nn.inflation import MODES as INFLATION_MODES
 from .nn.inflation import inflate_state_dict
-from .nn.optim import WarmupCosine
+from .nn.optim import WarmupCosine, cpu_multi_tensor
 from .nn.perceptual import KINDS as PERCEPTUAL_KINDS
 from .nn.perceptual import PerceptualLoss
 from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaussian, IdentityBottleneck,
@@ -506,10 +506,10 @@ class VideoTokenizer(L.LightningModule):
     def configure_optimizers(self):
         o = self.ocfg
         gen = [p for n, p in self.named_parameters() if n.startswith(("encoder.", "quantizer.", "decoder."))]
-        opts = [torch.optim.AdamW(gen, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)]
+        opts = [cpu_multi_tensor(torch.optim.AdamW(gen, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))]
         if self.discriminator is not None:
-            opts.append(torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr or o.lr,
-                                          betas=tuple(o.betas), weight_decay=o.weight_decay))
+            opts.append(cpu_multi_tensor(torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr or o.lr,
+                                                           betas=tuple(o.betas), weight_decay=o.weight_decay)))
         scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], WarmupCosine(o.warmup_steps, o.total_steps))]
         if len(opts) > 1:  # D's schedule counts D's steps, which start at discriminator.start_step
             total_d = None if o.total_steps is None else max(1, o.total_steps - self.dcfg.start_step)

@@ -113,3 +113,63 @@ def test_every_demo_stage_has_a_cost_estimate():
     assert set(order) - {"data"} <= set(demo.COST)
     rest = [n for n in order if n != "data"]
     assert max(rest, key=lambda n: demo.chain_seconds(n, order)) == "tokenizer"
+
+
+def _tiny_tokenizer():
+    import torch
+
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    return VideoTokenizer(arch=dict(kind="magvit", filters=8, channel_multipliers=[1, 2], num_res_blocks=1,
+                                    temporal_downsample=[True], norm_groups=4),
+                          bottleneck=dict(kind="vq", codebook_size=16, dim=4), discriminator=dict(enabled=False),
+                          loss=dict(perceptual_weight=0), num_frames=4, resolution=16).eval()
+
+
+def test_token_cache_gives_the_codes_encoding_gives(tmp_path):
+    """The token-space stages read the tokenizer stage's codes (``clip_tokens``) instead of encoding the clips again.
+    That changes no result because a clip's codes do not depend on the batch it is encoded in; a clip the cache lacks
+    (or a cache at another clip length) is encoded."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vidgen.demos.common import clip_tokens, encode_clips
+
+    tok = _tiny_tokenizer()
+    video = torch.rand(9, 3, 4, 16, 16) * 2 - 1
+    whole = encode_clips(tok, video, batch_size=32)
+    assert torch.equal(whole, encode_clips(tok, video, batch_size=1))
+    perm = torch.randperm(9)
+    assert torch.equal(whole, encode_clips(tok, video[perm], batch_size=4)[torch.argsort(perm)])
+
+    keys = [f"clip{i}" for i in range(9)]
+    cache = {"frames": 4, "resolution": 16, "codes": {k: c + 1 for k, c in zip(keys, whole)}}  # marked: +1
+    torch.save(cache, tmp_path / "tokens.pt")
+    ctx = SimpleNamespace(results={"tokenizer": {"tokens": str(tmp_path / "tokens.pt")}})
+    clips = {"video": video[[5, 2]], "key": [keys[5], keys[2]]}
+    assert torch.equal(clip_tokens(ctx, tok, clips), whole[[5, 2]] + 1)  # read, in the clips' order
+    clips["key"][1] = "unknown"
+    assert torch.equal(clip_tokens(ctx, tok, clips), whole[[5, 2]])  # one clip missing: encoded
+    assert torch.equal(clip_tokens(SimpleNamespace(results={}), tok, {"video": video[:2], "key": keys[:2]}), whole[:2])
+    cache["frames"] = 8
+    torch.save(cache, tmp_path / "tokens8.pt")
+    ctx.results["tokenizer"]["tokens"] = str(tmp_path / "tokens8.pt")
+    assert torch.equal(clip_tokens(ctx, tok, {"video": video[:2], "key": keys[:2]}), whole[:2])
+
+
+def test_forkserver_starts_without_waiting_for_its_preload():
+    """``vidgen demo`` starts the stages' forkserver before the data stage: the call returns at once and the server's
+    torch + lightning import overlaps the data stage (``Process.start`` would otherwise block ~12 s on it)."""
+    code = textwrap.dedent('''
+        import time, multiprocessing as mp
+        import vidgen.demo as demo
+        t0 = time.perf_counter()
+        demo.start_forkserver()
+        print(f"{time.perf_counter() - t0:.2f}")
+    ''')
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout.split()[-1]) < 3.0

@@ -310,12 +310,27 @@ def _stage_in_child(name: str, target: str, ctx: "DemoContext", threads: int, co
     conn.close()
 
 
+#: what the stages' forkserver imports once, before it forks them (torch + lightning: ~12 CPU-s on one core)
+FORKSERVER_PRELOAD = ["torch", "lightning", "numpy"]
+
+
+def start_forkserver() -> None:
+    """Start the stages' forkserver now, without waiting for it: its preload then runs beside the data stage instead
+    of holding up the first stage (``Process.start`` blocks until the server has imported ``FORKSERVER_PRELOAD``;
+    measured 12.6 s)."""
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    forkserver.ensure_running()
+
+
 def _run_parallel(stages: list[tuple[str, str, str]], ctx: "DemoContext", jobs: int, rows: list) -> bool:
     """Run ``stages`` (after ``data``) ``jobs`` at a time in child processes as their dependencies finish."""
     import multiprocessing as mp
 
     mpc = mp.get_context("forkserver")
-    mpc.set_forkserver_preload(["torch", "lightning", "numpy"])
+    mpc.set_forkserver_preload(FORKSERVER_PRELOAD)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     order = [n for n, *_ in stages]
     pending = list(stages)
@@ -439,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1:
         data = [st for st in stages if st[0] == "data"]
         rest = [st for st in stages if st[0] != "data"]
+        if rest:
+            start_forkserver()
         failed = _run_sequential(data, ctx, rows)
         failed |= _run_parallel(rest, ctx, args.jobs, rows)
     else:

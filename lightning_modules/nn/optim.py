@@ -41,7 +41,19 @@ def transformer_adamw(pl_module, net: nn.Module, lr: float, betas, weight_decay:
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
                 (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    opt = cpu_multi_tensor(torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total_steps(pl_module, total)))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def cpu_multi_tensor(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Step ``opt``'s parameter groups of plain CPU tensors with torch's multi-tensor (``foreach``) kernels, as torch
+    already does on GPUs. On CPU torch's default is a Python loop over the parameters, which for small models costs
+    more than the update itself (the demo's MAGVIT transformer: 10 of its 326 ms per step). Same arithmetic: the
+    parameters come out bit for bit the same (tests/test_optim.py). Groups that name ``foreach`` keep it."""
+    for group in opt.param_groups:
+        if group.get("foreach") is None and group["params"] and all(
+                type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cpu" for p in group["params"]):
+            group["foreach"] = True
+    return opt

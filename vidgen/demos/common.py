@@ -24,6 +24,7 @@ import torch
 
 _PROBES: dict[str, object] = {}
 _CLIPS: dict[tuple, dict] = {}
+_TOKENS: dict[str, dict] = {}
 
 # The clip length every token-space stage (MAGVIT, VideoPoet LM, SR, audio) models and the tokenizer stage reports
 # on: 8 frames. Not the tokenizer checkpoint's ``num_frames``, which is its training window (4-frame windows of these
@@ -58,24 +59,64 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
                              frame_stride=frame_stride, resolution=resolution, crop="center", flip=False,
                              batch_size=32, num_workers=0, shuffle=False)
         dm.setup("validate")
-        vids, labels, texts, seen = [], [], [], set()
+        vids, labels, texts, keys, seen = [], [], [], [], set()
         for b in dm.val_dataloader():
             if b["video"].shape[2] != num_frames:  # images (T=1) are not clips
                 continue
             for i, k in enumerate(b["key"]):
                 if k not in seen:  # the loader pads its last batch with repeats
                     seen.add(k)
+                    keys.append(k)
                     vids.append(b["video"][i])
                     labels.append(int(b["label"][i]))
                     texts.append(b["text"][i])
-        _CLIPS[key] = {"video": torch.stack(vids), "label": torch.tensor(labels), "text": texts}
+        _CLIPS[key] = {"video": torch.stack(vids), "label": torch.tensor(labels), "text": texts, "key": keys}
     c = _CLIPS[key]
     idx = torch.arange(len(c["label"]))
     if procedural_only:
         idx = idx[(c["label"] >= 0) & (c["label"] < int(manifest(ctx).get("procedural_classes", 12)))]
     if max_clips is not None:
         idx = idx[:max_clips]
-    return {"video": c["video"][idx], "label": c["label"][idx], "text": [c["text"][i] for i in idx.tolist()]}
+    return {"video": c["video"][idx], "label": c["label"][idx], "text": [c["text"][i] for i in idx.tolist()],
+            "key": [c["key"][i] for i in idx.tolist()]}
+
+
+# ----------------------------------------------------------------------------------------------------- token cache
+def save_clip_tokens(ctx, tok, path: str | Path, splits=("train", "val")) -> str:
+    """Tokenise every clip of ``splits`` (``CLIP_FRAMES`` frames at the tokenizer's resolution) once and save
+    ``{"frames", "resolution", "codes": {key: [t, h, w]}}`` at ``path``: the token-space stages (MAGVIT, VideoPoet,
+    its SR and audio) read them through :func:`clip_tokens` instead of each encoding the same clips again. A clip's
+    codes do not depend on the batch it is encoded in (tests/test_demo_jobs.py), so the cache changes no result."""
+    R = int(tok.resolution)
+    codes: dict[str, torch.Tensor] = {}
+    for split in splits:
+        clips = load_clips(ctx, split, CLIP_FRAMES, R)
+        codes.update(zip(clips["key"], encode_clips(tok, clips["video"])))
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"frames": CLIP_FRAMES, "resolution": R, "codes": codes}, tmp)
+    tmp.replace(path)
+    return str(path)
+
+
+@torch.no_grad()
+def encode_clips(tok, video: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``tok.encode`` over ``video [N, 3, T, H, W]``, ``batch_size`` clips at a time."""
+    return torch.cat([tok.encode(v) for v in video.split(batch_size)])
+
+
+def clip_tokens(ctx, tok, clips: dict) -> torch.Tensor:
+    """The codes of ``clips`` (a :func:`load_clips` dict) for the tokenizer stage's checkpoint: read from the cache
+    that stage left (``ctx.results["tokenizer"]["tokens"]``) when it holds every clip at this length and resolution,
+    else encoded here."""
+    path = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("tokens")
+    T, R = clips["video"].shape[2], clips["video"].shape[-1]
+    if path and Path(path).exists() and clips.get("key"):
+        if path not in _TOKENS:
+            _TOKENS[path] = torch.load(path, weights_only=True)
+        cache = _TOKENS[path]
+        if (cache["frames"], cache["resolution"]) == (T, R) and all(k in cache["codes"] for k in clips["key"]):
+            return torch.stack([cache["codes"][k] for k in clips["key"]])
+    return encode_clips(tok, clips["video"])
 
 
 class CaptionTable:

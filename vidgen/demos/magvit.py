@@ -9,7 +9,8 @@
   them (vs. the tokenizer's own reconstruction of them) — pasted back in the saved samples — and the probe's
   direction accuracy of the continued motion (the target, >= 70%).
 
-The tokenizer's encodings are cached per batch (``_MemoTokenizer``): the fixed training batches are tokenised once.
+The clips' codes come from the tokenizer stage's cache (``clip_tokens``); the FP condition videos (z̃) are encoded
+here, once per fixed training batch (``_MemoTokenizer`` caches them by content).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def run(ctx) -> dict:
     import lightning as L
     import yaml
 
-    from vidgen.demos.common import (CLIP_FRAMES, get_probe, last_checkpoint, load_clips, manifest, probe_scores,
-                                     report_samples, skipped_without, stage_checkpoint, stage_trainer)
+    from vidgen.demos.common import (CLIP_FRAMES, clip_tokens, get_probe, last_checkpoint, load_clips, manifest,
+                                     probe_scores, report_samples, skipped_without, stage_checkpoint, stage_trainer)
     from vidgen.demos.tokenizer import psnr_per_clip
     from vidgen.lightning_modules.magvit import TASKS, MaskedVideoTransformer
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
@@ -88,8 +89,9 @@ def run(ctx) -> dict:
     train = load_clips(ctx, "train", T, R)
     g = torch.Generator().manual_seed(ctx.seed)
     perm = torch.randperm(len(train["label"]), generator=g)
-    batches = [{"video": train["video"][perm[i:i + bs]], "label": train["label"][perm[i:i + bs]]}
-               for i in range(0, len(perm) - bs + 1, bs)]  # fixed batches: each is tokenised once
+    codes = clip_tokens(ctx, tok, train)  # the tokenizer stage's codes of these clips (FP still encodes z̃ here)
+    batches = [{"video": train["video"][perm[i:i + bs]], "label": train["label"][perm[i:i + bs]],
+                "tokens": codes[perm[i:i + bs]]} for i in range(0, len(perm) - bs + 1, bs)]  # fixed batches
     losses: list[float] = []
 
     class Record(L.Callback):

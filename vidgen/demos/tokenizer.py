@@ -29,6 +29,15 @@ def run(ctx) -> dict:
                              report=False)
     res = train_and_report(ctx, CONFIG, "tokenizer", "tiny MAGVIT 3D-VQ", init_from_2d=image["checkpoint"])
     res["image_2d"] = {k: image[k] for k in ("checkpoint", "psnr_curve", "seconds", "steps")}
+    if "checkpoint" in res:  # every clip's codes once, for the token-space stages after this one
+        from vidgen.demos.common import save_clip_tokens
+        from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+
+        t0 = time.perf_counter()
+        res["tokens"] = save_clip_tokens(ctx, VideoTokenizer.load_frozen(res["checkpoint"]),
+                                         Path(ctx.out_dir) / "tokenizer" / "tokens.pt")
+        ctx.log(f"tokenised every train/val clip once for the later stages ({res['tokens']}) in "
+                f"{time.perf_counter() - t0:.0f}s")
     res["summary"] += (f"; inflated from a 2D-VQ trained {image['steps']} batches ({image['seconds']:.0f}s, "
                        f"{image['psnr_curve'][-1][2]:.1f} dB raw)")
     return res

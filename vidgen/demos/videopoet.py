@@ -23,7 +23,9 @@ import torch
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import CLIP_FRAMES, CaptionTable, load_clips, report_samples, skipped_without, stage_checkpoint
+    from vidgen.demos.common import (CLIP_FRAMES, CaptionTable, clip_tokens, load_clips, report_samples,
+                                     skipped_without, stage_checkpoint)
+    from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet import LAYOUTS, VideoPoet
     from vidgen.media import save_video_grid_mp4, write_grid_png
@@ -42,8 +44,7 @@ def run(ctx) -> dict:
     t0 = time.perf_counter()
     train = load_clips(ctx, "train", T, R, procedural_only=True)
     val = load_clips(ctx, "val", T, R, procedural_only=True)
-    with torch.no_grad():
-        codes = torch.cat([tok.encode(v) for v in train["video"].split(32)])
+    codes = clip_tokens(ctx, tok, train)
     captions = text = CaptionTable(train["text"] + val["text"])
     text_model, L_ = captions.encoder, captions.slots
 
@@ -58,7 +59,7 @@ def run(ctx) -> dict:
     model.attach_text_encoder(text_model)
     steps = 40 if ctx.fast else 600  # 150 (13 s) left every task at chance
     bs = 8
-    opt = torch.optim.AdamW(model.net.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = cpu_multi_tensor(torch.optim.AdamW(model.net.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     g = torch.Generator().manual_seed(ctx.seed)
     model.train()

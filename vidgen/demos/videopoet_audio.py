@@ -67,8 +67,9 @@ def load_soundtracks(ctx, split: str, num_frames: int, resolution: int) -> dict:
 
 def run(ctx) -> dict:
     from vidgen.datamodules.media import write_video
-    from vidgen.demos.common import CLIP_FRAMES, skipped_without, stage_checkpoint
+    from vidgen.demos.common import CLIP_FRAMES, clip_tokens, skipped_without, stage_checkpoint
     from vidgen.demo_data import DEMO_DIRECTIONS, NUM_PROCEDURAL_CLASSES
+    from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
     from vidgen.lightning_modules.soundstream import SoundStream, reconstruction_quality
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet import VideoPoet
@@ -106,9 +107,9 @@ def run(ctx) -> dict:
     steps_codec = 40 if ctx.fast else 250
     codec = SoundStream(size="tiny", codebook_size=1024, lr=3e-3, betas=[0.9, 0.99], warmup_steps=0,
                         train_crop_seconds=0.5, disc_ffts=[256, 128], disc_filters=8, seed=ctx.seed)
-    opt_g = torch.optim.Adam([p for n, p in codec.named_parameters() if not n.startswith("discriminator")], 3e-3,
-                             betas=(0.9, 0.99))
-    opt_d = torch.optim.Adam(codec.discriminator.parameters(), 1e-3, betas=(0.5, 0.9))
+    opt_g = cpu_multi_tensor(torch.optim.Adam([p for n, p in codec.named_parameters() if not n.startswith("discriminator")],
+                                              3e-3, betas=(0.9, 0.99)))
+    opt_d = cpu_multi_tensor(torch.optim.Adam(codec.discriminator.parameters(), 1e-3, betas=(0.5, 0.9)))
     from vidgen.lightning_modules.nn.gan_losses import discriminator_loss, generator_loss
     from vidgen.lightning_modules.soundstream import feature_matching
 
@@ -152,7 +153,7 @@ def run(ctx) -> dict:
 
     # ---- 2. token "shards" in memory
     with torch.no_grad():
-        vtok = {s: torch.cat([tok.encode(v) for v in clips[s]["video"].split(32)]) for s in ("train", "val")}
+        vtok = {s: clip_tokens(ctx, tok, clips[s]) for s in ("train", "val")}
         atok = {s: torch.cat([codec.encode(a) for a in sounds[s]["audio"].split(32)]) for s in ("train", "val")}
     frames = int(atok["train"].shape[-1])
     ctx.log(f"tokens: video {tuple(vtok['train'].shape[1:])}, audio {tuple(atok['train'].shape[1:])} "
@@ -165,7 +166,7 @@ def run(ctx) -> dict:
     lm.attach_tokenizer(tok)
     lm.attach_audio_tokenizer(codec)
     steps_lm = 40 if ctx.fast else 320  # 160: 62% with the session-3 tokenizer, 33% now; 320: 71%
-    opt = torch.optim.AdamW(lm.net.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = cpu_multi_tensor(torch.optim.AdamW(lm.net.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_lm))
     lm.train()
     losses, t0 = [], time.perf_counter()

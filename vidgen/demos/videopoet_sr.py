@@ -63,9 +63,10 @@ def bicubic_upsample(video: torch.Tensor, scale: int = 2) -> torch.Tensor:
 
 
 def run(ctx) -> dict:
-    from vidgen.demos.common import (CLIP_FRAMES, CaptionTable, get_probe, load_clips, probe_scores, report_samples,
-                                     skipped_without, stage_checkpoint)
+    from vidgen.demos.common import (CLIP_FRAMES, CaptionTable, clip_tokens, encode_clips, get_probe, load_clips,
+                                     probe_scores, report_samples, skipped_without, stage_checkpoint)
     from vidgen.demos.tokenizer import psnr_per_clip
+    from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
     from vidgen.lightning_modules.videopoet_sr import VideoPoetSR, bicubic_downsample
     from vidgen.media import save_video_grid_mp4, write_grid_png
@@ -90,12 +91,11 @@ def run(ctx) -> dict:
     val = load_clips(ctx, "val", T, R, procedural_only=True)
 
     @torch.no_grad()
-    def tokens(video):
-        hr = torch.cat([tok.encode(v) for v in video.split(32)])
-        lr = torch.cat([tok.encode(bicubic_downsample(v)) for v in video.split(32)])
-        return hr, lr
+    def tokens(clips):  # HR: the tokenizer stage's cached codes; LR: encoded here
+        lr = torch.cat([bicubic_downsample(v) for v in clips["video"].split(32)])
+        return clip_tokens(ctx, tok, clips), encode_clips(tok, lr)
 
-    hr_train, lr_train = tokens(train["video"])
+    hr_train, lr_train = tokens(train)
     captions = text = CaptionTable(train["text"] + val["text"])
     text_model, L_ = captions.encoder, captions.slots
 
@@ -111,7 +111,7 @@ def run(ctx) -> dict:
                         seed=ctx.seed)
     model.attach_tokenizer(tok)
     steps = FAST_STEPS if ctx.fast else STEPS
-    opt = torch.optim.AdamW(model.net.parameters(), lr=LR, betas=(0.9, 0.96), weight_decay=0.045)
+    opt = cpu_multi_tensor(torch.optim.AdamW(model.net.parameters(), lr=LR, betas=(0.9, 0.96), weight_decay=0.045))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     g = torch.Generator().manual_seed(ctx.seed)
     model.train()
@@ -141,7 +141,7 @@ def run(ctx) -> dict:
     n = min(EVAL_CLIPS, len(val["label"]))
     pick = torch.linspace(0, len(val["label"]) - 1, n).round().long()
     gt, labels, caps = val["video"][pick], val["label"][pick], [val["text"][i] for i in pick.tolist()]
-    hr_val, lr_val = tokens(gt)
+    hr_val, lr_val = tokens({"video": gt, "key": [val["key"][i] for i in pick.tolist()]})
     emb, ln = text(caps)
     t1 = time.perf_counter()
     cond = {"text_emb": emb, "text_len": ln}
