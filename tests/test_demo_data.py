@@ -173,3 +173,32 @@ def test_parallel_encoding_writes_the_same_bytes(tmp_path):
         one, two = sorted((tmp_path / "w1" / split).glob("*.tar")), sorted((tmp_path / "w2" / split).glob("*.tar"))
         assert [p.name for p in one] == [p.name for p in two] and one
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+
+
+def test_decoded_clips_are_shared_through_the_out_dir_and_follow_the_shards(demo, tmp_path):
+    """``load_clips`` keeps a split's decoded clips under ``<out_dir>/.clip_cache/`` for the other stages (each runs
+    in its own process): a second process reads exactly what the first decoded; rewritten shards get a new file."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from vidgen.demos import common
+
+    data = tmp_path / "data"
+    shutil.copytree(demo[0], data)
+    ctx = SimpleNamespace(data_dir=str(data), out_dir=str(tmp_path / "out"), seed=0)
+    common._CLIPS.clear()
+    first = common.load_clips(ctx, "val", 4, 16)
+    files = list((tmp_path / "out" / ".clip_cache").glob("val_4x16_s1_*.pt"))
+    assert len(files) == 1
+    common._CLIPS.clear()  # as in another stage's process
+    again = common.load_clips(ctx, "val", 4, 16)
+    assert torch.equal(first["video"], again["video"]) and first["key"] == again["key"] and first["text"] == again["text"]
+    shard = sorted((data / "val").glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    common._CLIPS.clear()
+    common.load_clips(ctx, "val", 4, 16)
+    assert len(list((tmp_path / "out" / ".clip_cache").glob("val_4x16_s1_*.pt"))) == 2
+    common._CLIPS.clear()

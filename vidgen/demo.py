@@ -59,14 +59,14 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 }
 
 
-# CPU-seconds of each stage in a fresh-clone ``make demo`` (2026-12-02; benchmarks/machine_speed.py read the 2D tokenizer
-# step at 121 ms): used only to order the stages that are ready to start, the longest remaining chain first (an
-# unlisted stage counts DEFAULT_COST). Measured with the earlier order (dependencies first, then STAGES order): 20:35
-# wall; the simulated schedule of the same stage times, longest chain first: 77 s shorter (the cascade no longer
-# runs alone at the end).
+# CPU-seconds of each stage in a fresh-clone ``make demo`` (session 8's run, 2026-12-03, with session 9's changes to
+# the tokenizer, Latte, SR and cascade steps and the token cache taken off): used only to order the stages that are
+# ready to start, the longest remaining chain first (an unlisted stage counts DEFAULT_COST). Session 8 measured the
+# earlier order (dependencies first, then STAGES order) at 20:35 wall; the simulated schedule of the same stage times,
+# longest chain first: 77 s shorter (the cascade no longer runs alone at the end).
 COST: dict[str, float] = {
-    "probe": 64, "stream": 2, "tokenizer": 518, "vae": 146, "magvit": 261, "videopoet": 103, "videopoet_sr": 101,
-    "videopoet_audio": 247, "latte": 167, "tora": 125, "make_a_video": 144, "make_a_video_cascade": 270,
+    "probe": 68, "stream": 2, "tokenizer": 320, "vae": 138, "magvit": 225, "videopoet": 82, "videopoet_sr": 70,
+    "videopoet_audio": 197, "latte": 134, "tora": 103, "make_a_video": 134, "make_a_video_cascade": 223,
 }
 DEFAULT_COST = 60.0
 

@@ -29,7 +29,7 @@ def run(ctx) -> dict:
                              report=False)
     res = train_and_report(ctx, CONFIG, "tokenizer", "tiny MAGVIT 3D-VQ", init_from_2d=image["checkpoint"])
     res["image_2d"] = {k: image[k] for k in ("checkpoint", "psnr_curve", "seconds", "steps")}
-    if "checkpoint" in res:  # every clip's codes once, for the token-space stages after this one
+    if Path(res.get("checkpoint") or "").is_file():  # every clip's codes once, for the token-space stages after this one
         from vidgen.demos.common import save_clip_tokens
         from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
