@@ -177,7 +177,8 @@ def test_parallel_encoding_writes_the_same_bytes(tmp_path):
 
 def test_decoded_clips_are_shared_through_the_out_dir_and_follow_the_shards(demo, tmp_path):
     """``load_clips`` keeps a split's decoded clips under ``<out_dir>/.clip_cache/`` for the other stages (each runs
-    in its own process): a second process reads exactly what the first decoded; rewritten shards get a new file."""
+    in its own process): a second process reads exactly what the first decoded, with the same global RNG state after
+    it; rewritten shards get a new file."""
     import os
     import shutil
     from types import SimpleNamespace
@@ -189,13 +190,29 @@ def test_decoded_clips_are_shared_through_the_out_dir_and_follow_the_shards(demo
     data = tmp_path / "data"
     shutil.copytree(demo[0], data)
     ctx = SimpleNamespace(data_dir=str(data), out_dir=str(tmp_path / "out"), seed=0)
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def seeded(fn):
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        out = fn()
+        return out, draws()
+
     common._CLIPS.clear()
-    first = common.load_clips(ctx, "val", 4, 16)
+    _, untouched = seeded(lambda: None)
+    first, after_decode = seeded(lambda: common.load_clips(ctx, "val", 4, 16))
     files = list((tmp_path / "out" / ".clip_cache").glob("val_4x16_s1_*.pt"))
     assert len(files) == 1
     common._CLIPS.clear()  # as in another stage's process
-    again = common.load_clips(ctx, "val", 4, 16)
+    again, after_read = seeded(lambda: common.load_clips(ctx, "val", 4, 16))
     assert torch.equal(first["video"], again["video"]) and first["key"] == again["key"] and first["text"] == again["text"]
+    # decoding draws from the global generators; neither path may leave a trace there, or a stage's results would
+    # depend on whether another stage had decoded its clips first
+    assert after_decode == untouched and after_read == untouched
     shard = sorted((data / "val").glob("*.tar"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     common._CLIPS.clear()

@@ -59,14 +59,14 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 }
 
 
-# CPU-seconds of each stage in a fresh-clone ``make demo`` (session 8's run, 2026-12-03, with session 9's changes to
-# the tokenizer, Latte, SR and cascade steps and the token cache taken off): used only to order the stages that are
-# ready to start, the longest remaining chain first (an unlisted stage counts DEFAULT_COST). Session 8 measured the
+# CPU-seconds of each stage in a fresh-clone ``make demo`` (session 9, 2026-12-03; VideoPoet scaled to 480 steps):
+# used only to order the stages that are ready to start, the longest remaining chain first (an unlisted stage counts
+# DEFAULT_COST). Session 8 measured the
 # earlier order (dependencies first, then STAGES order) at 20:35 wall; the simulated schedule of the same stage times,
 # longest chain first: 77 s shorter (the cascade no longer runs alone at the end).
 COST: dict[str, float] = {
-    "probe": 68, "stream": 2, "tokenizer": 320, "vae": 138, "magvit": 225, "videopoet": 82, "videopoet_sr": 70,
-    "videopoet_audio": 197, "latte": 134, "tora": 103, "make_a_video": 134, "make_a_video_cascade": 223,
+    "probe": 66, "stream": 2, "tokenizer": 326, "vae": 134, "magvit": 226, "videopoet": 67, "videopoet_sr": 58,
+    "videopoet_audio": 204, "latte": 136, "tora": 102, "make_a_video": 125, "make_a_video_cascade": 218,
 }
 DEFAULT_COST = 60.0
 

@@ -16,9 +16,11 @@ Merge its dict into the stage's own: ``res = {...}; res.update(report_samples(..
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,9 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
 
     The first ``num_frames`` frames at ``frame_stride``, centre-cropped and resized to ``resolution`` through the
     ordinary ``VideoDataModule`` path, cached per process and on disk under ``<out_dir>/.clip_cache/`` (the stages
-    run in their own processes; most decode the same clips: ~3.5 CPU-s each for the train split)."""
+    run in their own processes; most decode the same clips: ~3.5 CPU-s each for the train split). Neither path
+    touches the global torch / random / numpy generators, so a stage's results do not depend on which stage decoded
+    first."""
     key = (str(Path(ctx.data_dir).resolve()), split, num_frames, resolution, frame_stride)
     disk = _clip_cache_file(ctx, split, num_frames, resolution, frame_stride)
     if key not in _CLIPS and disk is not None and disk.exists():
@@ -61,25 +65,8 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
         except Exception:  # a damaged cache file: decode again (and rewrite it)
             pass
     if key not in _CLIPS:
-        from vidgen.datamodules import VideoDataModule
-
-        shards = str(Path(ctx.data_dir) / split)
-        dm = VideoDataModule(val_shards=shards, seed=getattr(ctx, "seed", 0), num_frames=num_frames,
-                             frame_stride=frame_stride, resolution=resolution, crop="center", flip=False,
-                             batch_size=32, num_workers=0, shuffle=False)
-        dm.setup("validate")
-        vids, labels, texts, keys, seen = [], [], [], [], set()
-        for b in dm.val_dataloader():
-            if b["video"].shape[2] != num_frames:  # images (T=1) are not clips
-                continue
-            for i, k in enumerate(b["key"]):
-                if k not in seen:  # the loader pads its last batch with repeats
-                    seen.add(k)
-                    keys.append(k)
-                    vids.append(b["video"][i])
-                    labels.append(int(b["label"][i]))
-                    texts.append(b["text"][i])
-        _CLIPS[key] = {"video": torch.stack(vids), "label": torch.tensor(labels), "text": texts, "key": keys}
+        with _rng_untouched():  # decoding draws from the global RNGs: a cache hit must leave them as a decode does
+            _CLIPS[key] = _decode_clips(ctx, split, num_frames, resolution, frame_stride)
         if disk is not None:
             disk.parent.mkdir(parents=True, exist_ok=True)
             tmp = disk.with_name(f"{disk.name}.{os.getpid()}.tmp")  # stages decoding the same clips at once
@@ -93,6 +80,39 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
         idx = idx[:max_clips]
     return {"video": c["video"][idx], "label": c["label"][idx], "text": [c["text"][i] for i in idx.tolist()],
             "key": [c["key"][i] for i in idx.tolist()]}
+
+
+def _decode_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: int) -> dict:
+    from vidgen.datamodules import VideoDataModule
+
+    dm = VideoDataModule(val_shards=str(Path(ctx.data_dir) / split), seed=getattr(ctx, "seed", 0),
+                         num_frames=num_frames, frame_stride=frame_stride, resolution=resolution, crop="center",
+                         flip=False, batch_size=32, num_workers=0, shuffle=False)
+    dm.setup("validate")
+    vids, labels, texts, keys, seen = [], [], [], [], set()
+    for b in dm.val_dataloader():
+        if b["video"].shape[2] != num_frames:  # images (T=1) are not clips
+            continue
+        for i, k in enumerate(b["key"]):
+            if k not in seen:  # the loader pads its last batch with repeats
+                seen.add(k)
+                keys.append(k)
+                vids.append(b["video"][i])
+                labels.append(int(b["label"][i]))
+                texts.append(b["text"][i])
+    return {"video": torch.stack(vids), "label": torch.tensor(labels), "text": texts, "key": keys}
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the global torch (CPU), ``random`` and numpy generators on exit."""
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
 
 
 def _clip_cache_file(ctx, split: str, num_frames: int, resolution: int, frame_stride: int) -> Path | None:
