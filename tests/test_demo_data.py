@@ -219,3 +219,6 @@ def test_decoded_clips_are_shared_through_the_out_dir_and_follow_the_shards(demo
     common.load_clips(ctx, "val", 4, 16)
     assert len(list((tmp_path / "out" / ".clip_cache").glob("val_4x16_s1_*.pt"))) == 2
     common._CLIPS.clear()
+    common.load_clips(ctx, "val", 2, 16, share=False)  # a stage's own clips stay in its process
+    assert not list((tmp_path / "out" / ".clip_cache").glob("val_2x16_*"))
+    common._CLIPS.clear()

@@ -17,6 +17,7 @@ STAGES = textwrap.dedent('''
             f.write(f"{name} {time.monotonic():.3f} {os.getpid()}\\n")
 
     def data(ctx):
+        os.makedirs(os.path.join(ctx.out_dir, ".clip_cache"), exist_ok=True)  # what load_clips shares between stages
         return {"summary": "data"}
 
     def slow(ctx):
@@ -72,6 +73,7 @@ def test_independent_stages_overlap_and_dependents_wait(tmp_path):
     assert summary["broken"]["summary"].startswith("FAILED: RuntimeError: broken on purpose")
     assert "[broken] RuntimeError: broken on purpose" in p.stdout + p.stderr  # its lines carry its name
     assert summary["slow"]["out_dir"] == str(out)  # where its paths live, for reruns from a copied folder
+    assert not (out / ".clip_cache").exists()  # the run's shared decoded clips are removed when it ends
 
 
 def test_a_copied_demo_folder_hands_its_checkpoints_to_reruns(tmp_path):

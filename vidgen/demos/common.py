@@ -29,6 +29,7 @@ import torch
 _PROBES: dict[str, object] = {}
 _CLIPS: dict[tuple, dict] = {}
 _TOKENS: dict[str, dict] = {}
+CLIP_CACHE = ".clip_cache"  # under the demo's out_dir: decoded clips shared by the stages of one run
 
 # The clip length every token-space stage (MAGVIT, VideoPoet LM, SR, audio) models and the tokenizer stage reports
 # on: 8 frames. Not the tokenizer checkpoint's ``num_frames``, which is its training window (4-frame windows of these
@@ -49,16 +50,16 @@ def class_names(ctx) -> list[str]:
 
 
 def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: int = 1,
-               procedural_only: bool = False, max_clips: int | None = None) -> dict:
+               procedural_only: bool = False, max_clips: int | None = None, share: bool = True) -> dict:
     """Every clip of a demo split, decoded once and kept in memory: ``{"video": [N,3,T,R,R], "label", "text"}``.
 
     The first ``num_frames`` frames at ``frame_stride``, centre-cropped and resized to ``resolution`` through the
     ordinary ``VideoDataModule`` path, cached per process and on disk under ``<out_dir>/.clip_cache/`` (the stages
-    run in their own processes; most decode the same clips: ~3.5 CPU-s each for the train split). Neither path
-    touches the global torch / random / numpy generators, so a stage's results do not depend on which stage decoded
-    first."""
+    run in their own processes; most decode the same clips: ~3.5 CPU-s each for the train split; ``share=False``
+    for clips no other stage reads). Neither path touches the global torch / random / numpy generators, so a stage's
+    results do not depend on which stage decoded first. ``vidgen demo`` removes the folder when it ends."""
     key = (str(Path(ctx.data_dir).resolve()), split, num_frames, resolution, frame_stride)
-    disk = _clip_cache_file(ctx, split, num_frames, resolution, frame_stride)
+    disk = _clip_cache_file(ctx, split, num_frames, resolution, frame_stride) if share else None
     if key not in _CLIPS and disk is not None and disk.exists():
         try:
             _CLIPS[key] = torch.load(disk, weights_only=True)
@@ -126,7 +127,7 @@ def _clip_cache_file(ctx, split: str, num_frames: int, resolution: int, frame_st
     if not files:
         return None
     sig = hashlib.sha1(repr([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode())
-    return Path(out) / ".clip_cache" / f"{split}_{num_frames}x{resolution}_s{frame_stride}_{sig.hexdigest()[:12]}.pt"
+    return Path(out) / CLIP_CACHE / f"{split}_{num_frames}x{resolution}_s{frame_stride}_{sig.hexdigest()[:12]}.pt"
 
 
 # ----------------------------------------------------------------------------------------------------- token cache

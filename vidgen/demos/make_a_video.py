@@ -383,8 +383,10 @@ def run_cascade(ctx) -> dict:
     clip_cfg = {"checkpoint": base["clip_checkpoint"]}
     b0 = int(base.get("base_resolution", BASE))
     try:
-        train = load_clips(ctx, "train", CASCADE_FRAMES, 4 * b0, 1, procedural_only=True)
-        val = load_clips(ctx, "val", CASCADE_FRAMES, 4 * b0, 1, procedural_only=True, max_clips=INTERP_EVAL_CLIPS)
+        # 16 frames at 64^2 (the cascade's alone: not shared on disk, 0.6 GB)
+        train = load_clips(ctx, "train", CASCADE_FRAMES, 4 * b0, 1, procedural_only=True, share=False)
+        val = load_clips(ctx, "val", CASCADE_FRAMES, 4 * b0, 1, procedural_only=True, max_clips=INTERP_EVAL_CLIPS,
+                         share=False)
         hi = train["video"]  # 64^2: SR_h's targets
         mid, low = area_resize(hi, 2 * b0), area_resize(hi, b0)  # 32^2 (SR_l^t's targets, CLIP's input), 16^2 (base)
         n = hi.shape[0]
