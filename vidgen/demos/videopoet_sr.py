@@ -48,8 +48,9 @@ from einops import rearrange
 # on the HR grids, so the LR token condition carries little shape; the caption names the shape, but the model uses the
 # text for colour (shuffled captions: colour 100% -> 31%) and hardly for shape (44% -> 31%).
 # Session 9, on the 28.6 dB tokenizer, the whole stage: 1450 steps SR 22.78 dB, HR token acc 46.5%, probe shape 60%,
-# 90 CPU-s; 1100 steps 22.26 dB, 41.1%, shape 54% (the LR condition reads 40%), 75 CPU-s: the 15-minute budget.
-STEPS, FAST_STEPS = 1100, 200
+# 90 CPU-s; 1100 steps 22.26 dB, 41.1%, shape 54% (the LR condition reads 40%), 75 CPU-s; 900 for the 15-minute
+# budget.
+STEPS, FAST_STEPS = 900, 200
 DEPTH, LR = 1, 6e-3
 BATCH = 4
 # greedy SR, PSNR and the probes on every procedural val clip (48: on 16 clips one clip moves a probe accuracy by
