@@ -103,7 +103,8 @@ def run(ctx) -> dict:
 
     # ---- 1. the codec
     # 150 steps kept the pitch on the 192-clip demo set (codec reconstructions: probe 100%) but not on the 768-clip one
-    # (62%, log-spectral distance 6.1 dB); fewer (120) lost it on both (measured)
+    # (62%, log-spectral distance 6.1 dB); fewer (120) lost it on both (measured). Session 9 (stage reruns, 28.5 dB
+    # tokenizer): 250 + LM 320 steps v2a 75%; codec 200 + LM 320: 54%; codec 200 + LM 260: 46%
     steps_codec = 40 if ctx.fast else 250
     codec = SoundStream(size="tiny", codebook_size=1024, lr=3e-3, betas=[0.9, 0.99], warmup_steps=0,
                         train_crop_seconds=0.5, disc_ffts=[256, 128], disc_filters=8, seed=ctx.seed)
