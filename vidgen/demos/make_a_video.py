@@ -73,7 +73,7 @@ DECODER_CFG = 5.0
 # for it. Measured 2026-12-02 on one D (bs 48, 430 steps; true y_e of the 48 val clips x 2 seeds / P's y_e of the 12
 # captions x 4 seeds): DDIM 12 / 16 / 20 / 60 steps shape 56 / 59 / 62 / 64% and 67 / 71 / 71 / 69%, colour 96-100%
 # throughout, so 16 steps lose nothing measurable (the spread between seeds is +-7 points at n = 48).
-DRAWS = 3
+DRAWS = 2  # 3 in session 8 (36 clips, 18 s of sampling); 2 for the 15-minute budget (session 9)
 DECODER_STEPS = 16
 SPATIAL_LR_SCALE = 0.0  # D^t: 0 freezes D's spatial layers (§3.4), only the temporal/fps layers train
 UNET = dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(2,), num_head_channels=32,
@@ -276,7 +276,7 @@ def run(ctx) -> dict:
 # Stage ``make_a_video_cascade``: ↑F, SR_l^t and SR_h on top of the stage above, then the whole cascade (Eq. 1)
 # ======================================================================================================================
 CASCADE_FRAMES, SKIP = 16, 5  # ↑F trains on 16-frame clips at skip 5; the cascade interpolates 8 -> 36 at skip 5
-CASCADE_STEPS = {"interpolation": 800, "sr_low_image": 200, "sr_low_video": 60, "sr_high": 200}  # training steps
+CASCADE_STEPS = {"interpolation": 760, "sr_low_image": 200, "sr_low_video": 60, "sr_high": 200}  # training steps
 # ↑F's recipe in the demo. Measured 2026-12-02 on the 24 held-out clips (MSE of the 12 filled frames; linear blending
 # 0.0085, the floor to beat). Session 4's recipe (120 steps, masks interp/extrap/animation 0.8/0.1/0.1 at skips 2..5,
 # uniform t, raw weights) 0.074; then, one change at a time on top of the previous line:
@@ -302,7 +302,7 @@ CASCADE_STEPS = {"interpolation": 800, "sr_low_image": 200, "sr_low_video": 60, 
 # residual/x0 ↑F removes the colour offset and matches the blend; at 320-640 steps it learns almost no motion on top of
 # it (training loss ends at the predict-zero level, 0.006). The demo trains 960 steps at lr 2e-3 (session 7: ↑F beats
 # linear blending, 0.0052 vs 0.0085, for ~+120 CPU-s on that day's machine). Session 9 (the 15-minute budget): 800
-# steps 0.0066 vs 0.0085 (-22%; 960: -39%), 223 vs 247 stage CPU-s.
+# steps 0.0066 vs 0.0085 (-22%; 960: -39%), 223 vs 247 stage CPU-s (0.0065-0.0075 in full runs); the demo runs 760.
 INTERP = dict(frame_skips=[SKIP], masks={"interpolation": 1.0}, t_power=0.5, replace_given=True, ema=0.99,
               cond_fill="linear", loss_on="all", clip_frames=SKIP + 1, batch=4, target="residual", lr=2e-3,
               diffusion={"predict": "x0"})  # on top of DIFFUSION, for ↑F only

@@ -32,8 +32,8 @@ FRAMES, STRIDE, RES = 8, 2, 32  # 8 frames every 2nd of the 17-frame clips, 32x3
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
-TRAIN_STEPS = 370  # the demo ran 315-426 steps in its old 90-second budget; direction 75% at 426; session 9 (15-minute
-# budget, old VAE): 400 TrajError 3.80 px, direction 92%; 300 5.40 px, 67%
+TRAIN_STEPS = 350  # the demo ran 315-426 steps in its old 90-second budget; direction 75% at 426; session 9 (15-minute
+# budget): old VAE 400 TrajError 3.80 px, direction 92%, 300 5.40 px, 67%; 650-step VAE 370 3.44 px, 100%
 
 
 def _metadata(shard_dir: Path) -> dict[str, dict]:
