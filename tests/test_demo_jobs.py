@@ -91,9 +91,9 @@ def test_a_copied_demo_folder_hands_its_checkpoints_to_reruns(tmp_path):
     assert rebase_paths(res, "outputs/demo", "outputs/demo") == res
 
 
-def test_ready_stages_start_by_their_longest_remaining_chain(monkeypatch):
-    """``--jobs 2`` starts, among the ready stages, the one heading the longest chain of CPU-seconds (``COST``): a short
-    stage with a long dependent (the cascade behind Make-A-Video) goes before a longer one that nothing waits for."""
+def test_chain_seconds_count_a_stage_and_its_longest_chain_of_dependents(monkeypatch):
+    """``chain_seconds`` (the scheduler's plan and its tie-break): a short stage with a long dependent (the cascade behind
+    Make-A-Video) heads a longer chain than a longer stage that nothing waits for."""
     import vidgen.demo as demo
 
     monkeypatch.setattr(demo, "COST", {"a": 100, "b": 150, "c": 200, "d": 10})
@@ -104,6 +104,45 @@ def test_ready_stages_start_by_their_longest_remaining_chain(monkeypatch):
     assert demo.chain_seconds("a", ["a", "b", "d"]) == 100  # c is not part of this run
     monkeypatch.setattr(demo, "COST", {})
     assert demo.chain_seconds("d", order) == demo.DEFAULT_COST
+
+
+def _scheduled_end(demo, order, cost, jobs=2):
+    """Run ``_run_parallel``'s choice (``next_stage``) in simulated time: stages take ``cost`` seconds."""
+    t, running, started, done, pending = 0.0, {}, {}, set(), list(order)
+    while pending or running:
+        while len(running) < jobs:
+            ready = [n for n in pending if all(d in done for d in demo.depends_on(n, order))]
+            if not ready:
+                break
+            ends = {n: max(started[n] + demo.COST[n], t + 1.0) for n in running}
+            pick = demo.next_stage(ready, ends, done, pending, order, t, jobs)
+            pending.remove(pick)
+            running[pick], started[pick] = t + cost[pick], t
+        n = min(running, key=running.__getitem__)
+        t = running.pop(n)
+        done.add(n)
+    return t
+
+
+def test_the_scheduler_plans_ahead_where_longest_chain_first_leaves_a_lane_idle(monkeypatch):
+    """Two independent 4 s stages, and a 1 s stage with a 1 s dependent, on two lanes: longest chain first runs both
+    4 s stages, then the short pair one after the other in one lane while the other idles (6 s); ``next_stage`` starts
+    the short head beside a 4 s stage and ends at 5 s, a perfect split. On the demo's own table it ends within 5 s of
+    a perfect split of the CPU-seconds, and earlier than longest-chain-first."""
+    import vidgen.demo as demo
+
+    cost = {"a": 1.0, "b": 4.0, "c": 4.0, "d": 1.0}
+    monkeypatch.setattr(demo, "COST", cost)
+    monkeypatch.setattr(demo, "DEPENDS", {"a": (), "b": (), "c": (), "d": ("a",)})
+    order = list(cost)
+    assert demo.planned_finish(0.0, {}, set(), order, order, 2) == 6.0  # longest chain first
+    assert _scheduled_end(demo, order, cost) == 5.0
+    monkeypatch.undo()
+
+    order = [n for n, *_ in demo.STAGES if n != "data"]
+    end = _scheduled_end(demo, order, demo.COST)
+    assert end <= sum(demo.COST[n] for n in order) / 2 + 5
+    assert end < demo.planned_finish(0.0, {}, {"data"}, order, order, 2)  # longest-chain-first throughout
 
 
 def test_every_demo_stage_has_a_cost_estimate():
