@@ -923,14 +923,13 @@ class VideoPoet(L.LightningModule):
     def lm_loss(self, seq: PackedSequences, text_emb: Tensor | None) -> tuple[Tensor, Tensor]:
         """Cross-entropy on the output tokens only (§2.6): logits at ``p − 1`` predict token ``p`` for every
         position ``p`` of the output that is not forced. Returns (loss, token accuracy)."""
-        P, N = seq.prefix_len, seq.length
+        P = seq.prefix_len
+        kept = seq.loss_mask[P:].nonzero().squeeze(1)  # output positions with a loss (the head runs on these alone)
         logits = self.net(seq.tokens, P, seq.key_valid, text_emb, None if seq.text_span is None else seq.text_span[0],
-                          logits_at=slice(P - 1, N - 1))
-        target = seq.tokens[:, P:]
-        keep = seq.loss_mask[P:]
-        logits, target = logits[:, keep], target[:, keep]
+                          logits_at=P - 1 + kept)
+        target = seq.tokens[:, P + kept]
         loss = F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"), rearrange(target, "b n -> (b n)"))
-        acc = (logits.argmax(-1) == target).float().mean()
+        acc = (logits.detach().argmax(-1) == target).float().mean()
         return loss, acc
 
     def _text_drop(self, text_len: Tensor | None, step: int) -> Tensor | None:
