@@ -4,10 +4,10 @@
 
 - CG: ``per_class`` clips for each of the 12 procedural classes -> ``<out>/magvit/cg/samples.{npz,png,mp4}``; the
   probe's class accuracy is the target (>= 70%).
-- FP: every procedural val clip, given its first latent frame (``condition_frames``) ->
-  ``<out>/magvit/fp/samples.npz`` (with ``cond_videos``); reported: PSNR of the given frames as the model decodes
+- FP: ``FP_DRAWS`` continuations of every procedural val clip, given its first latent frame (``condition_frames``)
+  -> ``<out>/magvit/fp/samples.npz`` (with ``cond_videos``); reported: PSNR of the given frames as the model decodes
   them (vs. the tokenizer's own reconstruction of them) — pasted back in the saved samples — and the probe's
-  direction accuracy of the continued motion (the target, >= 70%).
+  direction accuracy of the continued motion (the target, >= 70%), beside its floor: the given frames held still.
 
 The clips' codes come from the tokenizer stage's cache (``clip_tokens``); the FP condition videos (z̃) are encoded
 here, once per fixed training batch (``_MemoTokenizer`` caches them by content).
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "magvit.yaml"
+FP_DRAWS = 2  # frame-prediction samples per procedural val clip (96 in all)
 
 
 class _MemoTokenizer(nn.Module):
@@ -125,20 +126,28 @@ def run(ctx) -> dict:
     frames = c.condition_frames
     real = val["video"]
     model.config.replace_condition_pixels = False  # measure what the model itself decodes for the given frames
+    # FP_DRAWS continuations of every val clip: one draw of 48 spreads +-7 points between sampling seeds (58-71% for
+    # one checkpoint, session 10), so one draw can pass or fail the 70% target by luck
+    draws = 1 if ctx.fast else FP_DRAWS
     fp = torch.cat([model.generate({"video": real[i:i + 24]}, task="FP", generator=g)
-                    for i in range(0, len(real), 24)])
+                    for _ in range(draws) for i in range(0, len(real), 24)])
+    fp_labels = val["label"].repeat(draws)
     with torch.no_grad():
         tok_rec = tok.decode(tok.encode(real)).clamp(-1, 1)
-    given_psnr = float(psnr_per_clip(fp[:, :, :frames], real[:, :, :frames]).mean())
+    real_rep = real.repeat(draws, 1, 1, 1, 1)
+    given_psnr = float(psnr_per_clip(fp[:, :, :frames], real_rep[:, :, :frames]).mean())
     # the ceiling of both tasks: the probe on the tokenizer's reconstructions of these val clips (a sample can only be
     # as recognisable as the tokens it is decoded from)
     probe = get_probe(ctx)
     ceiling = {k: v["accuracy"] for k, v in probe_scores(probe, tok_rec, val["label"])[0].items()} if probe else {}
     tok_psnr = float(psnr_per_clip(tok_rec[:, :, :frames], real[:, :, :frames]).mean())
-    cond_video, given = TASKS["FP"].condition_video(real, frames, c.pad_value)
-    fp = torch.where(given, real, fp)  # paste-back (replace_condition_pixels), as the config samples
+    cond_video, given = TASKS["FP"].condition_video(real_rep, frames, c.pad_value)
+    fp = torch.where(given, real_rep, fp)  # paste-back (replace_condition_pixels), as the config samples
     model.config.replace_condition_pixels = bool(margs.get("replace_condition_pixels", False))
-    rep_fp = report_samples(ctx, "magvit/fp", fp, labels=val["label"], cond=cond_video)
+    rep_fp = report_samples(ctx, "magvit/fp", fp, labels=fp_labels, cond=cond_video)
+    # the floor: the given frames held still for the rest of the clip (what the pasted-back frames alone give)
+    held = torch.cat([real[:, :, :frames], real[:, :, frames - 1:frames].expand(-1, -1, T - frames, -1, -1)], 2)
+    static_dir = (probe_scores(probe, held, val["label"])[0].get("direction", {}).get("accuracy") if probe else None)
     ctx.log(f"FP given frames: {given_psnr:.2f} dB as decoded by the model (the tokenizer's own: {tok_psnr:.2f} dB), "
             "pasted back in the samples")
 
@@ -152,8 +161,10 @@ def run(ctx) -> dict:
     summary = (f"{len(losses)} steps in {dt:.0f}s, loss {first:.2f} -> {last:.2f}; CG probe class accuracy "
                + (pct(cg_acc) if cg_acc is not None else "n/a (no probe)") + ceil
                + f", direction {pct(cg_dir)} on {len(labels)} samples; FP direction accuracy {pct(fp_dir)}"
-               + (f" (ceiling {pct(ceiling.get('direction'))})" if ceiling else "")
-               + f" on {len(real)} val clips, given frames {given_psnr:.1f} dB decoded (tokenizer {tok_psnr:.1f} dB)")
+               + (f" (ceiling {pct(ceiling.get('direction'))}; the given frames held still: {pct(static_dir)})"
+                  if ceiling else "")
+               + f" on {len(fp)} samples ({draws} per val clip), given frames {given_psnr:.1f} dB decoded "
+               f"(tokenizer {tok_psnr:.1f} dB)")
     if ceiling:
         ctx.log("probe on the tokenizer's reconstructions of the val clips (the ceiling of the samples): "
                 + ", ".join(f"{k} {pct(v)}" for k, v in ceiling.items()))
@@ -164,6 +175,7 @@ def run(ctx) -> dict:
                         "tokenizer_ceiling_class_accuracy": ceiling.get("class"),
                         "cg_class_fraction_of_ceiling": frac,
                         "tokenizer_ceiling_direction_accuracy": ceiling.get("direction"),
+                        "fp_given_frames_held_direction_accuracy": static_dir, "fp_draws": draws,
                         "fp_given_frames_psnr_db": round(given_psnr, 2), "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
             "samples": [rep_cg["samples"], rep_fp["samples"]],
             "outputs": rep_cg["outputs"] + rep_fp["outputs"] + [str(out / "loss.txt")]}
