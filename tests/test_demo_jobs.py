@@ -171,7 +171,7 @@ def _tiny_tokenizer():
 def test_token_cache_gives_the_codes_encoding_gives(tmp_path):
     """The token-space stages read the tokenizer stage's codes (``clip_tokens``) instead of encoding the clips again.
     That changes no result because a clip's codes do not depend on the batch it is encoded in; a clip the cache lacks
-    (or a cache at another clip length) is encoded."""
+    (or a cache at another clip length or frame stride) is encoded."""
     from types import SimpleNamespace
 
     import torch
@@ -194,6 +194,11 @@ def test_token_cache_gives_the_codes_encoding_gives(tmp_path):
     clips["key"][1] = "unknown"
     assert torch.equal(clip_tokens(ctx, tok, clips), whole[[5, 2]])  # one clip missing: encoded
     assert torch.equal(clip_tokens(SimpleNamespace(results={}), tok, {"video": video[:2], "key": keys[:2]}), whole[:2])
+    # the same clip keys at another frame stride are other frames: encoded, not read (the cache is at stride 1)
+    clips = {"video": video[[5, 2]], "key": [keys[5], keys[2]], "frame_stride": 2}
+    assert torch.equal(clip_tokens(ctx, tok, clips), whole[[5, 2]])
+    clips["frame_stride"] = 1
+    assert torch.equal(clip_tokens(ctx, tok, clips), whole[[5, 2]] + 1)
     cache["frames"] = 8
     torch.save(cache, tmp_path / "tokens8.pt")
     ctx.results["tokenizer"]["tokens"] = str(tmp_path / "tokens8.pt")

@@ -80,7 +80,7 @@ def load_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: 
     if max_clips is not None:
         idx = idx[:max_clips]
     return {"video": c["video"][idx], "label": c["label"][idx], "text": [c["text"][i] for i in idx.tolist()],
-            "key": [c["key"][i] for i in idx.tolist()]}
+            "key": [c["key"][i] for i in idx.tolist()], "frame_stride": frame_stride}
 
 
 def _decode_clips(ctx, split: str, num_frames: int, resolution: int, frame_stride: int) -> dict:
@@ -133,7 +133,7 @@ def _clip_cache_file(ctx, split: str, num_frames: int, resolution: int, frame_st
 # ----------------------------------------------------------------------------------------------------- token cache
 def save_clip_tokens(ctx, tok, path: str | Path, splits=("train", "val")) -> str:
     """Tokenise every clip of ``splits`` (``CLIP_FRAMES`` frames at the tokenizer's resolution) once and save
-    ``{"frames", "resolution", "codes": {key: [t, h, w]}}`` at ``path``: the token-space stages (MAGVIT, VideoPoet,
+    ``{"frames", "resolution", "frame_stride", "codes": {key: [t, h, w]}}`` at ``path``: the token-space stages (MAGVIT, VideoPoet,
     its SR and audio) read them through :func:`clip_tokens` instead of each encoding the same clips again. A clip's
     codes do not depend on the batch it is encoded in (tests/test_demo_jobs.py), so the cache changes no result."""
     R = int(tok.resolution)
@@ -142,7 +142,7 @@ def save_clip_tokens(ctx, tok, path: str | Path, splits=("train", "val")) -> str
         clips = load_clips(ctx, split, CLIP_FRAMES, R)
         codes.update(zip(clips["key"], encode_clips(tok, clips["video"])))
     tmp = Path(str(path) + ".tmp")
-    torch.save({"frames": CLIP_FRAMES, "resolution": R, "codes": codes}, tmp)
+    torch.save({"frames": CLIP_FRAMES, "resolution": R, "frame_stride": 1, "codes": codes}, tmp)
     tmp.replace(path)
     return str(path)
 
@@ -155,15 +155,16 @@ def encode_clips(tok, video: torch.Tensor, batch_size: int = 32) -> torch.Tensor
 
 def clip_tokens(ctx, tok, clips: dict) -> torch.Tensor:
     """The codes of ``clips`` (a :func:`load_clips` dict) for the tokenizer stage's checkpoint: read from the cache
-    that stage left (``ctx.results["tokenizer"]["tokens"]``) when it holds every clip at this length and resolution,
-    else encoded here."""
+    that stage left (``ctx.results["tokenizer"]["tokens"]``) when it holds every clip at this length, resolution and
+    frame stride, else encoded here."""
     path = ((getattr(ctx, "results", {}) or {}).get("tokenizer", {}) or {}).get("tokens")
     T, R = clips["video"].shape[2], clips["video"].shape[-1]
     if path and Path(path).exists() and clips.get("key"):
         if path not in _TOKENS:
             _TOKENS[path] = torch.load(path, weights_only=True)
         cache = _TOKENS[path]
-        if (cache["frames"], cache["resolution"]) == (T, R) and all(k in cache["codes"] for k in clips["key"]):
+        same = (cache["frames"], cache["resolution"], cache.get("frame_stride", 1)) == (T, R, clips.get("frame_stride", 1))
+        if same and all(k in cache["codes"] for k in clips["key"]):
             return torch.stack([cache["codes"][k] for k in clips["key"]])
     return encode_clips(tok, clips["video"])
 
