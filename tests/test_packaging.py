@@ -33,3 +33,14 @@ def test_namespaced_import_registers_no_top_level_names():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.join(ROOT, "tests"),
                    env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_make_targets_cache_bytecode_in_the_venv(tmp_path):
+    """`make demo` / `make test` run Python with bytecode written once under .venv/pycache, even where the environment
+    sets PYTHONDONTWRITEBYTECODE: otherwise every stage and CLI process compiles torch + lightning again."""
+    probe = tmp_path / "probe.mk"
+    probe.write_text(f"include {os.path.join(ROOT, 'Makefile')}\nshow:\n\t@{sys.executable} -c "
+                     "\"import sys; print(sys.dont_write_bytecode, sys.pycache_prefix)\"\n")
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-f", str(probe), "show"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1")).stdout
+    assert out.split() == ["False", os.path.join(ROOT, ".venv", "pycache")]
