@@ -310,12 +310,15 @@ def _captioned_grid(path: Path, frames: np.ndarray, texts: list[list[str]], cond
     return str(path)
 
 
-def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captions=None, cond=None) -> dict:
+def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captions=None, cond=None,
+                   label_role: str = "asked") -> dict:
     """Write ``samples.npz`` + a captioned grid for a generator stage, score them with the probe; see the module doc.
 
     ``videos``: ``[N, C, T, H, W]`` in [-1, 1]. ``labels``: the requested class per sample (int ``[N]``);
     ``captions``: the prompts (their attribute words are what the probe checks); ``cond``: the conditioning video
-    ``[N, C, T', H', W']`` in [-1, 1] (frame prediction), or a dict of arrays saved as ``cond_<key>``."""
+    ``[N, C, T', H', W']`` in [-1, 1] (frame prediction), or a dict of arrays saved as ``cond_<key>``. ``label_role``: how
+    the grid names each label: ``asked`` (the class the sample was generated for) or e.g. ``true`` (the class of the
+    clip a prediction continues, which the generator was not told)."""
     from vidgen.media import save_video_grid_mp4
 
     out = Path(ctx.out_dir) / stage
@@ -361,7 +364,7 @@ def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captio
         rows = []
         if labels is not None:
             li = int(labels[i])
-            rows.append("asked: " + (names[li] if 0 <= li < len(names) else str(li)))
+            rows.append(f"{label_role}: " + (names[li] if 0 <= li < len(names) else str(li)))
         if captions is not None:
             rows.append("asked: " + captions[i])
         if pred is not None:

@@ -144,7 +144,7 @@ def run(ctx) -> dict:
     cond_video, given = TASKS["FP"].condition_video(real_rep, frames, c.pad_value)
     fp = torch.where(given, real_rep, fp)  # paste-back (replace_condition_pixels), as the config samples
     model.config.replace_condition_pixels = bool(margs.get("replace_condition_pixels", False))
-    rep_fp = report_samples(ctx, "magvit/fp", fp, labels=fp_labels, cond=cond_video)
+    rep_fp = report_samples(ctx, "magvit/fp", fp, labels=fp_labels, cond=cond_video, label_role="true")
     # the floor: the given frames held still for the rest of the clip (what the pasted-back frames alone give)
     held = torch.cat([real[:, :, :frames], real[:, :, frames - 1:frames].expand(-1, -1, T - frames, -1, -1)], 2)
     static_dir = (probe_scores(probe, held, val["label"])[0].get("direction", {}).get("accuracy") if probe else None)
