@@ -1,16 +1,13 @@
 """Datamodules: streaming WebDataset video/image shards with exact resume.
 
-``VideoDataModule`` and ``DataConfigError`` load on first use (PEP 562): ``lightning`` costs ~10 CPU-seconds to
-import (it imports torchmetrics, which imports torchvision and transformers), and the shard tools
-(``vidgen.shards``, the demo's data build) need only the file list, tar and decode helpers of this package.
+Every name loads on first use (PEP 562): ``lightning`` costs ~10 CPU-seconds to import (it imports torchmetrics,
+which imports torchvision and transformers) and torch 2-6 more, and the shard tools (``vidgen.shards``, the demo's
+data build) need neither: only the file list, tar and media helpers of this package.
 """
-
-from .decode import ClipSpec
-from .stream import BadDataError
 
 __all__ = ["VideoDataModule", "DataConfigError", "BadDataError", "ClipSpec"]
 
-_LAZY = {"VideoDataModule": ".video", "DataConfigError": ".video"}
+_LAZY = {"VideoDataModule": ".video", "DataConfigError": ".video", "ClipSpec": ".decode", "BadDataError": ".stream"}
 
 
 def __getattr__(name: str):
