@@ -216,16 +216,15 @@ def encode_procedural(raw: dict) -> dict[str, bytes]:
     }
 
 
-def _encode_all(raws: list[dict], workers: int) -> list[dict[str, bytes]]:
-    """:func:`encode_procedural` over ``raws`` in ``workers`` forked processes (the same bytes as one process: the
-    encoder is deterministic and every random draw happened in :func:`render_procedural`)."""
-    if workers <= 1 or len(raws) < 16:
-        return [encode_procedural(r) for r in raws]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-        return list(ex.map(encode_procedural, raws, chunksize=max(1, len(raws) // (4 * workers))))
+def _render_and_encode(keys: list[str], plan: list[tuple[str, str, str]], rng: np.random.Generator,
+                       pool=None) -> list[dict[str, bytes]]:
+    """Render each planned clip in plan order (every random draw happens here, in this process) and encode it in
+    ``pool`` (a process pool, or ``None``: here) while the next ones render; the same bytes either way, since the
+    encoder is deterministic."""
+    if pool is None:
+        return [encode_procedural(render_procedural(k, *p, rng)) for k, p in zip(keys, plan)]
+    futures = [pool.submit(encode_procedural, render_procedural(k, *p, rng)) for k, p in zip(keys, plan)]
+    return [f.result() for f in futures]
 
 
 def _procedural_plan(split: str, fast: bool, train_reps: int = TRAIN_REPS) -> list[tuple[str, str, str]]:
@@ -368,6 +367,20 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
     log = log or (lambda msg: None)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    try:
+        return _build(out_dir, seed, fast, log, train_reps, pool, t0)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _build(out_dir: str, seed: int, fast: bool, log, train_reps: int, pool, t0: float) -> dict:
     real = _real_samples(fast, log)
     manifest_splits = {}
     captions: set[str] = set()
@@ -375,8 +388,7 @@ def build_demo_data(out_dir: str | os.PathLike = "data/demo", seed: int = 0, fas
         rng = np.random.default_rng([seed, si])
         plan = _procedural_plan(split, fast, train_reps)
         keys = [f"proc_{split}_{i:05d}" for i in range(len(plan))]
-        raws = [render_procedural(k, *p, rng) for k, p in zip(keys, plan)]
-        samples = list(zip(keys, _encode_all(raws, workers)))
+        samples = list(zip(keys, _render_and_encode(keys, plan, rng, pool)))
         n_proc = len(samples)
         samples += real[split]
         order = np.random.default_rng([seed, si, 1]).permutation(len(samples))
