@@ -235,8 +235,9 @@ def test_building_the_demo_data_does_not_import_lightning():
     code = ("import sys, vidgen.demo_data, vidgen.shards, vidgen.demo; "
             "assert 'lightning' not in sys.modules and 'torchmetrics' not in sys.modules, 'lightning imported'; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
-            "from vidgen.datamodules import VideoDataModule, DataConfigError, ClipSpec, BadDataError; import lightning; "
-            "from vidgen.datamodules.decode import ClipSpec as C; from vidgen.datamodules.stream import BadDataError as B; "
+            "from vidgen.datamodules import VideoDataModule, DataConfigError, ClipSpec, BadDataError; "
+            "import lightning; from vidgen.datamodules.decode import ClipSpec as C; "
+            "from vidgen.datamodules.stream import BadDataError as B; "
             "assert ClipSpec is C and BadDataError is B; "
             "assert issubclass(VideoDataModule, lightning.LightningDataModule); print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -133,9 +133,10 @@ def _clip_cache_file(ctx, split: str, num_frames: int, resolution: int, frame_st
 # ----------------------------------------------------------------------------------------------------- token cache
 def save_clip_tokens(ctx, tok, path: str | Path, splits=("train", "val")) -> str:
     """Tokenise every clip of ``splits`` (``CLIP_FRAMES`` frames at the tokenizer's resolution) once and save
-    ``{"frames", "resolution", "frame_stride", "codes": {key: [t, h, w]}}`` at ``path``: the token-space stages (MAGVIT, VideoPoet,
-    its SR and audio) read them through :func:`clip_tokens` instead of each encoding the same clips again. A clip's
-    codes do not depend on the batch it is encoded in (tests/test_demo_jobs.py), so the cache changes no result."""
+    ``{"frames", "resolution", "frame_stride", "codes": {key: [t, h, w]}}`` at ``path``: the token-space stages
+    (MAGVIT, VideoPoet, its SR and audio) read them through :func:`clip_tokens` instead of each encoding the same
+    clips again. A clip's codes do not depend on the batch it is encoded in (tests/test_demo_jobs.py), so the cache
+    changes no result."""
     R = int(tok.resolution)
     codes: dict[str, torch.Tensor] = {}
     for split in splits:
@@ -163,7 +164,8 @@ def clip_tokens(ctx, tok, clips: dict) -> torch.Tensor:
         if path not in _TOKENS:
             _TOKENS[path] = torch.load(path, weights_only=True)
         cache = _TOKENS[path]
-        same = (cache["frames"], cache["resolution"], cache.get("frame_stride", 1)) == (T, R, clips.get("frame_stride", 1))
+        stride = clips.get("frame_stride", 1)
+        same = (cache["frames"], cache["resolution"], cache.get("frame_stride", 1)) == (T, R, stride)
         if same and all(k in cache["codes"] for k in clips["key"]):
             return torch.stack([cache["codes"][k] for k in clips["key"]])
     return encode_clips(tok, clips["video"])
@@ -316,9 +318,9 @@ def report_samples(ctx, stage: str, videos: torch.Tensor, *, labels=None, captio
 
     ``videos``: ``[N, C, T, H, W]`` in [-1, 1]. ``labels``: the requested class per sample (int ``[N]``);
     ``captions``: the prompts (their attribute words are what the probe checks); ``cond``: the conditioning video
-    ``[N, C, T', H', W']`` in [-1, 1] (frame prediction), or a dict of arrays saved as ``cond_<key>``. ``label_role``: how
-    the grid names each label: ``asked`` (the class the sample was generated for) or e.g. ``true`` (the class of the
-    clip a prediction continues, which the generator was not told)."""
+    ``[N, C, T', H', W']`` in [-1, 1] (frame prediction), or a dict of arrays saved as ``cond_<key>``.
+    ``label_role``: how the grid names each label: ``asked`` (the class the sample was generated for) or e.g.
+    ``true`` (the class of the clip a prediction continues, which the generator was not told)."""
     from vidgen.media import save_video_grid_mp4
 
     out = Path(ctx.out_dir) / stage

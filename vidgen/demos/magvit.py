@@ -176,6 +176,7 @@ def run(ctx) -> dict:
                         "cg_class_fraction_of_ceiling": frac,
                         "tokenizer_ceiling_direction_accuracy": ceiling.get("direction"),
                         "fp_given_frames_held_direction_accuracy": static_dir, "fp_draws": draws,
-                        "fp_given_frames_psnr_db": round(given_psnr, 2), "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
+                        "fp_given_frames_psnr_db": round(given_psnr, 2),
+                        "tokenizer_given_frames_psnr_db": round(tok_psnr, 2)},
             "samples": [rep_cg["samples"], rep_fp["samples"]],
             "outputs": rep_cg["outputs"] + rep_fp["outputs"] + [str(out / "loss.txt")]}
