@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import clip_preprocess
 
 __all__ = ["CLIP", "pick_frames", "retrieval_accuracy", "gather_pairs", "CLIP_SIZES"]
@@ -136,8 +137,7 @@ class CLIP(L.LightningModule):
         images, texts = self._pairs(batch, self.hparams.image_frame)
         img, txt, scale = self.features(images, texts)
         loss = self.loss(img, txt, scale)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
-        self.log("train/logit_scale", scale, batch_size=len(texts))
+        log_step(self, {"train/loss": loss, "train/logit_scale": scale}, len(texts))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -69,6 +69,7 @@ from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHead
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import VAEConfig, spatial_factor_of
 from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
@@ -1446,10 +1447,8 @@ class Latte(L.LightningModule):
         terms = self.diffusion.training_losses(self.model, x0, kwargs)
         loss = terms["loss"].mean()
         b = x0.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/mse", terms["mse"].mean(), batch_size=b)
-        if "vb" in terms:
-            self.log("train/vb", terms["vb"].mean(), batch_size=b)
+        log_step(self, {"train/loss": loss, "train/mse": terms["mse"].mean(),
+                        **({"train/vb": terms["vb"].mean()} if "vb" in terms else {})}, b)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -1480,7 +1479,7 @@ class Latte(L.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
-        self.log("train/grad_norm", norm, batch_size=1)
+        log_step(self, {"train/grad_norm": norm}, 1)
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     def sampling_kwargs(self, batch: Mapping[str, Any] | None, n: int, generator: torch.Generator | None):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .nn.attention import KVCache, MultiHeadAttention
 from .nn.masking import SCHEDULES, DecodeStep, frame_suffix_mask, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.optim import transformer_adamw
+from .nn.step_logs import log_step
 
 __all__ = [
     "MagvitConfigError", "Vocabulary", "Task", "TASKS", "TaskSchedule", "frame_to_latent", "latent_condition_mask",
@@ -922,10 +923,8 @@ class MaskedVideoTransformer(L.LightningModule):
         ratio = self.commit.sample_ratio(self._step_generator(step), self.num_tokens)
         out = self.commit_loss(batch, task, ratio)
         b = len(batch.get("tokens") if batch.get("tokens") is not None else batch["video"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
-        for k in ("refine", "mask", "recons"):
-            self.log(f"train/loss_{k}", out[k], batch_size=b)
-        self.log("train/mask_ratio", ratio, batch_size=b)
+        log_step(self, {"train/loss": out["loss"], **{f"train/loss_{k}": out[k] for k in ("refine", "mask", "recons")},
+                        "train/mask_ratio": ratio}, b)
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -35,6 +35,7 @@ from vidgen.lightning_modules.nn.checkpoint import KeyReport, read_state_dict
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import TimestepEmbedder
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNetConfig, UNetConfigError,
                                               unet_config)
@@ -110,7 +111,7 @@ class CLIPConditionedDiffusion(L.LightningModule):
         x0, kw = self.model_inputs(batch, train=True)
         mask = kw.pop("loss_mask", None)  # ↑F: the loss over masked frames only
         loss = self.diffusion.training_losses(self.denoiser, x0, kw, mask=mask)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        log_step(self, {"train/loss": loss}, x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:

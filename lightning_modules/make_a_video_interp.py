@@ -41,6 +41,7 @@ from vidgen.lightning_modules.nn.checkpoint import KeyReport
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.diffusion.common import randn
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNET_SIZES, UNetConfigError,
                                               unet_config)
 
@@ -321,7 +322,7 @@ class MaskedFrameInterpolation(CLIPConditionedDiffusion):
         mask = kw.pop("loss_mask", None)
         t = self.training_timesteps(x0.shape[0])
         loss = self.diffusion.training_losses(self.denoiser, x0, kw, t=t, mask=mask)["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        log_step(self, {"train/loss": loss}, x0.shape[0])
         return loss
 
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vidgen.lightning_modules.nn.conv3d import GroupNorm
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 
 DEMO_ATTRIBUTES = {  # the demo's procedural vocabulary (vidgen/demo_data.py), in label order
     "shape": ["square", "circle", "triangle"],
@@ -277,9 +278,7 @@ class VideoProbe(L.LightningModule):
         logits = self(video)
         loss, accs = self._loss(logits, tgt)
         bs = batch["video"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in accs.items():
-            self.log(f"train/acc_{k}", v, batch_size=bs)
+        log_step(self, {"train/loss": loss, **{f"train/acc_{k}": v for k, v in accs.items()}}, bs)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):

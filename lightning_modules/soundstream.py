@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .nn.checkpoint import ema_state_dict, safe_load
 from .nn.gan_losses import discriminator_loss, generator_loss
 from .nn.quantizers import CodebookUsage, ResidualVectorQuantizer
+from .nn.step_logs import log_step
 
 __all__ = ["SoundStreamConfigError", "SoundStreamConfig", "CausalConv1d", "ResidualUnit", "EncoderBlock",
            "DecoderBlock", "AudioEncoder", "AudioDecoder", "STFTDiscriminator", "MultiScaleSTFTDiscriminator",
@@ -527,8 +528,9 @@ class SoundStream(L.LightningModule):
             scheds[1].step()
         scheds[0].step()
         self.train_steps += 1
-        self.log("train/spectral", logs.pop("spectral"), prog_bar=True, batch_size=x.shape[0])
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
+        spectral = logs.pop("spectral")
+        log_step(self, {"train/spectral": spectral, **{f"train/{k}": v for k, v in logs.items()}}, x.shape[0],
+                 prog_bar=("train/spectral",))
         return loss_g.detach()
 
     def on_save_checkpoint(self, checkpoint: dict):

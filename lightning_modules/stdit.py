@@ -51,6 +51,7 @@ from vidgen.lightning_modules.nn.checkpoint import KeyReport, keep_out_of_checkp
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion, opensora_timestep_shift
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_2d
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
 from vidgen.lightning_modules.video_tokenizer import latent_autoencoder
@@ -778,7 +779,7 @@ class STDiT(L.LightningModule):
         terms = self.loss_terms(batch)
         loss = terms["loss"].mean()
         b = terms["loss"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        log_step(self, {"train/loss": loss}, b)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:

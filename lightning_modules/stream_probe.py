@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vidgen.lightning_modules.nn.step_logs import log_step
+
 
 class StreamProbe(L.LightningModule):
     fsdp_block_classes = (nn.Conv2d, nn.ConvTranspose2d)  # so the probe also exercises the FSDP2 path
@@ -35,7 +37,7 @@ class StreamProbe(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = F.mse_loss(self(batch["video"]), batch["video"])
-        self.log("train/loss", loss, prog_bar=True)
+        log_step(self, {"train/loss": loss}, batch["video"].shape[0])
         if self.hparams.keys_log:
             with open(f"{self.hparams.keys_log}.rank{self.global_rank}", "a") as f:
                 f.write(json.dumps({"step": self.global_step, "keys": list(batch["key"])}) + "\n")

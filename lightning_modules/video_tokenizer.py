@@ -42,6 +42,7 @@ from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaus
 
 from .nn.checkpoint import EMA_PREFIX, ema_state_dict
 from .nn.ema import attach_ema
+from .nn.step_logs import log_step
 from .nn.vae import LatentAutoencoder, VAEConfig
 
 
@@ -599,8 +600,8 @@ class VideoTokenizer(L.LightningModule):
         logs["lr"] = torch.tensor(scheds[0].get_last_lr()[0])
         if len(scheds) > 1:
             logs["lr_d"] = torch.tensor(scheds[1].get_last_lr()[0])
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=video.shape[0])
-        self.log("train/rec", logs["rec_l2"], prog_bar=True, batch_size=video.shape[0])
+        log_step(self, {**{f"train/{k}": v for k, v in logs.items()}, "train/rec": logs["rec_l2"]}, video.shape[0],
+                 prog_bar=("train/rec",))
         return loss_g.detach()
 
     def _clip(self, opt):

@@ -52,6 +52,7 @@ from .nn.attention import KVCache, Mlp, MultiHeadAttention, prefix_lm_mask
 from .nn.embeddings import RotaryEmbedding
 from .nn.sampling import classifier_free_guidance, sample_logits
 from .nn.optim import transformer_adamw
+from .nn.step_logs import log_step
 
 __all__ = [
     "VideoPoetConfigError", "Vocabulary", "Layout", "LAYOUTS", "META_ORDER", "PackedSequences", "build_sequences",
@@ -972,12 +973,10 @@ class VideoPoet(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.step_loss(batch, self.global_step)
         n = len(batch["tokens"]) if batch.get("tokens") is not None else len(batch["video"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
-        self.log(f"train/loss_{out['task']}", out["loss"], batch_size=n)
-        self.log("train/acc", out["acc"], batch_size=n)
-        self.log("train/seq_len", out["length"], batch_size=n)
-        self.log("train/padding_fraction", out["padding_fraction"], batch_size=n)   # one group per step: 0
-        self.log("train/text_slot_pad_fraction", out["text_pad_fraction"], batch_size=n)
+        log_step(self, {"train/loss": out["loss"], f"train/loss_{out['task']}": out["loss"], "train/acc": out["acc"],
+                        "train/seq_len": out["length"],
+                        "train/padding_fraction": out["padding_fraction"],   # one group per step: 0
+                        "train/text_slot_pad_fraction": out["text_pad_fraction"]}, n)
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:

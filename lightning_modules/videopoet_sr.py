@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .nn.attention import CrossAttention, Mlp, MultiHeadAttention, Windows
 from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.sampling import classifier_free_guidance
+from .nn.step_logs import log_step
 from .videopoet import VideoPoet, _hidden
 
 __all__ = [
@@ -636,10 +637,8 @@ class VideoPoetSR(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.step_loss(batch, self.global_step)
         n = len(batch["tokens"]) if batch.get("tokens") is not None else len(batch["video"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
-        for j in range(self.fact.k):
-            self.log(f"train/loss_head{j}", out[f"head{j}"], batch_size=n)
-        self.log("train/acc", out["acc"], batch_size=n)
+        log_step(self, {"train/loss": out["loss"], **{f"train/loss_head{j}": out[f"head{j}"] for j in range(self.fact.k)},
+                        "train/acc": out["acc"]}, n)
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:

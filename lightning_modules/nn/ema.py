@@ -87,7 +87,10 @@ class EMAShadow(nn.Module):
     # -- math -----------------------------------------------------------------------------------------
     def _pairs(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         params = dict(module.named_parameters())
-        shadows = [_local(self.get_buffer(n)) for n in self.param_names]
+        # one walk over the buffers: get_buffer per name walks the dotted path each time (for the demo tokenizer's
+        # 66 tensors, 1.5 of the 2 ms an update took; the update itself is 0.2 ms)
+        buffers = dict(self.named_buffers())
+        shadows = [_local(buffers[n]) for n in self.param_names]
         weights = [_local(params[n]) for n in self.param_names]
         return shadows, weights
 
