@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 def _fit_seconds(steps: int, every_step: bool, run_dir: str) -> tuple[float, float]:
     """(seconds per step, seconds per step inside ``self.log``) over ``steps`` steps after 5 warm-up steps."""
+    import lightning as L
+
     from vidgen.callbacks.ema import EMA
     from vidgen.demos.common import stage_trainer
     from vidgen.lightning_modules.nn import step_logs
@@ -43,7 +45,7 @@ def _fit_seconds(steps: int, every_step: bool, run_dir: str) -> tuple[float, flo
     batches = [{"video": torch.rand(16, 3, 1, 32, 32, generator=g) * 2 - 1, "label": torch.zeros(16, dtype=torch.long),
                 "key": [""] * 16, "text": [""] * 16} for _ in range(8)]
 
-    class Timer(__import__("lightning").Callback):
+    class Timer(L.Callback):
         t0 = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
