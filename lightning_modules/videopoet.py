@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -443,6 +444,15 @@ class PrefixLM(nn.Module):
 # ====================================================================================================================
 # §2.7 Alternating gradient descent over task groups
 # ====================================================================================================================
+def _one_per_batch(value: Any, key: str) -> int:
+    """A per-batch value (a scalar, or ``[B]`` equal entries: one task group per step) as an int."""
+    v = torch.as_tensor(value).flatten()
+    if v.numel() == 0 or bool((v != v[0]).any()):
+        raise ValueError(f"batch[{key!r}] must be one value per batch (a task group's rows share their special "
+                         f"tokens), got {v.tolist()}")
+    return int(v[0])
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]))
 
@@ -859,15 +869,41 @@ class VideoPoet(L.LightningModule):
         return self.encode_text(list(texts)[:n])
 
     def meta_tokens(self, num_frames: int | None = None, portrait: bool = False, source: int | None = None) -> dict:
-        """``META_ORDER`` tokens: duration (when ``num_frames`` is in ``durations``), ``<res>`` and ``<source>``."""
+        """``META_ORDER`` tokens (§2.4): the duration token of ``num_frames`` (an entry of ``durations``; a clip
+        length outside them is an error), ``<res>`` for a non-square clip and ``<source>``."""
         meta = {}
-        if num_frames is not None and num_frames in self.config.durations:
+        if num_frames is not None and self.config.durations:
+            if num_frames not in self.config.durations:
+                raise ValueError(f"clips of {num_frames} frames, but model.durations is {list(self.config.durations)}: "
+                                 "add the length to durations (one <dur:i> token each, §2.4) or train on clips of "
+                                 "those lengths (data.num_frames)")
             meta["duration"] = f"<dur:{self.config.durations.index(num_frames)}>"
         if portrait:
             meta["res"] = "<res:128x224>"
         if source is not None:
+            if not 0 <= int(source) < NUM_SOURCE_TOKENS:
+                raise ValueError(f"batch['source'] = {int(source)}: a data-source tag must lie in [0, {NUM_SOURCE_TOKENS})")
             meta["source"] = f"<source:{int(source)}>"
         return meta
+
+    def clip_frames(self, batch: Mapping[str, Any], tokens: Tensor | None) -> int | None:
+        """Pixel frames of the batch's clips, for the duration token: ``batch["num_frames"]`` when the data gives it,
+        else from the latent frames ``t`` of ``tokens`` through the attached tokenizer (causal: ``1 + f·(t − 1)``,
+        otherwise ``f·t``). None for stills (``t = 1``) and for token batches without a tokenizer to say it."""
+        given = batch.get("num_frames")
+        if given is not None:
+            return _one_per_batch(given, "num_frames")
+        if tokens is None or tokens.shape[1] == 1:
+            return None
+        if self.tokenizer is None:
+            if self.config.durations and not getattr(self, "_warned_duration", False):
+                self._warned_duration = True
+                warnings.warn(f"model.durations is {list(self.config.durations)} but the clip length of these token "
+                              "batches is unknown (no tokenizer attached, no batch['num_frames']): their sequences "
+                              "carry no duration token; set tokenizer_path, or durations: [] to train without one")
+            return None
+        t, f = int(tokens.shape[1]), int(self._tok().arch.temporal_factor)
+        return 1 + f * (t - 1) if self.causal_tokenizer else f * t
 
     @torch.no_grad()
     def commit_tokens(self, video: Tensor, layout: Layout) -> Tensor:
@@ -896,8 +932,13 @@ class VideoPoet(L.LightningModule):
                           None if structure is None else torch.as_tensor(structure)[:n].to(self.device),
                           self.config.condition_latents, self.config.avcont_audio_frames)
         text_len = text[1] if layout.text != "none" else None
-        frames = batch.get("num_frames")
-        meta = self.meta_tokens(int(frames) if frames is not None else None)
+        if "meta" in layout.prefix:
+            source = batch.get("source")
+            meta = self.meta_tokens(self.clip_frames(batch, tokens),
+                                    portrait=tokens is not None and tokens.shape[2] != tokens.shape[3],
+                                    source=None if source is None else _one_per_batch(source, "source"))
+        else:
+            meta = {}
         return build_sequences(layout, self.vocab, parts, n, text_len, self.config.max_text_tokens, meta, self.device)
 
     # ---------------------------------------------------------------------------------------------------- training

@@ -275,3 +275,42 @@ def test_predict_contract_i2v_forcing_and_long_video_with_a_causal_tokenizer():
     torch.testing.assert_close(first, tok.encode(video[:, :, :1]))
     s = m.sample("i2v", 2, (3, 4, 4), given_tokens=first, generator=torch.Generator().manual_seed(0))
     assert torch.equal(s["tokens"][:, :1], first)
+
+
+def test_duration_res_and_source_tokens_reach_training_and_sampling_sequences():
+    """§2.4: the duration token names the clip's length (an entry of ``durations``), read from the token grid through
+    the tokenizer (causal: 1 + f·(t − 1) frames) or from ``batch["num_frames"]``; ``<res>`` marks a non-square clip;
+    ``<source:i>`` comes from ``batch["source"]``. Sampling writes the same token training saw."""
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    tok = VideoTokenizer(arch=dict(kind="magvit2", filters=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                                   norm_groups=4, temporal_downsample=(True,)),
+                         bottleneck=dict(kind="lfq", codebook_size=16, dim=None), num_frames=5, resolution=8,
+                         inference_only=True).eval()
+    m = _vp(tasks={"uncond": 1.0, "fp": 1.0}, num_frames=5, resolution=8, durations=[9, 5])
+    v = m.vocab
+
+    def names(batch, tokens, layout="uncond"):
+        seq = m.sequences_for(LAYOUTS[layout], batch, tokens, (None, None), tokens.shape[0])
+        return [v.names[t] for t in seq.tokens[0].tolist() if t < 256]
+
+    grid = torch.randint(0, K, (2, 3, 4, 4))  # 3 latent frames of a causal 2x tokenizer: 5 frames
+    with pytest.warns(UserWarning, match="durations"):
+        assert "<dur:1>" not in names({}, grid)  # no tokenizer, no num_frames: unknown length, said once
+    assert names({"num_frames": torch.tensor([5, 5])}, grid) == ["<bos>", "<task:video>", "<dur:1>", "<bov_o>", "<eov_o>", "<eos>"]
+    m.attach_tokenizer(tok)
+    assert names({}, grid) == ["<bos>", "<task:video>", "<dur:1>", "<bov_o>", "<eov_o>", "<eos>"]
+    assert names({}, torch.randint(0, K, (2, 5, 4, 4)))[2] == "<dur:0>"  # 1 + 2·4 = 9 frames
+    assert names({}, grid, "fp")[-4] == "<dur:1>"  # FP: after the given frames, before the output
+    assert names({"source": 3}, torch.randint(0, K, (2, 3, 4, 6)))[2:5] == ["<source:3>", "<res:128x224>", "<dur:1>"]
+    with pytest.raises(ValueError, match=r"clips of 7 frames, but model.durations is \[9, 5\]"):
+        names({}, torch.randint(0, K, (2, 4, 4, 4)))
+    with pytest.raises(ValueError, match="one value per batch"):
+        names({"num_frames": torch.tensor([5, 9])}, grid)
+    with pytest.raises(ValueError, match="data-source tag"):
+        names({"source": 99}, grid)
+    s = m.sample("uncond", 2, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert v.special("<dur:1>") in s["sequence"][0].tolist()
+    # a still (one latent frame) has no duration
+    assert "<dur:0>" not in names({}, torch.randint(0, K, (2, 1, 4, 4))) and "<dur:1>" not in names({}, torch.randint(0, K, (2, 1, 4, 4)))
