@@ -51,6 +51,7 @@ from .nn.attention import KVCache, MultiHeadAttention
 from .nn.masking import SCHEDULES, DecodeStep, frame_suffix_mask, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.optim import transformer_adamw
 from .nn.step_logs import log_step
+from .nn.seeding import step_generator
 
 __all__ = [
     "MagvitConfigError", "Vocabulary", "Task", "TASKS", "TaskSchedule", "frame_to_latent", "latent_condition_mask",
@@ -914,8 +915,8 @@ class MaskedVideoTransformer(L.LightningModule):
         return out
 
     def _step_generator(self, step: int) -> torch.Generator:
-        # one mask ratio per step, identical on every rank (§2.3)
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        # one mask ratio per step, identical on every rank (§2.3): stream 0
+        return step_generator(self.config.seed, step)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         step = self.global_step

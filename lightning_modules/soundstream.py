@@ -49,6 +49,7 @@ from .nn.checkpoint import ema_state_dict, safe_load
 from .nn.gan_losses import discriminator_loss, generator_loss
 from .nn.quantizers import CodebookUsage, ResidualVectorQuantizer
 from .nn.step_logs import log_step
+from .nn.seeding import step_generator, training_stream
 
 __all__ = ["SoundStreamConfigError", "SoundStreamConfig", "CausalConv1d", "ResidualUnit", "EncoderBlock",
            "DecoderBlock", "AudioEncoder", "AudioDecoder", "STFTDiscriminator", "MultiScaleSTFTDiscriminator",
@@ -457,9 +458,10 @@ class SoundStream(L.LightningModule):
             scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[1], WarmupCosine(c.warmup_steps, total_d)))
         return opts, scheds
 
-    def training_audio(self, batch: Mapping[str, Any], step: int) -> Tensor:
+    def training_audio(self, batch: Mapping[str, Any], step: int, stream: int = 0) -> Tensor:
         """The rows with audio (all rows when none has it flagged), randomly cropped to ``train_crop_seconds``
-        (a multiple of the hop), the crop drawn from (seed, step) so a resumed run crops the same."""
+        (a multiple of the hop), the crop drawn from (seed, step, stream) so a resumed run crops the same
+        (``nn.seeding``: each rank and micro-batch its own stream)."""
         x = torch.as_tensor(batch["audio"])
         has = batch.get("has_audio")
         if has is not None and bool(torch.as_tensor(has).any()):
@@ -467,7 +469,7 @@ class SoundStream(L.LightningModule):
         c = self.config
         if c.train_crop_seconds is not None:
             n = min(x.shape[-1], int(c.train_crop_seconds * c.sample_rate) // self.hop * self.hop)
-            g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+            g = step_generator(c.seed, step, stream)
             starts = torch.randint(0, x.shape[-1] - n + 1, (x.shape[0],), generator=g).tolist()
             x = torch.stack([x[i, :, s:s + n] for i, s in enumerate(starts)])
         return self._check(x)
@@ -492,7 +494,7 @@ class SoundStream(L.LightningModule):
         scheds = self.lr_schedulers()
         scheds = list(scheds) if isinstance(scheds, (list, tuple)) else [scheds]
         step = self.train_steps
-        x = self.training_audio(batch, step)
+        x = self.training_audio(batch, step, training_stream(self, batch_idx))
         gan_on = self.discriminator is not None and step >= c.disc_start_step
 
         opt_g = opts[0]

@@ -54,6 +54,7 @@ from .nn.embeddings import RotaryEmbedding
 from .nn.sampling import classifier_free_guidance, sample_logits
 from .nn.optim import transformer_adamw
 from .nn.step_logs import log_step
+from .nn.seeding import step_generator, training_stream
 
 __all__ = [
     "VideoPoetConfigError", "Vocabulary", "Layout", "LAYOUTS", "META_ORDER", "PackedSequences", "build_sequences",
@@ -974,10 +975,10 @@ class VideoPoet(L.LightningModule):
         acc = (logits.detach().argmax(-1) == target).float().mean()
         return loss, acc
 
-    def _text_drop(self, text_len: Tensor | None, step: int) -> Tensor | None:
+    def _text_drop(self, text_len: Tensor | None, step: int, stream: int = 0) -> Tensor | None:
         if text_len is None or not self.training or self.config.text_dropout <= 0:
             return text_len
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        g = step_generator(self.config.seed, step, stream)
         drop = (torch.rand(text_len.shape[0], generator=g) < self.config.text_dropout).to(text_len.device)
         return torch.where(drop, 0, text_len)
 
@@ -996,13 +997,16 @@ class VideoPoet(L.LightningModule):
             raise ValueError("a VideoPoet batch needs 'tokens' [B, t, h, w] (vidgen tokenize) or 'video'")
         return self._tok().encode(batch["video"].to(self.device)).long()
 
-    def step_loss(self, batch: Mapping[str, Any], step: int, layout: Layout | None = None) -> dict[str, Tensor]:
+    def step_loss(self, batch: Mapping[str, Any], step: int, layout: Layout | None = None,
+                  stream: int = 0) -> dict[str, Tensor]:
+        """Loss of one batch: the task group of ``step`` (every rank the same), text dropped for CFG by the draws of
+        ``(seed, step, stream)`` (``nn.seeding``: each rank and micro-batch its own stream)."""
         tokens = self.tokens_of(batch)
         n = tokens.shape[0]
         layout = layout or self.task_at(step, "image" if tokens.shape[1] == 1 else "video",
                                         audio=self.audio_tokens_of(batch) is not None)
         emb, ln = self.text_of(batch, n) if layout.text != "none" else (None, None)
-        ln = self._text_drop(ln, step)
+        ln = self._text_drop(ln, step, stream)
         seq = self.sequences_for(layout, batch, tokens, (emb, ln), n)
         loss, acc = self.lm_loss(seq, emb)
         text_pad = 0.0
@@ -1012,7 +1016,7 @@ class VideoPoet(L.LightningModule):
                 "text_pad_fraction": torch.tensor(text_pad), "padding_fraction": torch.tensor(0.0)}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.step_loss(batch, self.global_step)
+        out = self.step_loss(batch, self.global_step, stream=training_stream(self, batch_idx))
         n = len(batch["tokens"]) if batch.get("tokens") is not None else len(batch["video"])
         log_step(self, {"train/loss": out["loss"], f"train/loss_{out['task']}": out["loss"], "train/acc": out["acc"],
                         "train/seq_len": out["length"],

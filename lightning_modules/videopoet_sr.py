@@ -44,6 +44,7 @@ from .nn.attention import CrossAttention, Mlp, MultiHeadAttention, Windows
 from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.sampling import classifier_free_guidance
 from .nn.step_logs import log_step
+from .nn.seeding import step_generator, training_stream
 from .videopoet import VideoPoet, _hidden
 
 __all__ = [
@@ -607,16 +608,14 @@ class VideoPoetSR(L.LightningModule):
         return drop_lr, drop_text
 
     # ---------------------------------------------------------------------------------------------------- training
-    def _generator(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-
-    def step_loss(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
+    def step_loss(self, batch: Mapping[str, Any], step: int, stream: int = 0) -> dict[str, Tensor]:
         """MAGVIT masked-token loss of one batch (§2.8): mask ``γ(u)`` of the HR tokens, noise the LR tokens, drop LR
-        and text independently (10% each), cross-entropy of both sub-token heads on the masked positions."""
+        and text independently (10% each), cross-entropy of both sub-token heads on the masked positions. The draws
+        are a function of ``(seed, step, stream)`` (``nn.seeding``: each rank and micro-batch its own stream)."""
         c = self.config
         hr, lr = self.token_pair(batch)
         B, N = hr.shape
-        g = self._generator(step)
+        g = step_generator(c.seed, step, stream)
         ratio = sample_mask_ratio(g, c.mask_schedule, N)
         masked = random_token_mask(B, N, ratio, g, hr.device)
         inputs = torch.where(masked, self.fact.mask_id, hr)
@@ -635,7 +634,7 @@ class VideoPoetSR(L.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.step_loss(batch, self.global_step)
+        out = self.step_loss(batch, self.global_step, training_stream(self, batch_idx))
         n = len(batch["tokens"]) if batch.get("tokens") is not None else len(batch["video"])
         log_step(self, {"train/loss": out["loss"], **{f"train/loss_head{j}": out[f"head{j}"] for j in range(self.fact.k)},
                         "train/acc": out["acc"]}, n)

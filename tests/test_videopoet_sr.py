@@ -132,6 +132,7 @@ def test_loss_tokens_all_weights_every_position_and_masked_only_the_masked_ones(
     """``loss_tokens``: "masked" (MaskGIT) scores the masked positions only, "all" (MAGVIT's mask+recons weighting)
     every HR position, on the same logits and the same mask."""
     from vidgen.lightning_modules.nn.masking import random_token_mask, sample_mask_ratio
+    from vidgen.lightning_modules.nn.seeding import step_generator
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
@@ -144,7 +145,7 @@ def test_loss_tokens_all_weights_every_position_and_masked_only_the_masked_ones(
         seen = []
         m.net.register_forward_hook(lambda mod, inp, out: seen.append(out))
         out = m.step_loss(batch, 7)
-        gen = m._generator(7)
+        gen = step_generator(m.config.seed, 7)
         ratio = sample_mask_ratio(gen, m.config.mask_schedule, hr.shape[1])
         masked = random_token_mask(2, hr.shape[1], ratio, gen, hr.device)
         assert 0 < int(masked.sum()) < masked.numel()
@@ -264,3 +265,34 @@ def test_predict_cascade_runs_the_sr_stages_in_token_space(tmp_path):
         lm.super_resolve(torch.randint(0, 256, (2, 4, 8, 8)), batch)
     with pytest.raises(VideoPoetConfigError, match="sr_stages"):
         VideoPoet(size="tiny", tasks={"t2v": 1.0}, visual_codes=256, text_dim=8, sr_stages=[str(tmp_path / "no")])
+
+
+def test_each_rank_and_micro_batch_draws_its_own_masks_drops_and_noise():
+    """§2.8 drops LR and text independently per row: under DDP or gradient accumulation the rows of one step must not
+    share their draws. ``(seed, step, stream)`` decides them; stream 0 (one process) keeps the historical key."""
+    from types import SimpleNamespace
+
+    from vidgen.lightning_modules.nn.seeding import step_generator, training_stream
+
+    g = torch.Generator().manual_seed(3)
+    batch = {"tokens": torch.randint(0, 256, (8, 4, 8, 8), generator=g),
+             "lr_tokens": torch.randint(0, 256, (8, 4, 4, 4), generator=g)}
+    m = _tiny(lr_dropout=0.5, text_dropout=0.5, lr_noise=0.5)
+    draws = {}
+    for stream in (0, 0, 1, 2):
+        seen = []
+        h = m.net.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].clone(), inp[1].clone())))
+        m.step_loss(batch, 7, stream)
+        h.remove()
+        if stream in draws:
+            assert all(torch.equal(a, b) for a, b in zip(draws[stream], seen[0])), "same stream, same draws"
+        draws[stream] = seen[0]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not torch.equal(draws[a][0], draws[b][0]), "masked HR inputs differ between streams"
+        assert not torch.equal(draws[a][1], draws[b][1]), "noised / dropped LR inputs differ between streams"
+    assert torch.equal(torch.rand(4, generator=step_generator(5, 7)),
+                       torch.rand(4, generator=torch.Generator().manual_seed(5 * 1_000_003 + 7)))
+    # rank r, micro-batch i of k accumulated: stream r·k + i
+    mod = SimpleNamespace(_trainer=SimpleNamespace(accumulate_grad_batches=4, global_rank=2))
+    assert [training_stream(mod, b) for b in (0, 1, 5)] == [8, 9, 9]
+    assert training_stream(SimpleNamespace(_trainer=None), 3) == 0
