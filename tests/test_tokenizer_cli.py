@@ -88,8 +88,8 @@ def test_tokenize_writes_latents_for_kl(tmp_path):
 
 
 def _configs():
-    pats = ["configs/magvit/tokenizer_*.yaml", "configs/videopoet/tokenizer_lfq*.yaml", "configs/latte/vae*.yaml",
-            "configs/tora/motion_vae*.yaml"]
+    pats = ["configs/magvit/tokenizer_*.yaml", "configs/videopoet/tokenizer_lfq*.yaml",
+            "configs/videopoet/tokenizer_seed_voken*.yaml", "configs/latte/vae*.yaml", "configs/tora/motion_vae*.yaml"]
     return sorted(p for pat in pats for p in glob.glob(os.path.join(ROOT, pat)))
 
 
@@ -102,6 +102,9 @@ def test_configs_validate_and_tiny_ones_build(path):
     for key in ("num_frames", "resolution"):  # linked data -> model by the CLI
         assert model.get(key, data[key]) == data[key]
     args = {**model, "num_frames": data["num_frames"], "resolution": data["resolution"]}
+    if not path.endswith("_tiny.yaml") and (model.get("loss") or {}).get("perceptual_weight", 0.1) > 0:
+        # a full recipe that asks for the perceptual term names its network (null would train without it)
+        assert (model.get("loss") or {}).get("perceptual_weights"), f"{path}: perceptual_weight > 0 without weights"
     if (model.get("loss") or {}).get("perceptual_weights"):  # the full recipes name a local ImageNet net (#11 §8)
         from vidgen.lightning_modules.nn.conv3d import ConfigError
 
@@ -109,6 +112,8 @@ def test_configs_validate_and_tiny_ones_build(path):
         with pytest.raises(ConfigError, match="perceptual_weights"):  # not downloaded here
             VideoTokenizer.validate_config(args)
         args["loss"] = {**model["loss"], "perceptual_weights": None}
+    if model.get("init_from"):  # a pretrained tokenizer the user downloads (tokenizer_seed_voken.yaml)
+        args["init_from"] = None
     VideoTokenizer.validate_config(args)
     if path.endswith("_tiny.yaml"):
         assert "demo" in str(data.get("train_shards") or data.get("sources"))
