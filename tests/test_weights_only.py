@@ -51,6 +51,28 @@ def test_checkpoint_readers_refuse_code(evil):
     assert not marker.exists()
 
 
+def test_pretrained_network_readers_go_through_the_shared_reader(evil, tmp_path):
+    """The perceptual nets, the I3D file and CLIP weights are read by ``nn.checkpoint`` (one allow-list, one
+    message), in the layouts users have: a plain state dict or one under ``state_dict``."""
+    import torchvision
+
+    from vidgen.lightning_modules.nn.i3d import load_i3d
+    from vidgen.lightning_modules.nn.perceptual import build_classifier
+    from vidgen.lightning_modules.nn.text_encoders import _clip_state_dict
+
+    path, marker = evil
+    for read in (lambda p: build_classifier("resnet18", str(p)), lambda p: load_i3d(str(p), kind="reference"),
+                 _clip_state_dict):
+        with pytest.raises((UnsafeCheckpointError, ValueError), match="refused to unpickle .*run_code"):
+            read(path)
+    assert not marker.exists()
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    for name, blob in (("plain.pth", sd), ("wrapped.pth", {"state_dict": sd})):
+        torch.save(blob, tmp_path / name)
+        net = build_classifier("resnet18", str(tmp_path / name))
+        assert torch.equal(net.state_dict()["fc.weight"], sd["fc.weight"])
+
+
 def test_demo_saves_set_weights_only():
     demos = pathlib.Path(__file__).resolve().parent.parent / "vidgen" / "demos"
     calls = []

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checkpoint import safe_load
+
 __all__ = [
     "I3DConfig",
     "tf_same_pad",
@@ -261,7 +263,7 @@ def load_i3d(path: str | os.PathLike, map_location: str | torch.device = "cpu", 
     if kind == "torchscript":
         model: nn.Module = TorchScriptI3D(path, map_location)
     else:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = safe_load(path, map_location=map_location)
         if not isinstance(blob, dict) or blob.get("format") != I3D_FORMAT:
             raise ValueError(
                 f"{path} is not a vidgen I3D file (format {I3D_FORMAT!r}); re-create it with `vidgen convert-i3d`"

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .checkpoint import read_state_dict
+
 ARCHS = ("resnet50", "resnet18", "vgg16")
 KINDS = ("logits", "lpips")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,10 +40,7 @@ def build_classifier(arch: str, weights_path: str) -> nn.Module:
         raise FileNotFoundError(f"loss.perceptual_weights={weights_path!r} is not a file; give a local torchvision "
                                 f"{arch} state dict (.pt/.pth) or set it to null to train without perceptual loss")
     net = getattr(torchvision.models, arch)(weights=None)
-    sd = torch.load(weights_path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    net.load_state_dict(sd)
+    net.load_state_dict(read_state_dict(weights_path, prefer=("state_dict", "model")))
     return net.eval().requires_grad_(False)
 
 
@@ -58,9 +57,7 @@ def build_lpips(vgg_path: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation note on `pretrained=False`
         net = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
+    sd = read_state_dict(vgg_path, prefer=("state_dict", "model"))
     feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
     # lpips.pretrained_networks.vgg16 keeps torchvision's layer index as the module name inside 5 slices
     own = {name.split(".", 1)[1]: name for name in net.net.state_dict()}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,27 +117,6 @@ class TinyTower:
     seed: int = 0
 
 
-def _read_state_dict(path: str) -> dict[str, Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as e:  # TorchScript archives (OpenAI's original CLIP files) are not state dicts
-            raise ValueError(
-                f"{path} is not a plain state-dict file ({str(e).splitlines()[0]}); save "
-                "`open_clip.create_model(name, pretrained=...).state_dict()` with torch.save and point to that"
-            ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if any(k.startswith("module.") for k in sd):
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd
-
-
 def _checkpoint_model_cfg(path: str) -> dict | None:
     """The open_clip model config stored in a vidgen CLIP checkpoint (``hyper_parameters.model_cfg``), if any."""
     if path.endswith(".safetensors"):
@@ -159,8 +139,11 @@ def _clip_state_dict(path: str) -> dict[str, Tensor]:
 
     try:
         sd = read_state_dict(path)
-    except (RuntimeError, ValueError):
-        sd = _read_state_dict(path)  # names TorchScript archives in its error
+    except (RuntimeError, ValueError, pickle.UnpicklingError) as e:  # e.g. OpenAI's TorchScript CLIP archives
+        raise ValueError(
+            f"{path} is not a plain state-dict file ({str(e).splitlines()[0]}); save "
+            "`open_clip.create_model(name, pretrained=...).state_dict()` with torch.save and point to that"
+        ) from None
     if any(k.startswith("model.") for k in sd) and not any(k.startswith("visual.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return sd
