@@ -142,6 +142,10 @@ class ConvStage(nn.Module):
 class VideoProbe(L.LightningModule):
     """3D-CNN classifier with one linear head per attribute over globally pooled features."""
 
+    #: ``num_frames`` is the probe's own clip length (read at a random stride out of the longer data clip), not the
+    #: data's: the CLI does not link it (vidgen/cli.py ``LINKED_KEYS``)
+    unlinked_keys = ("num_frames",)
+
     def __init__(self, num_frames: int = 8, resolution: int = 32, channels: list[int] = (16, 32, 64),
                  norm_groups: int = 8, dropout: float = 0.1, attributes: dict[str, list[str]] | None = None,
                  class_of: list[str] = ("shape", "direction"), temporal_strides: list[int] = (1, 2),

@@ -387,6 +387,10 @@ class VideoTokenizer(L.LightningModule):
         ckpt = safe_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt:
             raise ValueError(f"{path} has no hyper_parameters; it is not a VideoTokenizer checkpoint")
+        kind = str(ckpt["hyper_parameters"].get("_class_path") or cls.__name__).rsplit(".", 1)[-1]
+        if kind != cls.__name__:  # the model class LightningCLI saved
+            raise ConfigError(f"{path} is a {kind} checkpoint, not a {cls.__name__} one: give a tokenizer run's "
+                              "checkpoint (e.g. runs/<tokenizer recipe>/checkpoints/last.ckpt)")
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in names}
         model = cls(**{**hp, "init_from_2d": None, "init_from": None, "inference_only": True})

@@ -1,12 +1,15 @@
 """The two console scripts, run directories, config errors reported before any work."""
 
+import glob
 import os
 
+import lightning.pytorch  # noqa: F401 - imported here, its log handler keeps pytest's stderr, not a test's capsys
 import pytest
 import yaml
 
-from cliutil import probe_config, run_cli
+from cliutil import ROOT, probe_config, run_cli
 from shardgen import write_shards
+from vidgen import cli
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,7 @@ def test_fit_through_both_console_scripts(tmp_path, shards, script):
     p = run_cli(["fit", "--config", "p.yaml", "--ckpt_path", "last", "--trainer.max_steps", "4"], cwd=tmp_path,
                 script=script)
     assert "resuming from" in p.stdout
+    assert "[vidgen] data stream resumes after batch 3" in p.stdout  # (4 batches an epoch: a mid-epoch resume)
 
 
 def test_configs_merge_and_interpolate(tmp_path, shards):
@@ -66,3 +70,69 @@ def test_tool_dispatch_and_usage(tmp_path):
         assert cmd in p.stdout
     p = run_cli(["nonsense"], cwd=tmp_path, check=False)
     assert p.returncode == 2 and "unknown command" in p.stderr
+
+
+RECIPES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))
+                 if os.sep + "trainer" + os.sep not in p)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_prints(recipe, capsys, tmp_path, monkeypatch):
+    """Every recipe parses and links (``--print_config`` checks no data paths); in-process, no training."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(["fit", "--config", os.path.join(ROOT, recipe), "--print_config"])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code in (0, None), err[-2000:]
+    cfg = yaml.safe_load(out)
+    model, data = cfg["model"]["init_args"], (cfg.get("data") or {}).get("init_args") or {}
+    written = yaml.safe_load(open(os.path.join(ROOT, recipe)))
+    for key, value in (((written.get("model") or {}).get("init_args")) or {}).items():
+        if key in cli.LINKED_KEYS:  # a value the recipe writes is the one the model gets (linked or its own)
+            assert model[key] == value, (key, model[key], value)
+    if recipe.startswith("configs/eval/probe"):  # the probe reads num_frames frames out of a longer data clip
+        assert model["num_frames"] < data["num_frames"]
+
+
+def test_a_model_value_equal_to_its_default_is_not_silently_relinked(capsys, tmp_path, monkeypatch, shards):
+    """An explicit model value that differs from the data's is a conflict even when it equals the model's default
+    (VideoProbe's resolution defaults to 32)."""
+    monkeypatch.chdir(tmp_path)
+    probe_config(tmp_path / "p.yaml", shards, steps=1)  # data resolution 16
+    argv = ["fit", "--config", "p.yaml", "--model", "vidgen.lightning_modules.probe.VideoProbe", "--print_config"]
+    for extra, code_want in (([], 0), (["--model.init_args.resolution", "32"], 2)):
+        try:
+            code = cli.main(argv + extra)
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        assert (code or 0) == code_want, (extra, err[-2000:])
+    assert "model.init_args.resolution=32 conflicts with data.init_args.resolution=16" in err
+    assert yaml.safe_load(out.split("vidgen:")[0] or "{}") in (None, {})
+
+
+def test_predict_hints_and_package_metadata_say_what_is_true():
+    """``--classes``/``--prompts`` are jsonargparse lists (one argument); pyproject names the five papers and ships no
+    package data that does not exist."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore
+
+    from vidgen.predict import PredictInputError, conditioning_items, __doc__ as predict_doc
+
+    with pytest.raises(PredictInputError, match=r"""--prompts '\["caption", \.\.\.\]'"""):
+        conditioning_items({"kind": "text"}, None, None, None)
+    with pytest.raises(PredictInputError, match=r"--classes '\[0, 3\]'"):
+        conditioning_items({"kind": "class", "num_classes": 4}, None, None, None)
+    assert "--classes '[0, 3, 7]'" in predict_doc and "--classes 0 3 7" not in predict_doc
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    for paper in ("MAGVIT", "MAGVIT-v2", "VideoPoet", "Make-A-Video", "Latte", "Tora"):
+        assert paper in meta["project"]["description"], paper
+    for pkg, patterns in meta["tool"]["setuptools"].get("package-data", {}).items():
+        src = meta["tool"]["setuptools"]["package-dir"].get(pkg, pkg)
+        for pattern in patterns:
+            assert glob.glob(os.path.join(ROOT, src, pattern)), (pkg, pattern)

@@ -41,6 +41,8 @@ TOOLS = {
 
 # values that data and model must agree on; data is the source of truth
 LINKED_KEYS = ("num_frames", "resolution", "frame_stride")
+# --ckpt_path values Lightning resolves itself (``last`` is vidgen's: the latest run's checkpoint)
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class ConfigError(ValueError):
@@ -131,13 +133,27 @@ def _make_cli_class():
             _add_link_notes(parser)
 
         # -------------------------------------------------------------- before any work
+        def _parse_ckpt_path(self):
+            """Lightning would merge an explicit ``--ckpt_path``'s saved hyper-parameters over the configs and the
+            command line; here the config is the source of truth, as for ``--ckpt_path last``
+            (``_check_checkpoint`` names the values that differ from the checkpoint's)."""
+
         def before_instantiate_classes(self):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             try:
                 _check_flags(cfg)
                 self._link_and_validate(cfg, validate=not _PRINT_CONFIG)
+                ckpt = cfg.get("ckpt_path")
+                if ckpt and ckpt not in CKPT_KEYWORDS:
+                    _check_checkpoint(ckpt, cfg, "--ckpt_path " + str(ckpt))
                 if not _PRINT_CONFIG:
                     self._choose_run_dir(cfg)
+                    if ckpt == "last" and self.resume_from is not None:
+                        _check_checkpoint(self.resume_from, cfg, "--ckpt_path last")
+                    elif ckpt == "last" and self.subcommand not in (None, "fit"):
+                        raise ConfigError(
+                            f"--ckpt_path last: no checkpoint in {os.path.join(self.train_dir, 'checkpoints')}; "
+                            "train first (vidgen fit ...) or give a checkpoint path")
             except Exception as e:  # noqa: BLE001 - reported as a config error before any work
                 if isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)):
                     _fail(f"config error: {e}")
@@ -166,6 +182,9 @@ def _make_cli_class():
             except Exception as e:  # a model's own config check that needs more than the config (e.g. a VAE)
                 if type(e).__name__.endswith("ConfigError"):
                     _fail(f"config error: {e}")
+                inner = _innermost(e)  # jsonargparse wraps an error of a class's __init__ with its whole config
+                if inner is not None and not os.environ.get("VIDGEN_DEBUG"):
+                    _fail(f"config error: {inner}{_checkpoint_kinds(inner)}")
                 raise
 
         def _link_and_validate(self, cfg, validate: bool = True):
@@ -175,11 +194,14 @@ def _make_cli_class():
             data_args, model_args = _init_args(data_ns), _init_args(model_ns)
             if model_cls is not None and data_cls is not None:
                 msig = inspect.signature(model_cls.__init__).parameters
+                unlinked = _unlinked_keys(model_cls, model_ns.class_path)
+                explicit = _STATE.get("model_keys", set())
                 for key in LINKED_KEYS:
-                    if key in msig and key in data_args:
+                    if key in msig and key in data_args and key not in unlinked:
                         default = msig[key].default
                         mval = model_args.get(key, default)
-                        if mval not in (default, data_args[key], None) and _norm(mval) != _norm(data_args[key]):
+                        given = key in explicit or (mval is not None and _norm(mval) != _norm(default))
+                        if given and mval is not None and _norm(mval) != _norm(data_args[key]):
                             raise ConfigError(
                                 f"model.init_args.{key}={mval!r} conflicts with data.init_args.{key}={data_args[key]!r}; "
                                 f"{key} is linked (data -> model): set it once under data"
@@ -231,13 +253,31 @@ def _make_cli_class():
             if self.resume_from is not None:
                 print(f"[vidgen] resuming from {self.resume_from}", flush=True)
                 sub["ckpt_path"] = self.resume_from
-            else:
+            else:  # fit only: validate/test/predict stopped in before_instantiate_classes
                 print(f"[vidgen] --ckpt_path last: no checkpoint at {os.path.join(self.train_dir, 'checkpoints')}; "
                       "starting fresh", flush=True)
                 sub["ckpt_path"] = None
 
+        def _say_data_resume(self):
+            """A datamodule that restores its own position resumes exactly: Lightning's "dataloader is not
+            resumable" warning does not apply to it; say where its stream continues instead."""
+            ckpt, dm = self.config_init[self.subcommand].get("ckpt_path"), self.datamodule
+            if not ckpt or dm is None or type(dm).load_state_dict is LightningDataModule.load_state_dict:
+                return
+            _quiet_resume_warning()
+            if self.trainer.is_global_zero and os.path.isfile(str(ckpt)):
+                try:
+                    state = _load_checkpoint(str(ckpt)).get(type(dm).__qualname__) or {}
+                    consumed = (state.get("ranks") or [{}])[0].get("consumed")
+                except Exception:  # noqa: BLE001 - only a message; Lightning reports an unreadable file itself
+                    return
+                if consumed is not None:
+                    print(f"[vidgen] data stream resumes after batch {consumed} (restored by "
+                          f"{type(dm).__name__}: the next samples are the ones the run would have seen)", flush=True)
+
         def before_fit(self):
             self._resolve_ckpt()
+            self._say_data_resume()
             if self.trainer.is_global_zero:
                 for p in remove_stale_temporaries(os.path.join(self.run_dir, "checkpoints")):
                     print(f"[vidgen] removed {p} (left by a save that was killed)", flush=True)
@@ -267,12 +307,122 @@ def _make_cli_class():
     return VidgenCLI
 
 
+def _unlinked_keys(model_cls, class_path: str) -> tuple:
+    """Linked keys this model takes as its own value (not overwritten by the data's): its ``unlinked_keys`` (VideoProbe
+    reads ``num_frames`` frames at a random stride out of a longer data clip)."""
+    return tuple(getattr(model_cls, "unlinked_keys", ()))
+
+
+def _explicit_model_keys(argv: list[str]) -> set[str]:
+    """``model.init_args`` keys the command line sets (``--model.init_args.K`` or ``--model.K``)."""
+    keys = set()
+    for a in argv:
+        m = re.match(r"--model\.(?:init_args\.)?(\w+)(?:=|$)", a)
+        if m and m.group(1) not in ("init_args", "class_path", "help", "dict_kwargs"):
+            keys.add(m.group(1))
+    return keys
+
+
 def _norm(v):
     if isinstance(v, (list, tuple)):
         return [int(x) for x in v] if all(isinstance(x, (int, float)) for x in v) else list(v)
     if isinstance(v, int):
         return v
     return v
+
+
+def _load_checkpoint(path: str) -> dict:
+    """A checkpoint's dict, weights-only and memory-mapped (nothing big is read)."""
+    from vidgen.lightning_modules.nn.checkpoint import safe_load
+
+    return safe_load(path, mmap=True)
+
+
+def _plain(v):
+    if hasattr(v, "as_dict"):
+        v = v.as_dict()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _short(v) -> str:
+    r = repr(_plain(v))
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_checkpoint(path: str, cfg, what: str) -> None:
+    """Before anything is built: ``path`` exists, holds the configured model class, and the model values the config
+    gives that differ from the checkpoint's saved ones are named (the config wins; nothing changes silently)."""
+    path = str(path)
+    if "://" in path and not path.startswith("file://"):
+        return  # remote: Lightning reads it
+    if not os.path.exists(path):
+        if _PRINT_CONFIG:  # --print_config prints on any machine
+            return
+        raise ConfigError(f"{what}: no such file (use `--ckpt_path last` to resume the latest run)")
+    if os.path.isdir(path):
+        return  # a sharded (DCP) checkpoint: no hyper-parameters to read cheaply
+    try:
+        hp = dict(_load_checkpoint(path).get("hyper_parameters") or {})
+    except Exception as e:  # noqa: BLE001 - unreadable: one line, not Lightning's traceback later
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConfigError(f"{what}: not a readable checkpoint ({why})") from None
+    model_ns = cfg.get("model")
+    want = model_ns.get("class_path") if model_ns is not None else None
+    have = hp.pop("_class_path", None)
+    hp.pop("_instantiator", None)
+    if want and have and not _same_class(have, want):
+        raise ConfigError(f"{what} is a {have.rsplit('.', 1)[-1]} checkpoint, not a {want.rsplit('.', 1)[-1]} one "
+                          f"(model.class_path {want}); give a checkpoint of a {want.rsplit('.', 1)[-1]} run")
+    given = _init_args(model_ns)
+    diff = [f"{k}: {_short(given[k])} vs {_short(v)}" for k, v in hp.items()
+            if k in given and _plain(given[k]) != _plain(v)]
+    if diff:
+        msg = (f"[vidgen] {what}: the config's model values differ from the checkpoint's saved ones (config vs "
+               f"checkpoint; the config is used): " + ", ".join(diff))
+        if _PRINT_CONFIG:
+            print(msg, file=sys.stderr, flush=True)  # stdout is the printed config
+        else:
+            _say(msg)
+
+
+def _same_class(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        ca, cb = _import(a), _import(b)
+    except Exception:  # noqa: BLE001 - a class that no longer imports is not the configured one
+        return False
+    return isinstance(ca, type) and isinstance(cb, type) and (issubclass(ca, cb) or issubclass(cb, ca))
+
+
+def _innermost(e: BaseException) -> str | None:
+    """The innermost reason of jsonargparse's multi-line "Problem with given class_path" error (the message of the
+    exception a model's ``__init__`` raised), or None when ``e`` is not one."""
+    text = str(e)
+    if "class_path" not in text or "\n" not in text:
+        return None
+    reasons = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith(_NOISE) and "Problem with given class_path" not in r]
+    return reasons[-1] if reasons else None
+
+
+def _checkpoint_kinds(message: str) -> str:
+    """" (X is a <Class> checkpoint)" for the checkpoint files an error names, so a wrong file says what it is."""
+    if " checkpoint, not a" in message:
+        return ""
+    found = []
+    for path in dict.fromkeys(re.findall(r"""['"]([^'"]+\.(?:ckpt|pt|pth))['"]""", message)):
+        try:
+            kind = (_load_checkpoint(path).get("hyper_parameters") or {}).get("_class_path")
+        except Exception:  # noqa: BLE001 - only a hint (also: no such file)
+            kind = None
+        if kind:
+            found.append(f"{path} is a {str(kind).rsplit('.', 1)[-1]} checkpoint")
+    return f" ({'; '.join(found)})" if found else ""
 
 
 # ------------------------------------------------------------------------------------------------ run directories
@@ -517,6 +667,9 @@ def check_config_files(argv: list[str]) -> list[str]:
         for sub in ("model", "data"):
             if isinstance(doc.get(sub), dict) and doc[sub].get("class_path"):
                 _STATE[f"{sub}_class_path"] = doc[sub]["class_path"]
+        model = doc.get("model")
+        if isinstance(model, dict) and isinstance(model.get("init_args"), dict):  # values the configs set explicitly
+            _STATE.setdefault("model_keys", set()).update(model["init_args"])
         trainer = doc.get("trainer")
         if isinstance(trainer, dict) and "callbacks" in trainer:
             now = _callback_names(trainer["callbacks"] or [])
@@ -535,6 +688,17 @@ class _NoTips(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Tip:" not in str(record.getMessage())[:16]
+
+
+_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not"
+
+
+def _quiet_resume_warning() -> None:
+    """Lightning warns on every mid-epoch resume unless each *loader* is stateful; VideoDataModule keeps the state
+    itself (checkpointed, restored before the loaders are built), so the warning is false for it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
 
 
 def _quiet_lightning() -> None:
@@ -582,6 +746,7 @@ def lightning_main(argv: list[str] | None = None) -> int:
             _PRINT_CONFIG = a.partition("=")[2] or "print"
     for w in check_config_files(argv):
         print(w, file=sys.stderr)
+    _STATE.setdefault("model_keys", set()).update(_explicit_model_keys(argv))
     _quiet_lightning()
     cli_class = _make_cli_class()
     saved_argv = sys.argv
@@ -614,7 +779,14 @@ def main(argv: list[str] | None = None) -> int:
         return lightning_main(argv)
     if cmd in TOOLS:
         fn = _import(TOOLS[cmd][0])
-        rc = fn(rest)
+        try:
+            rc = fn(rest)
+        except (OSError, ValueError, KeyError) as e:  # bad input (a missing file, a wrong kind of file, ...)
+            if os.environ.get("VIDGEN_DEBUG") or cmd == "demo":
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"vidgen {cmd}: error: {msg}", file=sys.stderr)  # VIDGEN_DEBUG=1: the traceback
+            return 2
         return int(rc or 0)
     print(f"vidgen: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2

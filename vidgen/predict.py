@@ -4,9 +4,10 @@ Input, in this order:
 
 * ``--data.predict_shards`` (shards, a folder, or one video file): the model conditions on those clips (frame
   prediction, reconstruction, ...) and/or their labels/captions;
-* otherwise conditioning made here: ``--num_samples N`` clips per class (``--classes 0 3 7``; a class-conditional
-  model without ``--classes`` samples every class), per prompt (``--prompts "a red square moving left" ...``), or N
-  unconditional clips.
+* otherwise conditioning made here: ``--num_samples N`` clips per class (``--classes '[0, 3, 7]'``; a
+  class-conditional model without ``--classes`` samples every class), per prompt
+  (``--prompts '["a red square moving left", "a blue circle moving up"]'``), or N unconditional clips. Both options are
+  lists, written as one argument in jsonargparse's (YAML) list form.
 
 A model says what it samples from with ``prediction_inputs() -> {"kind": "class"|"text"|"video"|"none",
 "num_classes": K}`` (absent: "none").  Missing input is exit status 2 with one line naming it; a predict run that
@@ -58,8 +59,8 @@ def conditioning_items(info: dict, num_samples: int | None, classes: list[int] |
         raise PredictInputError(f"{model_name} generates from input clips: give --data.predict_shards "
                                 "<shard dir | video file>")
     if not given:
-        what = {"class": "--num_samples N (N clips per class; --classes to pick classes)",
-                "text": "--prompts 'caption' ... (--num_samples N clips per prompt)",
+        what = {"class": "--num_samples N (N clips per class; --classes '[0, 3]' to pick classes)",
+                "text": "--prompts '[\"caption\", ...]' (--num_samples N clips per prompt)",
                 "none": "--num_samples N"}[kind]
         raise PredictInputError(f"no input to predict from: give {what}, or --data.predict_shards")
     if num_samples is not None and num_samples < 1:
@@ -71,7 +72,7 @@ def conditioning_items(info: dict, num_samples: int | None, classes: list[int] |
         raise PredictInputError(f"--prompts given, but {model_name} is not text-conditional (it conditions on {kind})")
     if kind == "text":
         if not prompts:
-            raise PredictInputError(f"{model_name} is text-conditional: give --prompts 'caption' ...")
+            raise PredictInputError(f"{model_name} is text-conditional: give --prompts '[\"caption\", ...]'")
         return [{"key": f"prompt{j:03d}_{i:03d}", "text": p} for j, p in enumerate(prompts) for i in range(n)]
     if kind == "class":
         k = int(info.get("num_classes") or 0)
