@@ -18,6 +18,12 @@ State.  Every batch carries a snapshot of its worker's state *after* that batch:
 bad-sample counters.  The datamodule records the snapshot of the batch the model consumed; resuming restarts each
 logical worker from it: whole shards are skipped by position, samples by header-only tar offsets, and held samples
 are re-read by position.  Nothing before the cursor is decoded.
+
+Evaluation (val/test/predict).  One pass, no cycling: rank ``r`` reads its share of the split (slot ``r`` of ``world``)
+in shard order, and batch ``k`` holds positions ``[k * B, k * B + size_k)`` of that sequence, from logical worker
+``k mod N``.  ``size_k`` follows the longest rank, so every rank gets the same number of batches of the same sizes;
+in one process every clip comes exactly once and only the last batch is partial.  A position past a shorter rank's
+end (or a sample that does not decode) is filled with a repeat of a real clip, marked ``batch["valid"]`` False.
 """
 
 from __future__ import annotations
@@ -304,6 +310,8 @@ class VideoStream(IterableDataset):
         self.rotate = 0
         self.quotas: dict[int, int] | None = None  # logical worker -> batches to emit (None: infinite)
         self.start_states: dict[int, dict] = {}
+        self.eval_samples = 0  # eval: samples of the longest rank's share (fixes every rank's batch layout)
+        self.eval_split_shapes = False  # eval: split a batch that mixes shapes (else an error); one plain process
 
     def spec_for(self, row: tuple, sid: int | None = None) -> ClipSpec:
         _, nf, h, w, _ = row
@@ -319,7 +327,93 @@ class VideoStream(IterableDataset):
         lw = (pid + self.rotate) % n
         quota = None if self.quotas is None else self.quotas.get(lw, 0)
         state = self.start_states.get(lw)
+        if not self.cfg.train:
+            yield from self._run_eval(lw, n)
+            return
         yield from self._run(lw, n, quota, state)
+
+    def _run_eval(self, lw: int, n: int):
+        """One eval pass of this rank's share: batches ``k = lw, lw + n, ...`` of the layout in the module docstring."""
+        cfg, bs, total = self.cfg, self.cfg.batch_size, self.eval_samples
+        sizes = [min(bs, total - k * bs) for k in range(max(1, math.ceil(total / bs)))]
+        spec = self.spec_for(self.stages.at(0)[1], 0)
+        counters = {"seen": 0, "ok": 0, "examples": []}
+        stream = SourceStream(self.sources[0], 0, self.rank, self.world, cfg.seed, False, False, cycle=False,
+                              counters=counters, split_by=cfg.split_by)
+        mine = iter(range(lw, len(sizes), n))
+        k, samples, pad = next(mine, None), [], []
+        try:
+            for q, pos, got in eval_walk(stream):
+                while k is not None and q >= k * bs + sizes[k]:  # batch k is complete
+                    yield from self._eval_batches(k, sizes[k], samples, pad, spec, counters)
+                    k, samples = next(mine, None), []
+                if k is None:
+                    break
+                if q < k * bs:
+                    continue  # another worker's batch: local samples are skipped without reading them
+                try:
+                    got = got or stream.read_at(*pos)
+                except (OSError, EOFError) as e:
+                    counters["seen"] += 1
+                    counters["unreadable"] = counters.get("unreadable", 0) + 1
+                    _note_bad(counters, f"{stream.src.urls[stream.shard_at(*pos[:2])]}: {e}")
+                    self._check_bad(counters)
+                    continue
+                sample = self._decode(stream, got, pos, spec, counters)
+                if sample is not None:
+                    samples.append(sample)
+            while k is not None:  # this rank's share ended: the rest of the layout is padding
+                yield from self._eval_batches(k, sizes[k], samples, pad, spec, counters)
+                k, samples = next(mine, None), []
+        finally:
+            stream.close()
+
+    def _eval_batches(self, k: int, size: int, samples: list[dict], pad: list, spec: ClipSpec, counters: dict):
+        """Batch ``k`` of ``size``: the real samples, then repeats (``valid`` False) up to ``size``. Samples of
+        different shapes go into one batch per shape where ``eval_split_shapes`` allows it (a plain loop in one
+        process: the batch count may then exceed the loader's length)."""
+        groups: dict[tuple, list[dict]] = {}
+        for s in samples:
+            groups.setdefault(sample_shape(s), []).append(s)
+        if len(groups) > 1:
+            if not self.eval_split_shapes:
+                raise BadDataError(
+                    f"eval batch {k} mixes clip shapes {sorted(groups)} (images beside videos with "
+                    "data.image_frames=single, or soundtracks of different lengths without data.fps); under "
+                    "Lightning or DDP an eval batch needs one shape: use one kind per split, set "
+                    "data.image_frames=repeat or data.fps, or data.val_batch_size=1")
+            for g in groups.values():
+                yield self._eval_batch(k, len(g), g, pad, spec, counters)
+            return
+        yield self._eval_batch(k, size, samples, pad, spec, counters)
+
+    def _eval_batch(self, k: int, size: int, samples: list[dict], pad: list, spec: ClipSpec, counters: dict) -> dict:
+        """``samples`` (one shape) and repeats of a real clip up to ``size``; ``valid`` marks the real ones."""
+        if not samples and not pad:
+            pad.append(self._eval_pad_sample(spec))
+        fill = samples[0] if samples else pad[0]
+        batch = self._collate(samples + [fill] * (size - len(samples)), {"g": k, "counters": dict(counters)})
+        batch["valid"] = torch.arange(size) < len(samples)
+        return batch
+
+    def _eval_pad_sample(self, spec: ClipSpec) -> dict:
+        """A real clip to pad with: this rank's first usable sample, else the split's."""
+        src = self.sources[0]
+        for slot, nslots in ((self.rank, self.world), (0, 1)):
+            s = SourceStream(src, 0, slot, nslots, self.cfg.seed, False, False, cycle=False, counters={},
+                             split_by=self.cfg.split_by)
+            try:
+                for _, pos, got in eval_walk(s):
+                    try:
+                        key, raw, url, _ = got or s.read_at(*pos)
+                        sample = decode_sample(key, raw, spec, None)
+                    except (SkipSample, OSError, EOFError):
+                        continue
+                    sample["key"] = f"{os.path.basename(url)}/{key}"
+                    return sample
+            finally:
+                s.close()
+        raise BadDataError(f"source {src.name!r}: no usable sample in the split to evaluate")
 
     def _run(self, lw: int, n: int, quota: int | None, state: dict | None):
         cfg = self.cfg
@@ -526,6 +620,37 @@ def protect_worker() -> None:
             return
         if os.getppid() == 1:  # the parent died before the request took effect
             os._exit(0)
+
+
+def eval_walk(stream: SourceStream):
+    """``(q, (p, i, j), item)`` over a non-cycling slot's single pass (``q`` counts positions). Local shards are walked
+    by their listings and give ``item`` None (read it with ``read_at``); remote ones are read in order."""
+    q = 0
+    for i, ui in enumerate(stream.shard_plan(0)):
+        url = stream.src.urls[ui]
+        try:
+            if not tario.is_remote(url):
+                for j in range(len(stream.positions(0, i, ui))):
+                    yield q, (0, i, j), None
+                    q += 1
+                continue
+            for j in range(1 << 62):
+                item = stream.read_at(0, i, j)
+                if item is None:
+                    break
+                yield q, (0, i, j), item
+                q += 1
+        except (OSError, EOFError) as e:
+            stream.counters["unreadable_shards"] = stream.counters.get("unreadable_shards", 0) + 1
+            _note_bad(stream.counters, f"{url}: {e}")
+
+
+def eval_rank_samples(src: Source, rank: int, world: int, split_by: str) -> int:
+    """Samples of ``src`` in rank ``rank``'s eval share (slot ``rank`` of ``world``, shards in order, see ``eval_walk``)."""
+    urls = src.urls
+    if use_sample_split(len(urls), world, split_by):
+        return sum(len(range(rank, src.counts[u], world)) for u in urls)
+    return sum(src.counts[u] for u in urls[rank::world])
 
 
 def split_quota(remaining: int, offset: int, n: int) -> dict[int, int]:

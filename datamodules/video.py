@@ -8,7 +8,8 @@ Works under Lightning and in a plain PyTorch loop::
     for step, batch in enumerate(dm.train_dataloader()):
         ...
         if step % 1000 == 0:
-            torch.save({"data": dm.state_dict(), ...}, "ckpt.pt")   # resume with dm.load_state_dict(...)
+            data = dm.state_dict()   # on every rank (a collective under torch.distributed), then save on rank 0
+            torch.save({"data": data, ...}, "ckpt.pt")   # resume with dm.load_state_dict(...)
 
 The state records what the model *consumed*.  In a plain loop a batch counts as consumed once the loader has yielded
 it; under Lightning (which prefetches one batch) it counts when it reaches the model, in ``on_before_batch_transfer``.
@@ -29,7 +30,8 @@ from torch.utils.data import DataLoader
 from . import tario
 from .filelist import FileListError
 from .decode import AUDIO_POLICIES, CROPS, SHORT_POLICIES, ClipSpec, to_float
-from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, split_quota)
+from .stream import (MAX_SOURCES, Source, StageTable, StreamConfig, VideoStream, epoch_batches, eval_rank_samples,
+                     split_quota)
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -60,6 +62,9 @@ class VideoDataModule(L.LightningDataModule):
             "batch_size": null}, ...]``. Each batch comes from one source drawn by weight; weights (and clip shape) can
             change between curriculum stages through :meth:`set_stages` without rebuilding the loader.
         val_shards / test_shards / predict_shards: evaluation shards (deterministic clips, center crop, no flip).
+            An eval epoch yields every clip once (the last batch partial); eval batches carry ``valid`` bool ``[B]``.
+            Under DDP every rank gets the same number of batches of the same sizes: a shorter rank's are filled
+            with repeats of its clips marked ``valid`` False, which metrics should drop (``batch["valid"]``).
         seed: required; fixes shard order, in-shard order, clip offsets, crops and flips.
         num_frames, frame_stride, fps: clip length and spacing (``fps`` resamples to a target rate and overrides the
             stride when the source fps is known).
@@ -338,7 +343,10 @@ class VideoDataModule(L.LightningDataModule):
             sources = self._make_sources([name], weights=[1.0])
             stages = StageTable(1, self.spec.num_frames, self.height, self.width, [1.0])
             bs = hp.val_batch_size or hp.batch_size
-            length = max(1, epoch_batches(sources[0].num_samples, world, bs, drop_last=False))
+            longest = max(eval_rank_samples(sources[0], r, world, hp.split_by) for r in range(world))
+            if longest == 0:
+                raise DataConfigError(f"data.{split}_shards hold no samples")
+            length = epoch_batches(longest, 1, bs, drop_last=False)
             train = False
         cfg = StreamConfig(seed=hp.seed, batch_size=bs, spec=self.spec, train=train, shuffle=train and hp.shuffle,
                            resampled=train and hp.resampled, max_bad_fraction=hp.max_bad_fraction,
@@ -350,6 +358,9 @@ class VideoDataModule(L.LightningDataModule):
         else:
             ds = VideoStream(sources, cfg, stages)
         ds.rank, ds.world = rank, world
+        if not train:
+            ds.eval_samples = longest
+            ds.eval_split_shapes = world == 1 and self.trainer is None  # Lightning stops at len(loader)
         return _StreamLoader(self, ds, length, track=(split == "train"))
 
     def train_dataloader(self):
@@ -423,6 +434,10 @@ class VideoDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """The training stream's resume position, every rank's.
+
+        Under torch.distributed this is a collective (``all_gather_object``): call it on every rank, then save on
+        rank 0. Calling it on rank 0 alone (inside ``if rank == 0:``) hangs. Lightning calls it on every rank."""
         local = dict(self._train_state)
         local["workers"] = {int(k): v for k, v in local["workers"].items()}
         rank, world = self._rank_world()

@@ -1,12 +1,14 @@
 """StreamProbe: a tiny per-frame conv autoencoder that checks a data pipeline end to end.
 
 Not a paper model.  It trains (the reconstruction loss drops), exposes ``generate()`` like every model of the suite,
-and can append the sample keys it consumed to a file, one line per step and rank — which is how the exact-resume
-tests compare an interrupted run with an uninterrupted one.
+and can append the sample keys it consumed, with a hash of the batch's video, to a file, one line per step and rank —
+which is how the exact-resume tests compare an interrupted run with an uninterrupted one (the same samples, and the
+same crops, offsets and flips of them). Its val/test loss averages over real clips only (``batch["valid"]``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -40,14 +42,27 @@ class StreamProbe(L.LightningModule):
         log_step(self, {"train/loss": loss}, batch["video"].shape[0])
         if self.hparams.keys_log:
             with open(f"{self.hparams.keys_log}.rank{self.global_rank}", "a") as f:
-                f.write(json.dumps({"step": self.global_step, "keys": list(batch["key"])}) + "\n")
+                f.write(json.dumps({"step": self.global_step, "keys": list(batch["key"]),
+                                    "video": video_hash(batch["video"])}) + "\n")
         return loss
 
+    def eval_loss(self, batch) -> tuple[torch.Tensor, int]:
+        """Mean reconstruction error over the real clips of an eval batch (padding, ``valid`` False, dropped), and
+        their number."""
+        video = batch["video"]
+        err = F.mse_loss(self(video), video, reduction="none").mean(dim=(1, 2, 3, 4))
+        valid = batch.get("valid")
+        if valid is not None:
+            err = err[valid.to(err.device)]
+        return (err.mean() if len(err) else err.sum()), len(err)
+
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", F.mse_loss(self(batch["video"]), batch["video"]), sync_dist=True)
+        loss, n = self.eval_loss(batch)
+        self.log("val/loss", loss, sync_dist=True, batch_size=n)  # epoch mean weighted by real clips, over ranks
 
     def test_step(self, batch, batch_idx):
-        self.log("test/loss", F.mse_loss(self(batch["video"]), batch["video"]), sync_dist=True)
+        loss, n = self.eval_loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=n)
 
     def predict_step(self, batch, batch_idx):
         return {"videos": self.generate(batch), "keys": list(batch["key"])}
@@ -65,9 +80,26 @@ class StreamProbe(L.LightningModule):
         return cpu_multi_tensor(torch.optim.Adam(self.parameters(), lr=self.hparams.lr))
 
     @staticmethod
-    def read_keys(path: str, rank: int = 0) -> list[list[str]]:
+    def read_log(path: str, rank: int = 0) -> list[dict]:
+        """The ``keys_log`` lines of ``rank``: ``{"step", "keys", "video"}`` (the video's content hash) per step."""
         p = f"{path}.rank{rank}"
         if not os.path.exists(p):
             return []
         with open(p) as f:
-            return [json.loads(line)["keys"] for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.strip()]
+
+    @staticmethod
+    def read_keys(path: str, rank: int = 0) -> list[list[str]]:
+        return [r["keys"] for r in StreamProbe.read_log(path, rank)]
+
+    @staticmethod
+    def read_video_hashes(path: str, rank: int = 0) -> list[str]:
+        return [r["video"] for r in StreamProbe.read_log(path, rank)]
+
+
+def video_hash(video: torch.Tensor) -> str:
+    """Content hash of a batch's video (shape, dtype and values), to compare two runs' streams step by step."""
+    v = video.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(v.shape)} {v.dtype}".encode())
+    h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -8,6 +8,7 @@ import os
 import tarfile
 
 import pytest
+import torch
 
 from shardgen import add, encode_mp4, encode_png, ramp_video
 from vidgen.datamodules import DataConfigError, VideoDataModule
@@ -78,13 +79,13 @@ def test_datamodule_buckets_shapes_batch_sizes_and_exact_resume(tmp_path):
         out = []
         while len(out) < n:
             for batch in dm.train_dataloader():
-                out.append((tuple(batch["video"].shape), tuple(batch["key"])))
+                out.append((tuple(batch["video"].shape), tuple(batch["key"]), batch["video"], batch["fps"]))
                 if len(out) == n:
                     break
         return out
 
     full = take(make(), 12)
-    shapes = {s for s, _ in full}
+    shapes = {x[0] for x in full}
     assert shapes <= {(2, 3, 8, 32, 32), (3, 3, 4, 16, 16), (4, 3, 1, 32, 32)}, shapes
     assert len(shapes) == 3  # every bucket occurs, each with its own batch size
     dm = make()
@@ -93,7 +94,10 @@ def test_datamodule_buckets_shapes_batch_sizes_and_exact_resume(tmp_path):
     assert any(w["pending"] for w in state["ranks"][0]["workers"].values())  # samples held in part-filled buckets
     dm2 = make()
     dm2.load_state_dict(state)
-    assert first + take(dm2, 5) == full  # across the epoch end; held samples re-read into the same buckets
+    resumed = first + take(dm2, 5)  # across the epoch end; held samples re-read into the same buckets
+    assert [x[:2] for x in resumed] == [x[:2] for x in full]
+    assert all(torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) for a, b in zip(resumed, full)), \
+        "same keys, but the resumed clips (crops, offsets, flips) differ"
 
 
 def test_bucket_config_errors_are_data_errors(tmp_path):

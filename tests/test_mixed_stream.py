@@ -4,6 +4,7 @@ mid-epoch resume whose saved state holds samples waiting in buckets."""
 import copy
 
 import pytest
+import torch
 
 from vidgen.datamodules import VideoDataModule
 from shardgen import write_shards
@@ -24,12 +25,12 @@ def make(shards, workers, rank, world):
 
 
 def take(dm, n, states=None):
-    """Keys and clip lengths of the next ``n`` batches, re-iterating across epochs like a trainer; ``states``
-    collects the datamodule state after each batch."""
+    """Keys, clip lengths and the clips themselves (video, fps) of the next ``n`` batches, re-iterating across epochs
+    like a trainer; ``states`` collects the datamodule state after each batch."""
     out = []
     while len(out) < n:
         for b in dm.train_dataloader():
-            out.append((tuple(b["key"]), b["video"].shape[2]))
+            out.append((tuple(b["key"]), b["video"].shape[2], b["video"], b["fps"]))
             if states is not None:
                 states.append(copy.deepcopy(dm.state_dict()))
             if len(out) == n:
@@ -49,10 +50,13 @@ def test_mixed_stream_runs_epochs_and_resumes_with_held_samples(mixed, workers, 
         total = 3 * per_epoch + 1  # three epoch boundaries
         states = []
         full = take(make(mixed, workers, rank, world), total, states)
-        assert {t for _, t in full} == {1, 4}, "both stills and clips must come through"
+        assert {x[1] for x in full} == {1, 4}, "both stills and clips must come through"
         # resume after the second epoch boundary, at the first mid-epoch point whose state holds bucketed samples
         k = next((k for k in range(per_epoch + 1, total) if k % per_epoch and held(states[k - 1])), None)
         assert k is not None, "no mid-epoch resume point with held samples"
         dm2 = make(mixed, workers, rank, world)
         dm2.load_state_dict(states[k - 1])
-        assert full[:k] + take(dm2, total - k) == full
+        resumed = full[:k] + take(dm2, total - k)
+        assert [x[:2] for x in resumed] == [x[:2] for x in full]
+        assert all(torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) for a, b in zip(resumed, full)), \
+            "same keys, but the resumed clips differ"

@@ -1,5 +1,6 @@
 """Exact mid-epoch resume under Lightning: a run killed by a real SIGTERM at step k and resumed with
-``--ckpt_path last`` consumes exactly the sample keys of an uninterrupted run, on 1 and 2 ranks."""
+``--ckpt_path last`` consumes exactly the samples of an uninterrupted run (their keys, and the content hash of each
+step's video: the same crops, offsets and flips), on 1 and 2 ranks."""
 
 import os
 
@@ -40,6 +41,8 @@ def _run_pair(tmp_path, shards, *, total, k, workers, devices, strategy=None, ex
         full, resumed = StreamProbe.read_keys(full_log, r), StreamProbe.read_keys(part_log, r)
         assert len(full) == total
         assert resumed == full, f"rank {r}: resumed stream differs"
+        full_v, resumed_v = StreamProbe.read_video_hashes(full_log, r), StreamProbe.read_video_hashes(part_log, r)
+        assert len(full_v) == total and resumed_v == full_v, f"rank {r}: same keys but the resumed videos differ"
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -42,9 +42,11 @@ def shape_from_sound(audio: np.ndarray, rate: int = RATE) -> np.ndarray:
 
 
 def load_soundtracks(ctx, split: str, num_frames: int, resolution: int) -> dict:
-    """The clips of a split with their soundtracks at ``RATE`` through ``VideoDataModule(audio_rate=...)`` (the eval
-    clip of ``num_frames`` frames): ``{"video": [N, 3, T, R, R], "audio": [N, 1, S], "has_audio", "label", "key"}``."""
+    """The procedural clips of a split with their soundtracks at ``RATE`` through ``VideoDataModule(audio_rate=...)``
+    (the eval clip of ``num_frames`` frames): ``{"video": [N, 3, T, R, R], "audio": [N, 1, S], "has_audio", "label",
+    "key"}``. The real footage is left out: its soundtracks span other durations (``num_frames`` at its own fps)."""
     from vidgen.datamodules import VideoDataModule
+    from vidgen.demo_data import NUM_PROCEDURAL_CLASSES
 
     dm = VideoDataModule(val_shards=str(Path(ctx.data_dir) / split), seed=ctx.seed, num_frames=num_frames,
                          resolution=resolution, crop="center", batch_size=32, num_workers=0, shuffle=False,
@@ -55,7 +57,7 @@ def load_soundtracks(ctx, split: str, num_frames: int, resolution: int) -> dict:
         if b["video"].shape[2] != num_frames:
             continue
         for i, k in enumerate(b["key"]):
-            if k not in seen:
+            if k not in seen and 0 <= int(b["label"][i]) < NUM_PROCEDURAL_CLASSES:
                 seen.add(k)
                 video.append(b["video"][i])
                 audio.append(b["audio"][i])
