@@ -137,7 +137,12 @@ def test_deterministic_and_cli(demo, tmp_path):
         for n in names:
             a = hashlib.sha256((out / split / n).read_bytes()).hexdigest()
             assert a == hashlib.sha256((tmp_path / "again" / split / n).read_bytes()).hexdigest(), (split, n)
-    assert manifest["build_seconds"] < 20
+    # the manifest is the same too, but for the build's wall time: recorded, not judged (its speed target belongs to
+    # benchmarks/, the 2 shared cores make it depend on load)
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert isinstance(manifest["build_seconds"], float) and manifest["build_seconds"] >= 0
+    assert {k: v for k, v in again.items() if k != "build_seconds"} == {k: v for k, v in manifest.items()
+                                                                         if k != "build_seconds"}
 
 
 def test_the_demo_rebuilds_data_built_with_other_options(tmp_path, monkeypatch):

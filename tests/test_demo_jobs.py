@@ -20,16 +20,27 @@ STAGES = textwrap.dedent('''
         os.makedirs(os.path.join(ctx.out_dir, ".clip_cache"), exist_ok=True)  # what load_clips shares between stages
         return {"summary": "data"}
 
+    def _handshake(ctx, mine, theirs):
+        """Say this stage is running, then wait until the other one says so: both return only if they ran at the
+        same time (one after the other, the first would wait out the deadline and fail)."""
+        open(os.path.join(ctx.out_dir, mine), "w").close()
+        end = time.monotonic() + 240  # deadlock breaker only
+        while not os.path.exists(os.path.join(ctx.out_dir, theirs)):
+            if time.monotonic() > end:
+                raise RuntimeError(f"{theirs} never appeared: the stages did not run side by side")
+            time.sleep(0.05)
+
     def slow(ctx):
         import torch
         _mark(ctx, "slow-start")
-        time.sleep(3)
+        _handshake(ctx, "slow-running", "quick-running")
         _mark(ctx, "slow-end")
         return {"summary": "slow", "checkpoint": "slow.ckpt", "threads": torch.get_num_threads()}
 
     def quick(ctx):
         _mark(ctx, "quick-start")
-        time.sleep(1)
+        _handshake(ctx, "quick-running", "slow-running")
+        _mark(ctx, "quick-end")
         return {"summary": "quick"}
 
     def after(ctx):
@@ -64,10 +75,13 @@ def test_independent_stages_overlap_and_dependents_wait(tmp_path):
         if line:
             name, t, pid = line.split()
             ev[name] = (float(t), int(pid))
-    assert ev["quick-start"][0] < ev["slow-end"][0]  # side by side
+    summary = json.loads((out / "summary.json").read_text())
+    # side by side: each of slow and quick returned only after seeing the other's file while it waited (a handshake,
+    # not an ordering by sleeps); run one after the other, the first would fail at its deadline
+    assert summary["slow"]["summary"] == "slow" and summary["quick"]["summary"] == "quick", p.stdout + p.stderr
+    assert ev["quick-start"][0] < ev["slow-end"][0] and ev["slow-start"][0] < ev["quick-end"][0]
     assert ev["after-start"][0] >= ev["slow-end"][0]  # waited for what it reads
     assert len({pid for _, pid in ev.values()}) == 3  # each stage in its own process
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["summary"] == "after got slow.ckpt"
     assert summary["slow"]["result"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
     assert summary["broken"]["summary"].startswith("FAILED: RuntimeError: broken on purpose")
@@ -205,17 +219,45 @@ def test_token_cache_gives_the_codes_encoding_gives(tmp_path):
     assert torch.equal(clip_tokens(ctx, tok, {"video": video[:2], "key": keys[:2]}), whole[:2])
 
 
-def test_forkserver_starts_without_waiting_for_its_preload():
+def test_forkserver_starts_without_waiting_for_its_preload(tmp_path):
     """``vidgen demo`` starts the stages' forkserver before the data stage: the call returns at once and the server's
-    torch + lightning import overlaps the data stage (``Process.start`` would otherwise block ~12 s on it)."""
+    torch + lightning import overlaps the data stage (``Process.start`` would otherwise block ~12 s on it).
+
+    Proved by order, not by a clock: the preload (here one module, in place of torch + lightning) blocks until the
+    caller has returned and created ``go``, then writes ``done`` with the forkserver's pid. Had ``start_forkserver``
+    waited for the preload, the gate would open only after its 120 s deadlock breaker and ``done`` would already exist
+    when the call returned."""
+    from vidgen.demo import FORKSERVER_PRELOAD
+
+    assert {"torch", "lightning"} <= set(FORKSERVER_PRELOAD)  # what the real server imports while the data stage runs
+    (tmp_path / "gated_preload.py").write_text(textwrap.dedent('''
+        import os, time
+        _dir = os.environ["GATE_DIR"]
+        _end = time.monotonic() + 120  # deadlock breaker only: a blocking caller makes the test fail, not hang
+        while not os.path.exists(os.path.join(_dir, "go")) and time.monotonic() < _end:
+            time.sleep(0.05)
+        with open(os.path.join(_dir, "done.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(_dir, "done.tmp"), os.path.join(_dir, "done"))
+    '''))
     code = textwrap.dedent('''
-        import time, multiprocessing as mp
+        import os, time
         import vidgen.demo as demo
-        t0 = time.perf_counter()
+        gate = os.environ["GATE_DIR"]
+        demo.FORKSERVER_PRELOAD = ["gated_preload"]  # read by start_forkserver when called
         demo.start_forkserver()
-        print(f"{time.perf_counter() - t0:.2f}")
+        print("returned-before-preload-done", not os.path.exists(os.path.join(gate, "done")))
+        open(os.path.join(gate, "go"), "w").close()
+        end = time.monotonic() + 300
+        while not os.path.exists(os.path.join(gate, "done")) and time.monotonic() < end:
+            time.sleep(0.05)
+        with open(os.path.join(gate, "done")) as f:
+            print("preloaded-in", f.read(), "caller", os.getpid())
     ''')
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0, p.stderr
-    assert float(p.stdout.split()[-1]) < 3.0
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", GATE_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=420, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines() if " " in line)
+    assert lines["returned-before-preload-done"] == "True", p.stdout
+    server, caller = lines["preloaded-in"].split(" caller ")
+    assert int(server) != int(caller)  # the preload ran in the server process, after the caller let it finish

@@ -15,8 +15,8 @@ from vidgen.datamodules.decode import ClipSpec, target_fps
 from vidgen.datamodules.video import DataConfigError, VideoDataModule
 from vidgen.lightning_modules.make_a_video import DiffusionPriorNetwork, MakeAVideoConfigError, MakeAVideoDecoder, PriorConfig
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
-from vidgen.lightning_modules.nn.unet import (PseudoConv3d, SpatialAttention, TemporalAttention, TemporalConv1d, UNet,
-                                              UNetConfig)
+from vidgen.lightning_modules.nn.unet import (NEW_VIDEO_PATTERNS, PseudoConv3d, SpatialAttention, TemporalAttention,
+                                              TemporalConv1d, UNet, UNetConfig)
 from vidgen.lightning_modules.stream_probe import StreamProbe
 from shardgen import write_shards
 
@@ -76,28 +76,60 @@ def _frame_mixing(fn, x, frames, frame=2):
     return (y1 - y0).abs().amax(dim=(0, 2, 3, 4))  # change per frame
 
 
+def _video_fn(net, f, fps=True):
+    """A U-Net on 2 clips as a function of their ``(b f) c h w`` frames (time step, y_e and fps fixed per clip)."""
+    kw = dict(cond=torch.ones(2, 8), fps=torch.tensor([4.0, 12.0]) if fps else None)
+    return lambda h: rearrange(net(rearrange(h, "(b f) c h w -> b c f h w", f=f), torch.tensor([5, 9]), **kw),
+                               "b c f h w -> (b f) c h w")
+
+
+def _randomise_temporal_convs(net):
+    """Give every ``Conv_1D`` of Eq. 2 non-identity weights (the control: a temporal layer that does mix frames)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, TemporalConv1d):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype) * 0.3)
+
+
 def test_spatial_layers_never_mix_frames():
+    """Eq. 2 / Eq. 3 with the temporal layers at their identity init: changing one frame changes only that frame's
+    output, in ``PseudoConv3d.forward`` (Conv_2D then the Dirac Conv_1D), in ATTN_2D, in the image U-Net applied to
+    frames and in the full video U-Net D^t (spatial weights randomised, temporal layers and fps embedding as
+    initialised). Controls: the same check on the same inputs reports mixing once the temporal convs leave identity."""
     torch.manual_seed(0)
     f = 4
     conv = PseudoConv3d(8, 8, temporal=True)
+    _randomise(conv, skip=("temporal",))
     attn = SpatialAttention(8, 4, 4, context_dim=8)
     _randomise(attn)
     image_net = UNet(UNetConfig(**TINY))
     _randomise(image_net)
+    video_net = UNet(UNetConfig(**TINY, temporal=True, fps_cond=True))
+    _randomise(video_net, skip=NEW_VIDEO_PATTERNS)  # the pretrained D's weights; what D^t adds stays at its init
+    assert any(isinstance(m, TemporalConv1d) for m in video_net.modules())
     x = torch.randn(2 * f, 8, 6, 6)
     ctx = torch.randn(2, 3, 8)
-    video = torch.randn(2, 3, f, 8, 8)
-    for name, fn, inp in [
-        ("Conv_2D", lambda h: conv.spatial(h), x),
+    frames = rearrange(torch.randn(2, 3, f, 8, 8), "b c f h w -> (b f) c h w")
+    cases = [
+        ("Conv_P3D (PseudoConv3d.forward)", lambda h: conv(h, f), x),
         ("ATTN_2D", lambda h: attn(h, f, ctx), x),
-        ("image U-Net on frames", lambda h: rearrange(image_net(rearrange(h, "(b f) c h w -> b c f h w", f=f),
-                                                                 torch.tensor([5, 9]), cond=torch.ones(2, 8)),
-                                                       "b c f h w -> (b f) c h w"),
-         rearrange(video, "b c f h w -> (b f) c h w")),
-    ]:
+        ("image U-Net on frames", _video_fn(image_net, f, fps=False), frames),
+        ("video U-Net D^t, temporal layers at init", _video_fn(video_net, f), frames),
+    ]
+    for name, fn, inp in cases:
         change = _frame_mixing(fn, inp, f)
         assert change[2] > 1e-3, name
         assert torch.all(change[[0, 1, 3]] == 0), f"{name} mixes frames: {change}"
+
+    # controls: the check sees mixing when a temporal conv is not the identity (Conv_1D, kernel 3: frames 1 and 3
+    # are neighbours of frame 2; through the U-Net's stacked convs every frame is reached)
+    _randomise_temporal_convs(conv)
+    change = _frame_mixing(lambda h: conv(h, f), x, f)
+    assert change[1] > 1e-3 and change[3] > 1e-3 and change[0] == 0, change
+    _randomise_temporal_convs(video_net)
+    change = _frame_mixing(_video_fn(video_net, f), frames, f)
+    assert torch.all(change[[0, 1, 3]] > 1e-3), change
 
 
 def test_temporal_layers_never_mix_positions():

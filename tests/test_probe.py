@@ -1,15 +1,12 @@
 """The demo probe (issue 10 §2): label algebra, augmentation that keeps labels true, accuracy on real val clips."""
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vidgen.lightning_modules.probe import VideoProbe, fit_clip
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def test_class_is_shape_times_direction_and_caption_words_fill_the_rest():
@@ -47,14 +44,28 @@ def test_fit_clip_picks_frames_evenly_and_resizes():
     assert out[0, 0, :, 0, 0].tolist() == torch.linspace(0, 15, 8).round().tolist()
 
 
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The demo data set as ``vidgen demo`` builds it (768 procedural train clips, 48 per val/test, the real clips),
+    in a temporary folder: ~20-30 s. ``fast=True`` (48 train / 12 val clips) also reads 100%, but 95% of 12 clips
+    is all of them; the full set is what the demo's probe is trained and measured on."""
+    from vidgen.demo_data import build_demo_data
+
+    out = tmp_path_factory.mktemp("demo_data")
+    build_demo_data(str(out), seed=0, fast=False)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "manifest.json").exists(), reason="needs the demo data (vidgen demo-data)")
-def test_probe_accuracy_on_real_val_clips(tmp_path):
+def test_probe_accuracy_on_real_val_clips(demo_data, tmp_path):
+    """Issue 10: the probe (configs/eval/probe_tiny.yaml, its 500 steps: the demo's own stage) reaches >= 95% on
+    every head on the real procedural val clips. ~140 CPU-s with the data build (measured 2.5 min on one core)."""
     from vidgen.demos import probe
 
-    ctx = SimpleNamespace(data_dir=DATA, out_dir=tmp_path, fast=False, seed=0, results={}, log=lambda m: None)
+    ctx = SimpleNamespace(data_dir=demo_data, out_dir=tmp_path, fast=False, seed=0, results={}, log=lambda m: None)
     res = probe.run(ctx)
-    # issue 10 asks for >= 95% class accuracy: measured 100% on every head (48 clips, 1000 steps, 768 train clips);
-    # with 192 train clips and 600 steps it was 85% (square vs circle at 32^2 is the hard part)
+    # issue 10 asks for >= 95% class accuracy: measured 100% on every head (48 clips, 500 steps, 768 train clips);
+    # with 192 train clips and 600 steps an older probe read 85% (square vs circle at 32^2 is the hard part)
+    assert res["summary"].startswith("probe accuracy on 48 real val clips"), res["summary"]
     assert all(v >= 0.95 for v in res["accuracy"].values()), res["summary"]
     assert os.path.isfile(res["checkpoint"])

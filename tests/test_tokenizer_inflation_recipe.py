@@ -73,16 +73,65 @@ def test_the_per_frame_demo_recipes_train_on_single_frames_of_many_clips():
         assert data["num_frames"] == 1 and data["batch_size"] >= 16, path
 
 
-def test_token_space_stages_model_the_demo_clips_not_the_tokenizer_window():
-    """The 3D-VQ trains on 4-frame windows, but MAGVIT, the VideoPoet LM, SR and audio model the demo's 8-frame clips:
-    none may take its clip length from the tokenizer checkpoint's training ``num_frames``."""
-    import inspect
+class _Stop(Exception):
+    """Raised where a stage asks for its clips: the clip length is known by then, nothing is trained."""
 
+
+class _WindowTokenizer:
+    """A stand-in for the 3D-VQ tokenizer checkpoint: trained on 4-frame windows, by every name a stage could read."""
+
+    num_frames = 4
+    resolution = 32
+    codebook_size = 16
+    hparams = {"num_frames": 4, "resolution": 32}
+    config = types.SimpleNamespace(num_frames=4, resolution=32)
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def token_shape(self, T, H, W):
+        self.seen.append(("token_shape", T))
+        return (T, H, W)  # any grid the stages accept (videopoet_sr needs an HR grid height divisible by 8)
+
+
+def test_token_space_stages_model_the_demo_clips_not_the_tokenizer_window(monkeypatch, tmp_path):
+    """The 3D-VQ trains on 4-frame windows, but MAGVIT, the VideoPoet LM, SR and audio model the demo's 8-frame clips:
+    given a tokenizer checkpoint whose ``num_frames`` is 4, each stage builds its token grid, its model and its clips
+    for 8 frames (each stage is run up to where it loads its clips, MAGVIT up to where it builds its model)."""
     from vidgen.demos import common, magvit, videopoet, videopoet_audio, videopoet_sr
+    from vidgen.lightning_modules import magvit as magvit_model
+    from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     with open(os.path.join(ROOT, "configs/magvit/tokenizer_ucf101_tiny.yaml")) as f:
         window = yaml.safe_load(f)["data"]["init_args"]["num_frames"]
-    assert window < common.CLIP_FRAMES == 8
+    assert window == _WindowTokenizer.num_frames < common.CLIP_FRAMES == 8
+
+    seen = []
+
+    def load(ctx, split, num_frames, *a, **k):
+        seen.append(("clips", num_frames))
+        raise _Stop
+
+    ckpt = tmp_path / "tokenizer.ckpt"
+    ckpt.write_bytes(b"")
+    monkeypatch.setattr(VideoTokenizer, "load_frozen", classmethod(lambda cls, path, **k: _WindowTokenizer(seen)))
+    monkeypatch.setattr(common, "load_clips", load)
+    monkeypatch.setattr(videopoet_audio, "load_soundtracks", load)
+
+    def masked_transformer(**kw):  # MAGVIT builds its model (for the clip length) before it loads the clips
+        seen.append(("model", kw["num_frames"]))
+        raise _Stop
+
+    monkeypatch.setattr(magvit_model, "MaskedVideoTransformer", masked_transformer)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text('{"procedural_classes": 12}')
     for stage in (magvit, videopoet, videopoet_audio, videopoet_sr):
-        src = inspect.getsource(stage.run)
-        assert "tok.num_frames" not in src and "CLIP_FRAMES" in src, stage.__name__
+        seen.clear()
+        ctx = types.SimpleNamespace(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), fast=True, seed=0,
+                                    results={"tokenizer": {"checkpoint": str(ckpt)}}, log=lambda m: None)
+        try:
+            res = stage.run(ctx)
+        except _Stop:
+            res = None
+        assert res is None, f"{stage.__name__} returned before loading its clips: {res}"
+        assert {w for w, _ in seen} & {"clips", "model"} and all(T == 8 for _, T in seen), (stage.__name__, seen)
