@@ -38,6 +38,7 @@ from torchmetrics import Metric
 from vidgen.datamodules import tario
 from vidgen.datamodules.decode import ClipSpec, SkipSample, read_video
 from vidgen.datamodules.tario import VIDEO_EXTS
+from vidgen.lightning_modules.nn.batches import keep_valid, valid_rows
 from vidgen.lightning_modules.nn.checkpoint import default_cache_dir
 
 # ---------------------------------------------------------------------------------------------- protocol (pinned)
@@ -642,6 +643,8 @@ class FVDCallback(Callback):
     def _samples(self, trainer, pl_module) -> Iterator[tuple[dict | None, Tensor, Tensor]]:
         """``(batch, videos, global sample indices)``: this rank's ``ceil(num_samples / world)`` clips from
         ``pl_module.generate`` in eval mode under the EMA weights, with a generator re-seeded per evaluation.
+        Rows of a validation batch marked ``valid`` False (DDP padding) are generated but not yielded, so neither
+        side of a metric counts them (the quota counts generated rows: every rank makes the same calls).
 
         The one sampling loop of every evaluation callback (FVD here, IS / CLIPSIM / FID / accuracy in
         :class:`vidgen.callbacks.metrics.EvalCallback`); global index ``i * world + rank`` for the i-th local clip."""
@@ -655,8 +658,16 @@ class FVDCallback(Callback):
             with torch.no_grad(), self._ema_context(trainer, pl_module):
                 for batch, n in self._batches(trainer, pl_module, quota):
                     video = pl_module.generate(batch=batch, num_samples=n, generator=generator)
-                    yield batch, video, torch.arange(done, done + n) * world + rank
+                    index = torch.arange(done, done + n) * world + rank
                     done += n
+                    valid = valid_rows(batch)
+                    if valid is not None and not bool(valid[:n].all()):  # DDP padding: generated (every rank runs
+                        # the same generate() calls), never scored nor taken as real clips
+                        valid = valid[:n]
+                        batch, video, index = keep_valid(batch, valid), video[valid.to(video.device)], index[valid]
+                        if not len(index):
+                            continue
+                    yield batch, video, index
         finally:
             pl_module.train(was_training)
 

@@ -8,7 +8,8 @@
      above the samples in the grid), "audio": [B, 1, S] with "sample_rate", "trajectories": float [B, N, T, 2]
      (x, y pixels per frame; NaN rows pad; drawn over the samples in the grid), "task": str, any other [B, ...] tensor}
 
-Per batch (every rank writes its own samples; file names carry the key, grids the rank):
+Per batch (every rank writes its own samples; file names carry the key, grids the rank; the rows of an eval batch's
+DDP padding, ``batch["valid"]`` False, are dropped first, :func:`real_rows`):
 
 * ``<out>/<key>.mp4`` per sample (``<key>.png`` for a single frame), ``<key>.wav`` when there is audio (also muxed
   into the mp4);
@@ -37,9 +38,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from vidgen.datamodules import media
+from vidgen.lightning_modules.nn.batches import keep_valid, valid_rows
 from vidgen.lightning_modules.nn.trajectory import draw_trajectories
 
-__all__ = ["PredictionWriter", "check_prediction", "write_wav"]
+__all__ = ["PredictionWriter", "check_prediction", "real_rows", "write_wav"]
 
 #: keys of the prediction dict with a meaning of their own (everything else with a batch dim goes to samples.npz)
 KNOWN_KEYS = ("videos", "keys", "labels", "captions", "cond_videos", "audio", "sample_rate", "task")
@@ -65,6 +67,19 @@ def check_prediction(pred: Any) -> dict:
     if pred.get("audio") is not None and not pred.get("sample_rate"):
         raise ValueError("prediction 'audio' needs 'sample_rate'")
     return pred
+
+
+def real_rows(pred: dict, batch: Any) -> dict:
+    """``pred`` without the rows of the eval batch's DDP padding (``batch["valid"]`` False; row ``i`` of the
+    prediction is row ``i`` of the batch): a padded clip repeats a real one, and would be written twice under its key."""
+    valid = valid_rows(batch)
+    if valid is None or bool(valid.all()):
+        return pred
+    b = pred["videos"].shape[0]
+    if b > len(valid):
+        raise ValueError(f"prediction has {b} videos for a batch of {len(valid)} rows with padding (valid False): "
+                         "predict_step must return row i for the batch's row i")
+    return dict(keep_valid(pred, valid[:b]))
 
 
 def _safe(key: Any) -> str:
@@ -106,9 +121,11 @@ class PredictionWriter(BasePredictionWriter):
         self._rows, self.written = {}, []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        pred = check_prediction(prediction)
+        pred = real_rows(check_prediction(prediction), batch)
         videos = pred["videos"].detach().float().cpu()
         b = videos.shape[0]
+        if b == 0:  # a batch of DDP padding only
+            return
         root = self.out_dir(trainer)
         os.makedirs(root, exist_ok=True)
         rank = trainer.global_rank

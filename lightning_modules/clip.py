@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import clip_preprocess
 
@@ -145,11 +146,12 @@ class CLIP(L.LightningModule):
             self.model.logit_scale.clamp_(0, math.log(100))
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row, weight 0, nothing kept)
         images, texts = self._pairs(batch, "middle")
         img, txt, scale = self.features(images, texts)
         loss = self.loss(img, txt, scale)
-        self._val.append((img.detach().cpu(), txt.detach().cpu(), texts))
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(texts), sync_dist=True)
+        self._val.append((img[:n].detach().cpu(), txt[:n].detach().cpu(), texts[:n]))
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:

@@ -69,6 +69,7 @@ from vidgen.lightning_modules.nn.attention import CrossAttention, Mlp, MultiHead
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_1d, sincos_2d
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import VAEConfig, spatial_factor_of
@@ -1452,12 +1453,13 @@ class Latte(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         x0, kwargs = self.model_inputs(batch, train=False)
         g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
         terms = self.diffusion.training_losses(self.model, x0, kwargs, generator=g)
         loss = terms["loss"].mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
-        self.log("val/mse", terms["mse"].mean(), sync_dist=True, batch_size=x0.shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/mse", terms["mse"].mean(), sync_dist=True, batch_size=n)
         return loss
 
     def configure_optimizers(self):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .nn.attention import KVCache, MultiHeadAttention
 from .nn.masking import SCHEDULES, DecodeStep, frame_suffix_mask, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.optim import transformer_adamw
+from .nn.batches import eval_rows
 from .nn.step_logs import log_step
 from .nn.seeding import step_generator
 
@@ -929,9 +930,9 @@ class MaskedVideoTransformer(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, b = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         g = torch.Generator().manual_seed(1000 + batch_idx)
         total = 0.0
-        b = len(batch.get("tokens") if batch.get("tokens") is not None else batch["video"])
         for name in self.config.tasks:
             out = self.commit_loss(batch, name, self.commit.sample_ratio(g, self.num_tokens), generator=g)
             self.log(f"val/loss_{name}", out["loss"], sync_dist=True, batch_size=b)

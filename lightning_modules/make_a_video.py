@@ -35,6 +35,7 @@ from vidgen.lightning_modules.nn.checkpoint import KeyReport, read_state_dict
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion
 from vidgen.lightning_modules.nn.embeddings import TimestepEmbedder
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.unet import (PseudoAttention3d, ResBlock, UNet, UNetConfig, UNetConfigError,
@@ -115,11 +116,12 @@ class CLIPConditionedDiffusion(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         x0, kw = self.model_inputs(batch, train=False)
         mask = kw.pop("loss_mask", None)
         g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
         loss = self.diffusion.training_losses(self.denoiser, x0, kw, generator=g, mask=mask)["loss"].mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vidgen.lightning_modules.nn.conv3d import GroupNorm
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 
 DEMO_ATTRIBUTES = {  # the demo's procedural vocabulary (vidgen/demo_data.py), in label order
@@ -286,11 +287,11 @@ class VideoProbe(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
+        batch, bs = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         tgt = self.targets(batch.get("label"), batch.get("text"))
         video = batch["video"][:, :, : self.config.num_frames]  # the first frames at the data's own stride
         logits = self(video)
         loss, accs = self._loss(logits, tgt)
-        bs = video.shape[0]
         self.log("val/loss", loss, batch_size=bs, sync_dist=True)
         for k, v in accs.items():
             self.log(f"val/acc_{k}", v, batch_size=bs, sync_dist=True, prog_bar=k == "class")

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .nn.checkpoint import ema_state_dict, safe_load
 from .nn.gan_losses import discriminator_loss, generator_loss
 from .nn.quantizers import CodebookUsage, ResidualVectorQuantizer
+from .nn.batches import eval_rows
 from .nn.step_logs import log_step
 from .nn.seeding import step_generator, training_stream
 
@@ -543,6 +544,7 @@ class SoundStream(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int):
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         x = torch.as_tensor(batch["audio"]).to(self.device)
         has = batch.get("has_audio")
         if has is not None:
@@ -552,16 +554,26 @@ class SoundStream(L.LightningModule):
         codes = self.encode(x)
         y = F.pad(self.decode(codes), (0, x.shape[-1] - codes.shape[-1] * self.hop))
         q = reconstruction_quality(x, y)
-        self.val_usage.update(codes[:, 0])
-        bs = x.shape[0]
+        bs = x.shape[0] if n else 0
+        if bs:
+            self.val_usage.update(codes[:, 0])
         self.log("val/snr_db", q["snr_db"], batch_size=bs, prog_bar=True, sync_dist=True)
         self.log("val/log_spectral_distance_db", q["log_spectral_distance_db"], batch_size=bs, sync_dist=True)
         self.log("val/spectral", multiscale_spectral_loss(x, y, self.config.spectral_windows), batch_size=bs,
                  sync_dist=True)
         return None
 
+    def _usage_seen(self) -> float:
+        """Codes counted this epoch over all ranks (the same decision on every rank: compute() syncs, and a rank
+        whose batches were all padding counted none)."""
+        seen = self.val_usage.counts.sum()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            seen = trainer.strategy.reduce(seen.clone(), reduce_op="sum")
+        return float(seen)
+
     def on_validation_epoch_end(self):
-        if self.val_usage is not None and self.val_usage.counts.sum() > 0:
+        if self.val_usage is not None and self._usage_seen() > 0:
             u = self.val_usage.compute()
             self.log("val/codebook_usage_level0", u["usage"].float())
             self.log("val/perplexity_level0", u["perplexity"].float())

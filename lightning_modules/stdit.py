@@ -51,6 +51,7 @@ from vidgen.lightning_modules.nn.checkpoint import KeyReport, keep_out_of_checkp
 from vidgen.lightning_modules.nn.diffusion import DiffusionConfig, create_diffusion, opensora_timestep_shift
 from vidgen.lightning_modules.nn.embeddings import RotaryEmbedding, TimestepEmbedder, sincos_2d
 from vidgen.lightning_modules.nn.optim import cpu_multi_tensor
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 from vidgen.lightning_modules.nn.text_encoders import TextEncoderConfig, build_text_encoder
 from vidgen.lightning_modules.nn.vae import LatentAutoencoder, VAEConfig
@@ -783,10 +784,11 @@ class STDiT(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         g = torch.Generator().manual_seed(1000 + batch_idx)  # the same t and noise at every validation
         terms = self.loss_terms(batch, generator=g)
         loss = terms["loss"].mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=terms["loss"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         return loss
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vidgen.lightning_modules.nn.batches import eval_rows
 from vidgen.lightning_modules.nn.step_logs import log_step
 
 
@@ -49,12 +50,10 @@ class StreamProbe(L.LightningModule):
     def eval_loss(self, batch) -> tuple[torch.Tensor, int]:
         """Mean reconstruction error over the real clips of an eval batch (padding, ``valid`` False, dropped), and
         their number."""
+        batch, n = eval_rows(batch)  # a batch of padding only: one row, returned with n = 0 (weight 0)
         video = batch["video"]
         err = F.mse_loss(self(video), video, reduction="none").mean(dim=(1, 2, 3, 4))
-        valid = batch.get("valid")
-        if valid is not None:
-            err = err[valid.to(err.device)]
-        return (err.mean() if len(err) else err.sum()), len(err)
+        return err.mean(), n
 
     def validation_step(self, batch, batch_idx):
         loss, n = self.eval_loss(batch)

@@ -42,6 +42,7 @@ from .nn.quantizers import (BOTTLENECKS, BitBalance, CodebookUsage, DiagonalGaus
 
 from .nn.checkpoint import EMA_PREFIX, ema_state_dict
 from .nn.ema import attach_ema
+from .nn.batches import eval_rows
 from .nn.step_logs import log_step
 from .nn.vae import LatentAutoencoder, VAEConfig
 
@@ -623,17 +624,18 @@ class VideoTokenizer(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int):
+        batch, bs = eval_rows(batch)  # DDP padding dropped (all padding: one row, weight 0, no metric update)
         video = batch["video"]
         recon, idx = self._reconstruct(video)
         real01 = rearrange((video.float() + 1) * 0.5, "b c t h w -> (b t) c h w").clamp(0, 1)
         fake01 = rearrange((recon.float() + 1) * 0.5, "b c t h w -> (b t) c h w")
-        self.val_psnr.update(fake01, real01)
-        self.val_ssim.update(fake01, real01)
-        bs = video.shape[0]
+        if bs:
+            self.val_psnr.update(fake01, real01)
+            self.val_ssim.update(fake01, real01)
         self.log("val/rec_l2", F.mse_loss(fake01, real01), batch_size=bs, sync_dist=True)
         self.log("val/psnr", self.val_psnr, batch_size=bs, prog_bar=True)
         self.log("val/ssim", self.val_ssim, batch_size=bs)
-        if idx is not None:
+        if idx is not None and bs:
             self.val_usage.update(idx)
             if self.bcfg.kind == "lfq":
                 self.val_bits.update(idx)

@@ -53,6 +53,7 @@ from .nn.attention import KVCache, Mlp, MultiHeadAttention, prefix_lm_mask
 from .nn.embeddings import RotaryEmbedding
 from .nn.sampling import classifier_free_guidance, sample_logits
 from .nn.optim import transformer_adamw
+from .nn.batches import eval_rows
 from .nn.step_logs import log_step
 from .nn.seeding import step_generator, training_stream
 
@@ -1025,16 +1026,17 @@ class VideoPoet(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         tokens = self.tokens_of(batch)
         kind = "image" if tokens.shape[1] == 1 else "video"
         total = 0.0
         names = list(self.tasks_for(kind))
         for name in names:
             out = self.step_loss(batch, batch_idx, LAYOUTS[name])
-            self.log(f"val/loss_{name}", out["loss"], sync_dist=True, batch_size=tokens.shape[0])
+            self.log(f"val/loss_{name}", out["loss"], sync_dist=True, batch_size=n)
             total = total + out["loss"]
         loss = total / max(1, len(names))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=tokens.shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         return loss
 
     def configure_optimizers(self):

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .nn.attention import CrossAttention, Mlp, MultiHeadAttention, Windows
 from .nn.masking import SCHEDULES, masked_decode, random_token_mask, sample_mask_ratio
 from .nn.sampling import classifier_free_guidance
+from .nn.batches import eval_rows
 from .nn.step_logs import log_step
 from .nn.seeding import step_generator, training_stream
 from .videopoet import VideoPoet, _hidden
@@ -641,8 +642,8 @@ class VideoPoetSR(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        batch, n = eval_rows(batch)  # DDP padding dropped (all padding: one row logged with weight 0)
         out = self.step_loss(batch, 10_000_019 + batch_idx)
-        n = len(batch["tokens"]) if batch.get("tokens") is not None else len(batch["video"])
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=n)
         self.log("val/acc", out["acc"], sync_dist=True, batch_size=n)
         return out["loss"]

@@ -110,4 +110,4 @@ def test_stream_probe_eval_loss_drops_padding():
     padded, m = probe.eval_loss({"video": video, "valid": torch.tensor([True, True, False])})
     assert n == m == 2 and torch.allclose(real, padded)
     none, k = probe.eval_loss({"video": video, "valid": torch.zeros(3, dtype=torch.bool)})
-    assert k == 0 and none.item() == 0.0
+    assert k == 0 and torch.isfinite(none)  # an all-padding batch: a finite value of zero weight (nn.batches.eval_rows)
