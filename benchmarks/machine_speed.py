@@ -41,14 +41,14 @@ def _timed(step, warmup: int = 2, n: int = 5) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def tokenizer_step(config: str, frames: int):
+def tokenizer_step(config: str, frames: int, batch: int = 16):
     from vidgen.lightning_modules.video_tokenizer import VideoTokenizer
 
     cfg = yaml.safe_load((ROOT / config).read_text())
     args = dict(cfg["model"]["init_args"])
     args.update(num_frames=frames, resolution=32)
     m = VideoTokenizer(**args)
-    bs = int(cfg["data"]["init_args"]["batch_size"])
+    bs = batch  # fixed (not the recipe's, which may change): figures stay comparable across sessions
     x = torch.rand(bs, 3, frames, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     opt = torch.optim.AdamW(m.parameters(), 1e-4)
 

@@ -35,3 +35,15 @@ def run_cli(args, cwd, script="vidgen", timeout=300, check=True, new_session=Fal
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def cli_in_process(capsys, *argv):
+    """``vidgen *argv`` in this process (no subprocess start-up): ``(exit code, stdout, stderr)``."""
+    from vidgen import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from cliutil import ROOT, probe_config
+from cliutil import ROOT, cli_in_process, probe_config
 from shardgen import write_shards
 from vidgen import cli
 
@@ -38,13 +38,7 @@ def fake_checkpoint(path, class_path, **hparams):
     return str(path)
 
 
-def vidgen(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+vidgen = cli_in_process  # (exit code, stdout, stderr) of `vidgen *argv` in this process
 
 
 def one_error(capsys, *argv) -> str:

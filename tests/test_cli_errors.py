@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from cliutil import run_cli, probe_config
+from cliutil import cli_in_process, probe_config, run_cli
 from shardgen import write_shards
 from vidgen import cli
 
@@ -19,13 +19,7 @@ def shards(tmp_path_factory):
     return str(d)
 
 
-def vidgen(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+vidgen = cli_in_process  # (exit code, stdout, stderr) of `vidgen *argv` in this process
 
 
 def one_error(capsys, *argv, code=2) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from vidgen.lightning_modules.nn.checkpoint import safe_load
+from vidgen.lightning_modules.nn.checkpoint import atomic_write, safe_load
 
 __all__ = [
     "consolidate_main",
@@ -83,7 +83,7 @@ def consolidate_checkpoint(ckpt_dir: os.PathLike | str, out: os.PathLike | str) 
             # skips frozen parameters.)
             checkpoint["optimizer_states"] = [content.pop(k) for k in opt_keys]
         checkpoint.update(content)  # anything else saved in the shards
-        torch.save(checkpoint, out)
+        atomic_write(out, lambda f: torch.save(checkpoint, f))
     finally:
         Path(tmp).unlink(missing_ok=True)
     return checkpoint
@@ -150,11 +150,12 @@ def export_state_dict(
     fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "torch")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, str(out), metadata={"format": "pt", "weights": kind})
+        blob = save(tensors, metadata={"format": "pt", "weights": kind})
+        atomic_write(out, lambda f: f.write(blob))
     elif fmt == "torch":
-        torch.save(tensors, out)
+        atomic_write(out, lambda f: torch.save(tensors, f))
     else:
         raise ValueError(f"Unknown export format {fmt!r}; use 'safetensors' or 'torch'.")
     return tensors, kind

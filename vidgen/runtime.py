@@ -7,14 +7,12 @@ import glob
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -26,7 +24,7 @@ except ImportError:  # pragma: no cover - other Lightning versions: vidgen.cli c
 
 log = logging.getLogger(__name__)
 
-TMP_MARK = ".tmp-"  # <name>.tmp-<pid>-<random>: a checkpoint being written
+from vidgen.lightning_modules.nn.checkpoint import TMP_MARK  # noqa: E402  <name>.tmp-<pid>-<random>: being written
 
 
 class Preempted(_CleanExit):
@@ -40,23 +38,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = str(path)
-        fs = get_filesystem(path)
         if "://" in path and not path.startswith("file://"):  # remote stores have their own atomic semantics
             return super().save_checkpoint(checkpoint, path, storage_options)
-        directory = os.path.dirname(os.path.abspath(path))
-        fs.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f"{os.path.basename(path)}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open(path, "wb")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from vidgen.lightning_modules.nn.checkpoint import atomic_write
+
+        atomic_write(path.removeprefix("file://"), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         from vidgen.lightning_modules.nn.checkpoint import ALLOWED_GLOBALS

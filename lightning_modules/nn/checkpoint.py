@@ -7,6 +7,7 @@
 * :func:`read_state_dict` -- the network weights inside a file: ``ema`` preferred over ``model``, a Lightning
   checkpoint's ``state_dict`` (EMA weights when present), or a raw state dict; non-tensors dropped.
 * :class:`KeyReport` -- loaded / missing / unexpected / shape-mismatched keys, as a table.
+* :func:`atomic_write` -- the one way a checkpoint or weights file is written: never half-written.
 """
 
 from __future__ import annotations
@@ -15,15 +16,51 @@ import argparse
 import os
 import pickle
 import re
+import secrets
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+#: ``<name>.tmp-<pid>-<random>``: a file being written by :func:`atomic_write`
+TMP_MARK = ".tmp-"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into ``<path>.tmp-<pid>-<random>`` in ``path``'s folder, fsync, rename it over ``path``, fsync the
+    folder: a kill or a crash at any point leaves the old file or the new one, never a broken one, and the rename
+    survives a power loss. The file gets the mode ``open(path, "wb")`` would give it (0666 minus the umask)."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f"{os.path.basename(path)}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open(path, "wb")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # the rename itself is durable once the folder's entry is on disk
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform or filesystem without directory handles
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
 
 def default_cache_dir() -> Path:
     """``$VIDGEN_CACHE`` or ``~/.cache/vidgen``: converted weights (``vidgen convert-i3d``) and cached statistics."""
