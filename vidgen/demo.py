@@ -64,7 +64,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 # its 1000 steps of session 11): used only to choose which ready stage starts (``next_stage``; an unlisted stage counts
 # DEFAULT_COST).
 COST: dict[str, float] = {
-    "probe": 64, "stream": 2, "tokenizer": 300, "vae": 120, "magvit": 345, "videopoet": 65, "videopoet_sr": 59,
+    "probe": 64, "stream": 2, "tokenizer": 339, "vae": 120, "magvit": 345, "videopoet": 65, "videopoet_sr": 59,
     "videopoet_audio": 232, "latte": 147, "tora": 106, "make_a_video": 124, "make_a_video_cascade": 237,
 }
 DEFAULT_COST = 60.0
