@@ -70,7 +70,9 @@ def test_the_per_frame_demo_recipes_train_on_single_frames_of_many_clips():
     for path in ("configs/magvit/tokenizer_2d_tiny.yaml", "configs/latte/vae_tiny.yaml"):
         with open(os.path.join(ROOT, path)) as f:
             data = yaml.safe_load(f)["data"]["init_args"]
-        assert data["num_frames"] == 1 and data["batch_size"] >= 16, path
+        # one frame of each of many clips (consecutive frames are near-duplicates); 8 a step is the 2D-VQ's since
+        # session 13 (it learns more per CPU-second than 16: configs/magvit/tokenizer_2d_tiny.yaml)
+        assert data["num_frames"] == 1 and data["batch_size"] >= 8, path
 
 
 class _Stop(Exception):
