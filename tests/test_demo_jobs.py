@@ -142,7 +142,7 @@ def test_the_scheduler_plans_ahead_where_longest_chain_first_leaves_a_lane_idle(
     """Two independent 4 s stages, and a 1 s stage with a 1 s dependent, on two lanes: longest chain first runs both
     4 s stages, then the short pair one after the other in one lane while the other idles (6 s); ``next_stage`` starts
     the short head beside a 4 s stage and ends at 5 s, a perfect split. On the demo's own table it ends within 5 s of
-    a perfect split of the CPU-seconds, and earlier than longest-chain-first."""
+    a perfect split of the CPU-seconds, and no later than longest-chain-first."""
     import vidgen.demo as demo
 
     cost = {"a": 1.0, "b": 4.0, "c": 4.0, "d": 1.0}
@@ -156,7 +156,9 @@ def test_the_scheduler_plans_ahead_where_longest_chain_first_leaves_a_lane_idle(
     order = [n for n, *_ in demo.STAGES if n != "data"]
     end = _scheduled_end(demo, order, demo.COST)
     assert end <= sum(demo.COST[n] for n in order) / 2 + 5
-    assert end < demo.planned_finish(0.0, {}, {"data"}, order, order, 2)  # longest-chain-first throughout
+    # never later than longest-chain-first throughout (the toy case above is where it must be earlier; on the demo's
+    # table since session 14, with MAGVIT's 2000 steps on the tokenizer's chain, the two plans tie)
+    assert end <= demo.planned_finish(0.0, {}, {"data"}, order, order, 2)
 
 
 def test_every_demo_stage_has_a_cost_estimate():

@@ -61,10 +61,10 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 
 
 # CPU-seconds of each stage in a fresh-clone ``make demo`` (session 9's last run, 162cfce, 2026-12-03; magvit scaled to
-# its 1000 steps of session 11): used only to choose which ready stage starts (``next_stage``; an unlisted stage counts
+# its 2000 steps of session 14): used only to choose which ready stage starts (``next_stage``; an unlisted stage counts
 # DEFAULT_COST).
 COST: dict[str, float] = {
-    "probe": 64, "stream": 2, "tokenizer": 339, "vae": 120, "magvit": 345, "videopoet": 65, "videopoet_sr": 59,
+    "probe": 64, "stream": 2, "tokenizer": 339, "vae": 120, "magvit": 690, "videopoet": 65, "videopoet_sr": 59,
     "videopoet_audio": 232, "latte": 147, "tora": 106, "make_a_video": 124, "make_a_video_cascade": 237,
 }
 DEFAULT_COST = 60.0
